@@ -1,0 +1,31 @@
+# Every target sets up .venv on first use (python3 -m venv + pip install -e),
+# so a fresh clone needs nothing but python3 and make.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed-$(1)
+
+.PHONY: test bench bench-store serve proto golden clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(call STAMP,test): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(call STAMP,bench): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+## test: install the project with its test extras and run the whole suite
+test: $(call STAMP,test)
+	$(PY) -m pytest
+
+## bench: compare the CPU kernels with PyTorch, numpy and a plain copy
+bench: $(call STAMP,bench)
+	$(PY) bench/kernels.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

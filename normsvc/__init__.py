@@ -1,0 +1,23 @@
+"""normsvc: streaming statistics for normalization layers.
+
+Numba kernels for batch, layer, instance, group and RMS normalization
+(:mod:`normsvc.ops`), the :class:`Moments` value type they reduce to, and
+(in later modules) a running-statistics store and a gRPC service.
+"""
+
+from . import ops
+from .moments import Moments
+from .ops import batch_norm, group_norm, instance_norm, layer_norm, moments, normalize, rms_norm
+
+__all__ = [
+    "Moments",
+    "ops",
+    "moments",
+    "normalize",
+    "batch_norm",
+    "layer_norm",
+    "instance_norm",
+    "group_norm",
+    "rms_norm",
+]
+__version__ = "0.1.0"

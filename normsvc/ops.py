@@ -1,0 +1,373 @@
+"""Stateless normalization ops on numpy arrays.
+
+Every function here validates its arguments, maps the input onto the
+canonical view of :mod:`normsvc.plan` and runs the two kernels of
+:mod:`normsvc.kernels.cpu`: one moments pass, one apply pass.
+
+Training mode (the default) normalizes with the batch statistics:
+
+    mean, var = moments of x over the reduced axes   (biased variance)
+    y = (x - mean) * rsqrt(var + epsilon) * gamma + beta
+
+and returns them as :class:`~normsvc.moments.Moments` next to ``y``.  Passing
+``mean`` and ``variance`` (e.g. running statistics) normalizes with those
+instead, skips the moments pass and returns ``(y, None)``.
+
+``y`` keeps the input dtype; float16 is computed in float32, statistics are
+always float64.
+
+Examples
+--------
+>>> import numpy as np
+>>> x = np.array([[1.0, 2.0], [3.0, 6.0]], dtype=np.float32)
+>>> y, m = batch_norm(x, epsilon=0.0)
+>>> m.mean, m.variance
+(array([2., 4.]), array([1., 4.]))
+>>> y
+array([[-1., -1.],
+       [ 1.,  1.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from .kernels import cpu
+from .moments import Moments
+from .plan import Plan, normalize_axes, plan_for, plan_from_roles
+
+__all__ = [
+    "moments",
+    "normalize",
+    "batch_norm",
+    "layer_norm",
+    "instance_norm",
+    "group_norm",
+    "rms_norm",
+]
+
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _input(x) -> np.ndarray:
+    """Validate x: a non-empty float16/32/64 array of rank >= 1."""
+    if not hasattr(x, "dtype"):
+        x = np.asarray(x)
+        if x.dtype.kind in "iub":
+            x = x.astype(np.float64)
+    x = np.asarray(x)
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x has dtype {x.dtype}: expected float16, float32 or float64")
+    if x.ndim == 0:
+        raise ValueError("x is a scalar: expected an array of rank >= 1")
+    if x.size == 0:
+        raise ValueError(f"x has shape {x.shape} with no elements: expected a non-empty array")
+    return x
+
+
+def _epsilon(epsilon) -> float:
+    try:
+        eps = float(epsilon)
+    except (TypeError, ValueError):
+        raise TypeError(f"epsilon must be a number, got {epsilon!r}") from None
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"epsilon={epsilon!r}: expected a finite number >= 0")
+    return eps
+
+
+def _param(value, name: str, expected: tuple, what: str) -> np.ndarray:
+    """A gamma/beta/mean/variance coerced to float64 of shape ``expected``.
+
+    Shapes that differ from ``expected`` only by size-1 axes (e.g. torch's
+    (1, C, 1, 1)) are accepted.
+    """
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a numeric array, got {type(value).__name__}") from None
+    if arr.ndim == 0 and what.endswith("or a scalar"):
+        return np.broadcast_to(arr, expected)
+    if arr.shape != expected:
+        squeeze = tuple(s for s in arr.shape if s != 1)
+        if squeeze != tuple(s for s in expected if s != 1) or arr.size != math.prod(expected):
+            raise ValueError(f"{name} has shape {arr.shape}: expected {expected} ({what})")
+        arr = arr.reshape(expected)
+    return arr
+
+
+def _compute_view(x: np.ndarray, plan: Plan) -> np.ndarray:
+    if x.dtype == np.float16:
+        x = x.astype(np.float32)
+    return plan.to_view(x)
+
+
+@functools.lru_cache(maxsize=256)
+def _unit_tables(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    g, h = np.ones((rows, cols)), np.zeros((rows, cols))
+    g.flags.writeable = h.flags.writeable = False
+    return g, h
+
+
+def _affine_tables(plan: Plan, gamma, beta, shape: tuple, what: str):
+    _, _, C, D, _ = plan.view
+    ones, zeros = _unit_tables(C, D)
+    axes = tuple(sorted(plan.affine_axes))
+    tables = []
+    for value, name, default in ((gamma, "gamma", ones), (beta, "beta", zeros)):
+        if value is None:
+            tables.append(default)
+        else:
+            p = _param(value, name, shape, what)
+            tables.append(plan.table(plan.expand(p, axes), plan.affine_axes, C, D))
+    return tables
+
+
+def _run(plan: Plan, x: np.ndarray, *, epsilon, gamma, beta, affine_shape, what, rms=False,
+         mean=None, variance=None):
+    """Moments (unless given) + apply over the plan; returns (y, Moments | None)."""
+    eps = _epsilon(epsilon)
+    g, h = _affine_tables(plan, gamma, beta, affine_shape, what)
+    A, B, C, D, E = plan.view
+    xv = _compute_view(x, plan)
+    stats = None
+    if mean is None and variance is None:
+        mu, m2 = cpu.moments(xv.reshape(A, B, C, D * E))
+        var = m2 / plan.count
+        stats = Moments(np.float64(plan.count), plan.stats_from_view(mu), plan.stats_from_view(m2))
+    elif mean is None or variance is None:
+        raise ValueError("pass both mean and variance (inference mode) or neither (training mode)")
+    else:
+        axes = tuple(sorted(plan.stat_axes))
+        shape = plan.stat_shape
+        mean_p = _param(mean, "mean", shape, "one value per statistic group, or a scalar")
+        var_p = _param(variance, "variance", shape, "one value per statistic group, or a scalar")
+        if np.any(var_p < 0):
+            raise ValueError("variance has negative entries: expected variances >= 0")
+        mu = plan.table(plan.expand(mean_p, axes), plan.stat_axes, A, C)
+        var = plan.table(plan.expand(var_p, axes), plan.stat_axes, A, C)
+    if rms:
+        p = 1.0 / np.sqrt(var + mu * mu + eps)
+        q = np.zeros_like(p)
+    else:
+        p = 1.0 / np.sqrt(var + eps)
+        q = -mu * p
+    y = cpu.apply(xv, p, q, g, h)
+    y = plan.from_view(y)
+    if y.dtype != x.dtype:
+        y = y.astype(x.dtype)
+    return y, stats
+
+
+def moments(x, axes, *, keepdims: bool = False) -> Moments:
+    """Mean and (biased) variance of ``x`` over ``axes``, as ``tf.nn.moments``.
+
+    Parameters
+    ----------
+    x : array of float16, float32 or float64
+    axes : int or list of ints
+        Axes to reduce.
+    keepdims : bool
+        Keep the reduced axes with size 1.
+
+    Returns
+    -------
+    Moments
+        float64 statistics shaped like ``x`` without ``axes``.
+    """
+    x = _input(x)
+    axes = normalize_axes(axes, x.ndim, name="axes")
+    plan = plan_for(x.shape, "moments", axes)
+    A, B, C, D, E = plan.view
+    mu, m2 = cpu.moments(_compute_view(x, plan).reshape(A, B, C, D * E))
+    m = Moments(np.float64(plan.count), plan.stats_from_view(mu), plan.stats_from_view(m2))
+    if keepdims:
+        m = m.reshape(tuple(1 if i in axes else s for i, s in enumerate(x.shape)))
+    return m
+
+
+@functools.lru_cache(maxsize=1024)
+def _broadcast_plan(shape: tuple, stat: frozenset, affine: frozenset) -> Plan:
+    return plan_from_roles(shape, set(stat), set(affine))
+
+
+def normalize(x, mean, variance, *, offset=None, scale=None, epsilon=1e-3) -> np.ndarray:
+    """``(x - mean) * rsqrt(variance + epsilon) * scale + offset`` with numpy broadcasting.
+
+    The semantics of ``tf.nn.batch_normalization``: ``mean``, ``variance``,
+    ``offset`` and ``scale`` broadcast against ``x`` (which keeps its shape).
+    """
+    x = _input(x)
+    eps = _epsilon(epsilon)
+    named = {"mean": mean, "variance": variance, "offset": offset, "scale": scale}
+    arrays, varies = {}, {}
+    for name, value in named.items():
+        if value is None:
+            continue
+        try:
+            arr = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a numeric array, got {type(value).__name__}") from None
+        if arr.ndim > x.ndim:
+            raise ValueError(f"{name} has shape {arr.shape}: expected at most {x.ndim} dims to broadcast to x {x.shape}")
+        try:
+            fits = np.broadcast_shapes(arr.shape, x.shape) == x.shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{name} has shape {arr.shape}: expected a shape that broadcasts to x {x.shape}")
+        pad = (1,) * (x.ndim - arr.ndim) + arr.shape
+        varies[name] = {i for i, s in enumerate(pad) if s != 1}
+        arrays[name] = np.broadcast_to(arr, x.shape)
+    if np.any(arrays["variance"] < 0):
+        raise ValueError("variance has negative entries: expected variances >= 0")
+    stat = frozenset(varies["mean"] | varies["variance"])
+    affine = frozenset(varies.get("scale", set()) | varies.get("offset", set()))
+    plan = _broadcast_plan(x.shape, stat, affine)
+    A, B, C, D, E = plan.view
+    mu = plan.table(arrays["mean"], plan.stat_axes, A, C)
+    var = plan.table(arrays["variance"], plan.stat_axes, A, C)
+    p = 1.0 / np.sqrt(var + eps)
+    q = -mu * p
+    ones, zeros = _unit_tables(C, D)
+    g = plan.table(arrays["scale"], plan.affine_axes, C, D) if "scale" in arrays else ones
+    h = plan.table(arrays["offset"], plan.affine_axes, C, D) if "offset" in arrays else zeros
+    y = plan.from_view(cpu.apply(_compute_view(x, plan), p, q, g, h))
+    return y.astype(x.dtype) if y.dtype != x.dtype else y
+
+
+def batch_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None):
+    """Batch normalization (Keras ``BatchNormalization``).
+
+    Statistics are taken per feature over every axis but ``axis``.
+
+    Parameters
+    ----------
+    x : array of float16, float32 or float64
+    axis : int or list of ints
+        The kept feature axis or axes (Keras: -1 for channels-last, 1 for
+        channels-first / PyTorch).
+    epsilon : float
+        Added to the variance (Keras default 1e-3; PyTorch uses 1e-5).
+    gamma, beta : array of the kept axes' shape, optional
+    mean, variance : array of the kept axes' shape, optional
+        Inference mode: normalize with these (running) statistics instead.
+
+    Returns
+    -------
+    (y, Moments)
+        ``y`` like ``x``; the batch moments per feature (None in inference mode).
+    """
+    x = _input(x)
+    axes = normalize_axes(axis, x.ndim)
+    plan = plan_for(x.shape, "batch", axes)
+    shape = tuple(x.shape[a] for a in axes)
+    return _run(plan, x, epsilon=epsilon, gamma=gamma, beta=beta, affine_shape=shape,
+                what=f"one value per feature along axis {list(axes)}", mean=mean, variance=variance)
+
+
+def layer_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None):
+    """Layer normalization (Keras ``LayerNormalization``).
+
+    Statistics are taken over the normalized ``axis`` (int or list) for each
+    position of the other axes; gamma and beta have one value per normalized
+    element (shape of ``x`` along ``axis``), as in Keras and as PyTorch's
+    ``normalized_shape`` with trailing axes.
+
+    Returns
+    -------
+    (y, Moments)
+        Moments shaped like the kept (non-normalized) axes.
+    """
+    x = _input(x)
+    axes = normalize_axes(axis, x.ndim)
+    plan = plan_for(x.shape, "layer", axes)
+    shape = tuple(x.shape[a] for a in axes)
+    return _run(plan, x, epsilon=epsilon, gamma=gamma, beta=beta, affine_shape=shape,
+                what=f"one value per element of the normalized axes {list(axes)}",
+                mean=mean, variance=variance)
+
+
+def rms_norm(x, *, axis=-1, epsilon=1e-6, gamma=None):
+    """RMS normalization (Keras ``RMSNormalization``): ``x * rsqrt(mean(x**2) + eps) * gamma``.
+
+    ``axis`` (int or list) are the normalized axes; gamma has one value per
+    normalized element.  The returned Moments are the ordinary mean and
+    variance over those axes (``mean(x**2) = variance + mean**2``).
+    """
+    x = _input(x)
+    axes = normalize_axes(axis, x.ndim)
+    plan = plan_for(x.shape, "rms", axes)
+    shape = tuple(x.shape[a] for a in axes)
+    return _run(plan, x, epsilon=epsilon, gamma=gamma, beta=None, affine_shape=shape,
+                what=f"one value per element of the normalized axes {list(axes)}", rms=True)
+
+
+def _channel_axis(x: np.ndarray, axis, kind: str) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int (the channel axis) for {kind} norm, got {axis!r}")
+    if x.ndim < 2:
+        raise ValueError(f"{kind} norm needs a batch axis and a channel axis: x has rank {x.ndim}, expected >= 2")
+    (ch,) = normalize_axes(axis, x.ndim)
+    if ch == 0:
+        raise ValueError(f"axis={axis!r} is the batch axis 0: expected the channel axis (1 .. {x.ndim - 1}, or -1)")
+    return ch
+
+
+def group_norm(x, *, groups=32, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None):
+    """Group normalization (Keras ``GroupNormalization``).
+
+    The channel ``axis`` is split into ``groups`` contiguous groups; statistics
+    are taken per sample (axis 0) and group, over the group's channels and all
+    other axes.  ``groups=-1`` means one group per channel (instance norm).
+    gamma and beta have one value per channel.
+
+    Raises
+    ------
+    ValueError
+        When ``groups`` exceeds the channel count or does not divide it.
+
+    Returns
+    -------
+    (y, Moments)
+        Moments of shape (N, groups).
+    """
+    x = _input(x)
+    ch = _channel_axis(x, axis, "group")
+    channels = x.shape[ch]
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    groups = channels if groups == -1 else int(groups)
+    if groups < 1:
+        raise ValueError(f"groups={groups}: expected a positive number of groups, or -1 for one group per channel")
+    if groups > channels:
+        raise ValueError(
+            f"groups={groups} is more than the {channels} channels along axis {axis}: expected groups <= {channels}"
+        )
+    if channels % groups:
+        raise ValueError(
+            f"groups={groups} does not divide the {channels} channels along axis {axis}: "
+            f"expected a divisor of {channels}"
+        )
+    plan = plan_for(x.shape, "group", (ch,), groups)
+    return _run(plan, x, epsilon=epsilon, gamma=gamma, beta=beta, affine_shape=(channels,),
+                what=f"one value per channel along axis {ch}", mean=mean, variance=variance)
+
+
+def instance_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None):
+    """Instance normalization (tfa ``InstanceNormalization``; Keras GroupNorm with groups=-1).
+
+    Statistics per sample (axis 0) and channel (``axis``), over all other axes.
+
+    Returns
+    -------
+    (y, Moments)
+        Moments of shape (N, C).
+    """
+    x = _input(x)
+    ch = _channel_axis(x, axis, "instance")
+    plan = plan_for(x.shape, "instance", (ch,))
+    return _run(plan, x, epsilon=epsilon, gamma=gamma, beta=beta, affine_shape=(x.shape[ch],),
+                what=f"one value per channel along axis {ch}", mean=mean, variance=variance)
