@@ -1,0 +1,402 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+
+class LayerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LAYER_KIND_UNSPECIFIED: _ClassVar[LayerKind]
+    LAYER_KIND_BATCH: _ClassVar[LayerKind]
+    LAYER_KIND_LAYER: _ClassVar[LayerKind]
+    LAYER_KIND_INSTANCE: _ClassVar[LayerKind]
+    LAYER_KIND_GROUP: _ClassVar[LayerKind]
+    LAYER_KIND_RMS: _ClassVar[LayerKind]
+
+class Convention(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONVENTION_UNSPECIFIED: _ClassVar[Convention]
+    CONVENTION_KERAS: _ClassVar[Convention]
+    CONVENTION_TORCH: _ClassVar[Convention]
+    CONVENTION_CUMULATIVE: _ClassVar[Convention]
+
+class Naming(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NAMING_UNSPECIFIED: _ClassVar[Naming]
+    NAMING_KERAS: _ClassVar[Naming]
+    NAMING_TORCH: _ClassVar[Naming]
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_UNSPECIFIED: _ClassVar[Mode]
+    MODE_TRAINING: _ClassVar[Mode]
+    MODE_INFERENCE: _ClassVar[Mode]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT16: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT64: DType
+LAYER_KIND_UNSPECIFIED: LayerKind
+LAYER_KIND_BATCH: LayerKind
+LAYER_KIND_LAYER: LayerKind
+LAYER_KIND_INSTANCE: LayerKind
+LAYER_KIND_GROUP: LayerKind
+LAYER_KIND_RMS: LayerKind
+CONVENTION_UNSPECIFIED: Convention
+CONVENTION_KERAS: Convention
+CONVENTION_TORCH: Convention
+CONVENTION_CUMULATIVE: Convention
+NAMING_UNSPECIFIED: Naming
+NAMING_KERAS: Naming
+NAMING_TORCH: Naming
+MODE_UNSPECIFIED: Mode
+MODE_TRAINING: Mode
+MODE_INFERENCE: Mode
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Moments(_message.Message):
+    __slots__ = ("count", "mean", "variance")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    count: Tensor
+    mean: Tensor
+    variance: Tensor
+    def __init__(self, count: _Optional[_Union[Tensor, _Mapping]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class LayerConfig(_message.Message):
+    __slots__ = ("kind", "axis", "groups", "epsilon", "momentum", "convention", "center", "scale")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    AXIS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    CONVENTION_FIELD_NUMBER: _ClassVar[int]
+    CENTER_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    kind: LayerKind
+    axis: _containers.RepeatedScalarFieldContainer[int]
+    groups: int
+    epsilon: float
+    momentum: float
+    convention: Convention
+    center: bool
+    scale: bool
+    def __init__(self, kind: _Optional[_Union[LayerKind, str]] = ..., axis: _Optional[_Iterable[int]] = ..., groups: _Optional[int] = ..., epsilon: _Optional[float] = ..., momentum: _Optional[float] = ..., convention: _Optional[_Union[Convention, str]] = ..., center: _Optional[bool] = ..., scale: _Optional[bool] = ...) -> None: ...
+
+class RunningStats(_message.Message):
+    __slots__ = ("mean", "variance", "count", "num_batches", "version", "frozen", "updated_at")
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    NUM_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    mean: Tensor
+    variance: Tensor
+    count: Tensor
+    num_batches: int
+    version: int
+    frozen: bool
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., count: _Optional[_Union[Tensor, _Mapping]] = ..., num_batches: _Optional[int] = ..., version: _Optional[int] = ..., frozen: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Layer(_message.Message):
+    __slots__ = ("name", "config", "stats")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config: LayerConfig
+    stats: RunningStats
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[LayerConfig, _Mapping]] = ..., stats: _Optional[_Union[RunningStats, _Mapping]] = ...) -> None: ...
+
+class LayerMoments(_message.Message):
+    __slots__ = ("layer", "moments")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    MOMENTS_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    moments: Moments
+    def __init__(self, layer: _Optional[str] = ..., moments: _Optional[_Union[Moments, _Mapping]] = ...) -> None: ...
+
+class LayerStats(_message.Message):
+    __slots__ = ("layer", "stats")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    stats: RunningStats
+    def __init__(self, layer: _Optional[str] = ..., stats: _Optional[_Union[RunningStats, _Mapping]] = ...) -> None: ...
+
+class CreateLayerRequest(_message.Message):
+    __slots__ = ("name", "config")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config: LayerConfig
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[LayerConfig, _Mapping]] = ...) -> None: ...
+
+class CreateLayerResponse(_message.Message):
+    __slots__ = ("layer",)
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    layer: Layer
+    def __init__(self, layer: _Optional[_Union[Layer, _Mapping]] = ...) -> None: ...
+
+class GetLayerRequest(_message.Message):
+    __slots__ = ("names",)
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetLayerResponse(_message.Message):
+    __slots__ = ("layers",)
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[Layer]
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ...) -> None: ...
+
+class ListLayersRequest(_message.Message):
+    __slots__ = ("prefix", "page_size", "page_token", "include_stats")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_STATS_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    page_size: int
+    page_token: str
+    include_stats: bool
+    def __init__(self, prefix: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_stats: _Optional[bool] = ...) -> None: ...
+
+class ListLayersResponse(_message.Message):
+    __slots__ = ("layers", "next_page_token")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[Layer]
+    next_page_token: str
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteLayerRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteLayerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResetStatsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ResetStatsResponse(_message.Message):
+    __slots__ = ("stats",)
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    stats: RunningStats
+    def __init__(self, stats: _Optional[_Union[RunningStats, _Mapping]] = ...) -> None: ...
+
+class UpdateStatsRequest(_message.Message):
+    __slots__ = ("updates", "request_id")
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    updates: _containers.RepeatedCompositeFieldContainer[LayerMoments]
+    request_id: str
+    def __init__(self, updates: _Optional[_Iterable[_Union[LayerMoments, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class UpdateStatsResponse(_message.Message):
+    __slots__ = ("stats",)
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    stats: _containers.RepeatedCompositeFieldContainer[LayerStats]
+    def __init__(self, stats: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ...) -> None: ...
+
+class AllReduceMomentsRequest(_message.Message):
+    __slots__ = ("group", "step", "rank", "world_size", "moments", "update_stats")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MOMENTS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_STATS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    step: int
+    rank: int
+    world_size: int
+    moments: _containers.RepeatedCompositeFieldContainer[LayerMoments]
+    update_stats: bool
+    def __init__(self, group: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., moments: _Optional[_Iterable[_Union[LayerMoments, _Mapping]]] = ..., update_stats: _Optional[bool] = ...) -> None: ...
+
+class AllReduceMomentsResponse(_message.Message):
+    __slots__ = ("global_moments", "stats")
+    GLOBAL_MOMENTS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    global_moments: _containers.RepeatedCompositeFieldContainer[LayerMoments]
+    stats: _containers.RepeatedCompositeFieldContainer[LayerStats]
+    def __init__(self, global_moments: _Optional[_Iterable[_Union[LayerMoments, _Mapping]]] = ..., stats: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ...) -> None: ...
+
+class WatchLayerRequest(_message.Message):
+    __slots__ = ("names", "skip_initial")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    SKIP_INITIAL_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    skip_initial: bool
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., skip_initial: _Optional[bool] = ...) -> None: ...
+
+class WatchLayerResponse(_message.Message):
+    __slots__ = ("layer", "stats")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    stats: RunningStats
+    def __init__(self, layer: _Optional[str] = ..., stats: _Optional[_Union[RunningStats, _Mapping]] = ...) -> None: ...
+
+class NormalizeRequest(_message.Message):
+    __slots__ = ("layer", "x", "mode", "update", "gamma", "beta", "request_id")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    x: Tensor
+    mode: Mode
+    update: bool
+    gamma: Tensor
+    beta: Tensor
+    request_id: str
+    def __init__(self, layer: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., update: _Optional[bool] = ..., gamma: _Optional[_Union[Tensor, _Mapping]] = ..., beta: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class NormalizeResponse(_message.Message):
+    __slots__ = ("y", "batch_moments", "stats")
+    Y_FIELD_NUMBER: _ClassVar[int]
+    BATCH_MOMENTS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    y: Tensor
+    batch_moments: Moments
+    stats: RunningStats
+    def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ..., batch_moments: _Optional[_Union[Moments, _Mapping]] = ..., stats: _Optional[_Union[RunningStats, _Mapping]] = ...) -> None: ...
+
+class NormalizeStreamHeader(_message.Message):
+    __slots__ = ("layer", "dtype", "shape", "mode", "update", "gamma", "beta", "request_id")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    mode: Mode
+    update: bool
+    gamma: Tensor
+    beta: Tensor
+    request_id: str
+    def __init__(self, layer: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., mode: _Optional[_Union[Mode, str]] = ..., update: _Optional[bool] = ..., gamma: _Optional[_Union[Tensor, _Mapping]] = ..., beta: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class NormalizeStreamRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: NormalizeStreamHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[NormalizeStreamHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class NormalizeStreamResult(_message.Message):
+    __slots__ = ("dtype", "shape", "batch_moments", "stats")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_MOMENTS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    batch_moments: Moments
+    stats: RunningStats
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., batch_moments: _Optional[_Union[Moments, _Mapping]] = ..., stats: _Optional[_Union[RunningStats, _Mapping]] = ...) -> None: ...
+
+class NormalizeStreamResponse(_message.Message):
+    __slots__ = ("result", "chunk")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    result: NormalizeStreamResult
+    chunk: bytes
+    def __init__(self, result: _Optional[_Union[NormalizeStreamResult, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class FreezeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class FreezeResponse(_message.Message):
+    __slots__ = ("stats",)
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    stats: RunningStats
+    def __init__(self, stats: _Optional[_Union[RunningStats, _Mapping]] = ...) -> None: ...
+
+class UnfreezeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnfreezeResponse(_message.Message):
+    __slots__ = ("stats",)
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    stats: RunningStats
+    def __init__(self, stats: _Optional[_Union[RunningStats, _Mapping]] = ...) -> None: ...
+
+class ExportStatsRequest(_message.Message):
+    __slots__ = ("names", "naming")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    NAMING_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    naming: Naming
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., naming: _Optional[_Union[Naming, str]] = ...) -> None: ...
+
+class ExportStatsResponse(_message.Message):
+    __slots__ = ("safetensors", "layers")
+    SAFETENSORS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    safetensors: bytes
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, safetensors: _Optional[bytes] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ImportStatsRequest(_message.Message):
+    __slots__ = ("safetensors", "naming")
+    SAFETENSORS_FIELD_NUMBER: _ClassVar[int]
+    NAMING_FIELD_NUMBER: _ClassVar[int]
+    safetensors: bytes
+    naming: Naming
+    def __init__(self, safetensors: _Optional[bytes] = ..., naming: _Optional[_Union[Naming, str]] = ...) -> None: ...
+
+class ImportStatsResponse(_message.Message):
+    __slots__ = ("layers",)
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, layers: _Optional[_Iterable[str]] = ...) -> None: ...
