@@ -86,7 +86,7 @@ class Moments(_message.Message):
     def __init__(self, count: _Optional[_Union[Tensor, _Mapping]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class LayerConfig(_message.Message):
-    __slots__ = ("kind", "axis", "groups", "epsilon", "momentum", "convention", "center", "scale")
+    __slots__ = ("kind", "axis", "groups", "epsilon", "momentum", "convention", "center", "scale", "num_features", "cumulative_average")
     KIND_FIELD_NUMBER: _ClassVar[int]
     AXIS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,8 @@ class LayerConfig(_message.Message):
     CONVENTION_FIELD_NUMBER: _ClassVar[int]
     CENTER_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
+    NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    CUMULATIVE_AVERAGE_FIELD_NUMBER: _ClassVar[int]
     kind: LayerKind
     axis: _containers.RepeatedScalarFieldContainer[int]
     groups: int
@@ -103,7 +105,9 @@ class LayerConfig(_message.Message):
     convention: Convention
     center: bool
     scale: bool
-    def __init__(self, kind: _Optional[_Union[LayerKind, str]] = ..., axis: _Optional[_Iterable[int]] = ..., groups: _Optional[int] = ..., epsilon: _Optional[float] = ..., momentum: _Optional[float] = ..., convention: _Optional[_Union[Convention, str]] = ..., center: _Optional[bool] = ..., scale: _Optional[bool] = ...) -> None: ...
+    num_features: _containers.RepeatedScalarFieldContainer[int]
+    cumulative_average: bool
+    def __init__(self, kind: _Optional[_Union[LayerKind, str]] = ..., axis: _Optional[_Iterable[int]] = ..., groups: _Optional[int] = ..., epsilon: _Optional[float] = ..., momentum: _Optional[float] = ..., convention: _Optional[_Union[Convention, str]] = ..., center: _Optional[bool] = ..., scale: _Optional[bool] = ..., num_features: _Optional[_Iterable[int]] = ..., cumulative_average: _Optional[bool] = ...) -> None: ...
 
 class RunningStats(_message.Message):
     __slots__ = ("mean", "variance", "count", "num_batches", "version", "frozen", "updated_at")
@@ -116,12 +120,12 @@ class RunningStats(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     mean: Tensor
     variance: Tensor
-    count: Tensor
+    count: float
     num_batches: int
     version: int
     frozen: bool
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., count: _Optional[_Union[Tensor, _Mapping]] = ..., num_batches: _Optional[int] = ..., version: _Optional[int] = ..., frozen: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., count: _Optional[float] = ..., num_batches: _Optional[int] = ..., version: _Optional[int] = ..., frozen: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Layer(_message.Message):
     __slots__ = ("name", "config", "stats")
