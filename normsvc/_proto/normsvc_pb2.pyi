@@ -210,10 +210,12 @@ class DeleteLayerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ResetStatsRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "request_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ResetStatsResponse(_message.Message):
     __slots__ = ("stats",)
@@ -352,10 +354,12 @@ class NormalizeStreamResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[NormalizeStreamResult, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class FreezeRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "request_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class FreezeResponse(_message.Message):
     __slots__ = ("stats",)
@@ -364,10 +368,12 @@ class FreezeResponse(_message.Message):
     def __init__(self, stats: _Optional[_Union[RunningStats, _Mapping]] = ...) -> None: ...
 
 class UnfreezeRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "request_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class UnfreezeResponse(_message.Message):
     __slots__ = ("stats",)
@@ -376,12 +382,14 @@ class UnfreezeResponse(_message.Message):
     def __init__(self, stats: _Optional[_Union[RunningStats, _Mapping]] = ...) -> None: ...
 
 class ExportStatsRequest(_message.Message):
-    __slots__ = ("names", "naming")
+    __slots__ = ("names", "naming", "dtype")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     NAMING_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     naming: Naming
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., naming: _Optional[_Union[Naming, str]] = ...) -> None: ...
+    dtype: DType
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., naming: _Optional[_Union[Naming, str]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ExportStatsResponse(_message.Message):
     __slots__ = ("safetensors", "layers")
@@ -392,12 +400,14 @@ class ExportStatsResponse(_message.Message):
     def __init__(self, safetensors: _Optional[bytes] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImportStatsRequest(_message.Message):
-    __slots__ = ("safetensors", "naming")
+    __slots__ = ("safetensors", "naming", "names")
     SAFETENSORS_FIELD_NUMBER: _ClassVar[int]
     NAMING_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
     safetensors: bytes
     naming: Naming
-    def __init__(self, safetensors: _Optional[bytes] = ..., naming: _Optional[_Union[Naming, str]] = ...) -> None: ...
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, safetensors: _Optional[bytes] = ..., naming: _Optional[_Union[Naming, str]] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImportStatsResponse(_message.Message):
     __slots__ = ("layers",)
