@@ -61,16 +61,27 @@ class Moments:
     def __post_init__(self):
         count, mean, m2 = _f64(self.count, "count"), _f64(self.mean, "mean"), _f64(self.m2, "m2")
         try:
-            np.broadcast_shapes(count.shape, mean.shape)
+            fits = np.broadcast_shapes(count.shape, mean.shape) == mean.shape
         except ValueError:
+            fits = False
+        if not fits:
             raise ValueError(
                 f"Moments.count shape {count.shape} does not broadcast to mean shape {mean.shape}"
-            ) from None
+            )
         if m2.shape != mean.shape:
             raise ValueError(f"Moments.m2 shape {m2.shape} must equal mean shape {mean.shape}")
         object.__setattr__(self, "count", count)
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "m2", m2)
+
+    @classmethod
+    def _trusted(cls, count: int, mean: np.ndarray, m2: np.ndarray) -> "Moments":
+        """Wrap float64 arrays the kernels just produced, skipping validation (hot path)."""
+        m = object.__new__(cls)
+        object.__setattr__(m, "count", np.float64(count))
+        object.__setattr__(m, "mean", mean)
+        object.__setattr__(m, "m2", m2)
+        return m
 
     @classmethod
     def from_variance(cls, count, mean, variance) -> "Moments":

@@ -69,6 +69,8 @@ def _input(x) -> np.ndarray:
 
 
 def _epsilon(epsilon) -> float:
+    if isinstance(epsilon, (str, bytes, bool)):  # float("1e-3") would parse, float(True) is 1.0
+        raise TypeError(f"epsilon must be a number, got {epsilon!r}")
     try:
         eps = float(epsilon)
     except (TypeError, ValueError):
@@ -130,16 +132,14 @@ def _run(plan: Plan, x: np.ndarray, *, epsilon, gamma, beta, affine_shape, what,
     """Moments (unless given) + apply over the plan; returns (y, Moments | None)."""
     eps = _epsilon(epsilon)
     g, h = _affine_tables(plan, gamma, beta, affine_shape, what)
-    A, B, C, D, E = plan.view
     xv = _compute_view(x, plan)
-    stats = None
     if mean is None and variance is None:
-        mu, m2 = cpu.moments(xv.reshape(A, B, C, D * E))
-        var = m2 / plan.count
-        stats = Moments(np.float64(plan.count), plan.stats_from_view(mu), plan.stats_from_view(m2))
+        y, mu, m2 = cpu.normalize(xv, eps, rms, g, h)
+        stats = Moments._trusted(plan.count, plan.stats_from_view(mu), plan.stats_from_view(m2))
     elif mean is None or variance is None:
         raise ValueError("pass both mean and variance (inference mode) or neither (training mode)")
     else:
+        A, _, C, _, _ = plan.view
         axes = tuple(sorted(plan.stat_axes))
         shape = plan.stat_shape
         mean_p = _param(mean, "mean", shape, "one value per statistic group, or a scalar")
@@ -148,13 +148,14 @@ def _run(plan: Plan, x: np.ndarray, *, epsilon, gamma, beta, affine_shape, what,
             raise ValueError("variance has negative entries: expected variances >= 0")
         mu = plan.table(plan.expand(mean_p, axes), plan.stat_axes, A, C)
         var = plan.table(plan.expand(var_p, axes), plan.stat_axes, A, C)
-    if rms:
-        p = 1.0 / np.sqrt(var + mu * mu + eps)
-        q = np.zeros_like(p)
-    else:
-        p = 1.0 / np.sqrt(var + eps)
-        q = -mu * p
-    y = cpu.apply(xv, p, q, g, h)
+        if rms:
+            p = 1.0 / np.sqrt(var + mu * mu + eps)
+            q = np.zeros_like(p)
+        else:
+            p = 1.0 / np.sqrt(var + eps)
+            q = -mu * p
+        y = cpu.apply(xv, p, q, g, h)
+        stats = None
     y = plan.from_view(y)
     if y.dtype != x.dtype:
         y = y.astype(x.dtype)
@@ -180,9 +181,8 @@ def moments(x, axes, *, keepdims: bool = False) -> Moments:
     x = _input(x)
     axes = normalize_axes(axes, x.ndim, name="axes")
     plan = plan_for(x.shape, "moments", axes)
-    A, B, C, D, E = plan.view
-    mu, m2 = cpu.moments(_compute_view(x, plan).reshape(A, B, C, D * E))
-    m = Moments(np.float64(plan.count), plan.stats_from_view(mu), plan.stats_from_view(m2))
+    mu, m2 = cpu.moments(_compute_view(x, plan))
+    m = Moments._trusted(plan.count, plan.stats_from_view(mu), plan.stats_from_view(m2))
     if keepdims:
         m = m.reshape(tuple(1 if i in axes else s for i, s in enumerate(x.shape)))
     return m
@@ -201,6 +201,9 @@ def normalize(x, mean, variance, *, offset=None, scale=None, epsilon=1e-3) -> np
     """
     x = _input(x)
     eps = _epsilon(epsilon)
+    if mean is None or variance is None:
+        missing = " and ".join(n for n, v in (("mean", mean), ("variance", variance)) if v is None)
+        raise ValueError(f"normalize got None for {missing}: expected arrays for both mean and variance")
     named = {"mean": mean, "variance": variance, "offset": offset, "scale": scale}
     arrays, varies = {}, {}
     for name, value in named.items():

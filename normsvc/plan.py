@@ -120,11 +120,11 @@ class Plan:
 
     def stats_from_view(self, s: np.ndarray) -> np.ndarray:
         """Per-(a, c) statistics -> ``stat_shape`` in the input's axis order."""
+        if list(self.stat_axes) == sorted(self.stat_axes):
+            return s.reshape(self.stat_shape)
         s = s.reshape(tuple(self.expanded[i] for i in self.stat_axes))
-        order = np.argsort(self.stat_axes)
-        if not np.array_equal(order, np.arange(len(order))):
-            s = s.transpose(order)
-        return np.ascontiguousarray(s)
+        # not ascontiguousarray: it turns the 0-d stats of a full reduction into shape (1,)
+        return np.asarray(s.transpose(np.argsort(self.stat_axes)), order="C")
 
     def table(self, values: np.ndarray, axes: tuple, rows: int, cols: int) -> np.ndarray:
         """Collapse ``values`` (broadcastable to ``expanded``) to a (rows, cols) table over ``axes``.

@@ -31,10 +31,12 @@ from numba import njit, prange
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "threadsafe"
 
-__all__ = ["moments", "apply", "SERIAL_BELOW", "threading_layer"]
+__all__ = ["moments", "normalize", "apply", "SERIAL_BELOW", "threading_layer"]
 
 #: Inputs with fewer elements than this run single-threaded (see docs/benchmarks.md).
 SERIAL_BELOW = 1 << 16
+#: Groups shorter than this along the contiguous axis are summed row-wise.
+ROW_MODE_BELOW = 16
 #: Parallel tasks per thread: a little over-decomposition evens out the load.
 TASKS_PER_THREAD = 4
 
@@ -46,26 +48,40 @@ _OPTS = dict(cache=True, nogil=True, fastmath=_FASTMATH)
 def _moments_task(x, shift, a, b0, b1, s1, s2):
     """Shifted sums of x[a, b0:b1, :, :] into s1[c], s2[c] (float64)."""
     C, F = x.shape[2], x.shape[3]
-    if F == 1:
-        # channels-last: the contiguous axis is c, so vectorise across groups
-        for c in range(C):
-            s1[c] = 0.0
-            s2[c] = 0.0
+    if F < ROW_MODE_BELOW:
+        # Short groups along the contiguous axis (channels-last): sum whole
+        # rows of C*F elements into per-element accumulators, vectorised
+        # across the row, then fold the F entries of each group.
+        CF = C * F
+        k = np.empty(CF)
+        acc1 = np.zeros(CF)
+        acc2 = np.zeros(CF)
+        for i in range(CF):
+            k[i] = shift[a, i // F]
+        rows = x[a].reshape(x.shape[1], CF)
         for b in range(b0, b1):
-            row = x[a, b, :, 0]
-            for c in range(C):
-                v = np.float64(row[c]) - shift[a, c]
-                s1[c] += v
-                s2[c] += v * v
-    else:
+            for i in range(CF):
+                v = np.float64(rows[b, i]) - k[i]
+                acc1[i] += v
+                acc2[i] += v * v
         for c in range(C):
-            k = shift[a, c]
+            t1 = 0.0
+            t2 = 0.0
+            for f in range(F):
+                t1 += acc1[c * F + f]
+                t2 += acc2[c * F + f]
+            s1[c] = t1
+            s2[c] = t2
+    else:
+        # Long contiguous groups: one scalar reduction per group.
+        for c in range(C):
+            k0 = shift[a, c]
             t1 = 0.0
             t2 = 0.0
             for b in range(b0, b1):
-                seg = x[a, b, c, :]
+                seg = x[a, b, c]
                 for f in range(F):
-                    v = np.float64(seg[f]) - k
+                    v = np.float64(seg[f]) - k0
                     t1 += v
                     t2 += v * v
             s1[c] = t1
@@ -89,10 +105,28 @@ def _moments_parallel(x, shift, nb, s1, s2):
 
 
 @njit(**_OPTS)
-def _finish_moments(x, shift, s1, s2, mean, m2):
-    """Sum the per-task partials and turn shifted sums into mean and m2."""
+def _shift(x):
+    """The first element of each (a, c) group: the shift of the sums."""
+    A, C = x.shape[0], x.shape[2]
+    shift = np.empty((A, C))
+    for a in range(A):
+        for c in range(C):
+            shift[a, c] = x[a, 0, c, 0]
+    return shift
+
+
+@njit(**_OPTS)
+def _finish(n, shift, s1, s2, eps, rms):
+    """Sum the per-task partials; return mean, m2 and the folded p, q (all (A, C)).
+
+    p = rsqrt(var + eps) and q = -mean * p, or for RMS norm
+    p = rsqrt(mean(x^2) + eps) and q = 0.
+    """
     A, nb, C = s1.shape
-    n = np.float64(x.shape[1] * x.shape[3])
+    mean = np.empty((A, C))
+    m2 = np.empty((A, C))
+    p = np.empty((A, C))
+    q = np.empty((A, C))
     for a in range(A):
         for c in range(C):
             t1 = 0.0
@@ -100,57 +134,74 @@ def _finish_moments(x, shift, s1, s2, mean, m2):
             for j in range(nb):
                 t1 += s1[a, j, c]
                 t2 += s2[a, j, c]
-            mean[a, c] = shift[a, c] + t1 / n
-            m2[a, c] = max(t2 - t1 * t1 / n, 0.0)
+            mu = shift[a, c] + t1 / n
+            m = max(t2 - t1 * t1 / n, 0.0)
+            mean[a, c] = mu
+            m2[a, c] = m
+            if rms:
+                p[a, c] = 1.0 / np.sqrt(m / n + mu * mu + eps)
+                q[a, c] = 0.0
+            else:
+                p[a, c] = 1.0 / np.sqrt(m / n + eps)
+                q[a, c] = -mu * p[a, c]
+    return mean, m2, p, q
 
 
 @njit(**_OPTS)
-def _apply_task(x, p, q, g, h, a, b0, b1, out, s, t):
-    """out[a, b0:b1] = x * s + t with s, t folded per (c, d) for this a."""
+def _apply_task(x, p, q, g, h, a, b0, b1, out):
+    """out[a, b0:b1] = (x * p[a, c] + q[a, c]) * g[c, d] + h[c, d]."""
     C, D, E = x.shape[2], x.shape[3], x.shape[4]
-    for c in range(C):
-        for d in range(D):
-            s[c * D + d] = p[a, c] * g[c, d]
-            t[c * D + d] = q[a, c] * g[c, d] + h[c, d]
-    if E == 1:
-        CD = C * D
-        for b in range(b0, b1):
-            xr = x[a, b].reshape(CD)
-            yr = out[a, b].reshape(CD)
-            for k in range(CD):
-                yr[k] = np.float64(xr[k]) * s[k] + t[k]
-    else:
+    if E > 1:
+        # channels-first: one scale and shift per (c, d), contiguous e loop
         for b in range(b0, b1):
             for c in range(C):
                 for d in range(D):
-                    sk = s[c * D + d]
-                    tk = t[c * D + d]
+                    sk = p[a, c] * g[c, d]
+                    tk = q[a, c] * g[c, d] + h[c, d]
                     xr = x[a, b, c, d]
                     yr = out[a, b, c, d]
                     for e in range(E):
                         yr[e] = np.float64(xr[e]) * sk + tk
+    elif b1 - b0 == 1:
+        # one row per statistic (layer norm): vectorise over d
+        for c in range(C):
+            pc = p[a, c]
+            qc = q[a, c]
+            xr = x[a, b0, c].reshape(D)
+            yr = out[a, b0, c].reshape(D)
+            for d in range(D):
+                yr[d] = (np.float64(xr[d]) * pc + qc) * g[c, d] + h[c, d]
+    else:
+        # many rows share the statistics (channels-last batch/group/instance):
+        # fold everything into one scale and shift per row element
+        CD = C * D
+        s = np.empty(CD)
+        t = np.empty(CD)
+        for c in range(C):
+            for d in range(D):
+                s[c * D + d] = p[a, c] * g[c, d]
+                t[c * D + d] = q[a, c] * g[c, d] + h[c, d]
+        xr = x[a].reshape(x.shape[1], CD)
+        yr = out[a].reshape(x.shape[1], CD)
+        for b in range(b0, b1):
+            for k in range(CD):
+                yr[b, k] = np.float64(xr[b, k]) * s[k] + t[k]
 
 
 @njit(**_OPTS)
 def _apply_serial(x, p, q, g, h, nb, out):
     B = x.shape[1]
-    CD = x.shape[2] * x.shape[3]
-    s = np.empty(CD)
-    t = np.empty(CD)
     for k in range(x.shape[0] * nb):
         a, j = k // nb, k % nb
-        _apply_task(x, p, q, g, h, a, j * B // nb, (j + 1) * B // nb, out, s, t)
+        _apply_task(x, p, q, g, h, a, j * B // nb, (j + 1) * B // nb, out)
 
 
 @njit(parallel=True, **_OPTS)
 def _apply_parallel(x, p, q, g, h, nb, out):
     B = x.shape[1]
-    CD = x.shape[2] * x.shape[3]
     for k in prange(x.shape[0] * nb):
         a, j = k // nb, k % nb
-        s = np.empty(CD)
-        t = np.empty(CD)
-        _apply_task(x, p, q, g, h, a, j * B // nb, (j + 1) * B // nb, out, s, t)
+        _apply_task(x, p, q, g, h, a, j * B // nb, (j + 1) * B // nb, out)
 
 
 def _chunks(A: int, B: int, parallel: bool) -> int:
@@ -161,19 +212,52 @@ def _chunks(A: int, B: int, parallel: bool) -> int:
     return max(1, min(B, -(-want // A)))
 
 
-def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-(a, c) mean and m2 (float64, shape (A, C)) of a C-contiguous x[A, B, C, F]."""
-    A, B, C, _ = x.shape
-    parallel = x.size >= SERIAL_BELOW
+@njit(**_OPTS)
+def _normalize_serial(x, eps, rms, g, h):
+    """The whole training-mode norm in one call, for small inputs (no dispatch overhead)."""
+    A, B, C, D, E = x.shape
+    x4 = x.reshape(A, B, C, D * E)
+    shift = _shift(x4)
+    s1 = np.empty((A, 1, C))
+    s2 = np.empty((A, 1, C))
+    _moments_serial(x4, shift, 1, s1, s2)
+    mean, m2, p, q = _finish(np.float64(B * D * E), shift, s1, s2, eps, rms)
+    out = np.empty_like(x)
+    _apply_serial(x, p, q, g, h, 1, out)
+    return out, mean, m2
+
+
+def _moments(x4, parallel):
+    A, B, C, F = x4.shape
     nb = _chunks(A, B, parallel)
-    shift = np.ascontiguousarray(x[:, 0, :, 0], dtype=np.float64)
+    shift = _shift(x4)
     s1 = np.empty((A, nb, C))
     s2 = np.empty((A, nb, C))
-    (_moments_parallel if parallel else _moments_serial)(x, shift, nb, s1, s2)
-    mean = np.empty((A, C))
-    m2 = np.empty((A, C))
-    _finish_moments(x, shift, s1, s2, mean, m2)
+    (_moments_parallel if parallel else _moments_serial)(x4, shift, nb, s1, s2)
+    return shift, s1, s2
+
+
+def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-(a, c) mean and m2 (float64, shape (A, C)) of a C-contiguous x[A, B, C, D, E]."""
+    A, B, C, D, E = x.shape
+    x4 = x.reshape(A, B, C, D * E)
+    shift, s1, s2 = _moments(x4, x.size >= SERIAL_BELOW)
+    mean, m2, _, _ = _finish(np.float64(B * D * E), shift, s1, s2, 0.0, False)
     return mean, m2
+
+
+def normalize(x: np.ndarray, epsilon: float, rms: bool, g: np.ndarray, h: np.ndarray):
+    """Training-mode norm of a C-contiguous x[A, B, C, D, E]: returns (y, mean, m2).
+
+    Statistics per (a, c) over b, d, e; ``y = (x - mean) * rsqrt(var + eps) * g + h``
+    (RMS: ``y = x * rsqrt(mean(x^2) + eps) * g``); g, h: float64 (C, D).
+    """
+    if x.size < SERIAL_BELOW:
+        return _normalize_serial(x, epsilon, rms, g, h)
+    A, B, C, D, E = x.shape
+    shift, s1, s2 = _moments(x.reshape(A, B, C, D * E), True)
+    mean, m2, p, q = _finish(np.float64(B * D * E), shift, s1, s2, epsilon, rms)
+    return apply(x, p, q, g, h), mean, m2
 
 
 def apply(x, p, q, g, h, out=None) -> np.ndarray:
