@@ -8,6 +8,19 @@ Numba kernels for batch, layer, instance, group and RMS normalization
 from . import ops
 from .moments import Moments
 from .ops import batch_norm, group_norm, instance_norm, layer_norm, moments, normalize, rms_norm
+from .running import RunningStats
+from .store import (
+    ConfigConflict,
+    FailedPrecondition,
+    FrozenLayer,
+    InvalidArgument,
+    Layer,
+    LayerNotFound,
+    NoStatistics,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 
 __all__ = [
     "Moments",
@@ -19,5 +32,16 @@ __all__ = [
     "instance_norm",
     "group_norm",
     "rms_norm",
+    "Store",
+    "Layer",
+    "RunningStats",
+    "StoreError",
+    "InvalidArgument",
+    "LayerNotFound",
+    "ConfigConflict",
+    "FailedPrecondition",
+    "FrozenLayer",
+    "NoStatistics",
+    "StoreUnavailable",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,222 @@
+"""Running statistics and the conventions that update them.
+
+A layer's running statistics are a per-feature ``mean`` and ``variance``
+plus how many samples (``count``) and batches (``num_batches``) went into
+them.  Each training step reduces its batch to one :class:`BatchStatistics`
+per feature and folds it in with one of three conventions:
+
+``keras``
+    ``moving = moving * m + batch * (1 - m)`` with the *biased* batch
+    variance; starts at mean 0, variance 1 (Keras ``BatchNormalization``,
+    default ``m = 0.99``).
+``torch``
+    ``running = (1 - m) * running + m * batch`` with the *unbiased* batch
+    variance ``var * n / (n - 1)``; starts at mean 0, variance 1 (PyTorch
+    ``BatchNorm``, default ``m = 0.1``).  ``m = None`` is torch's cumulative
+    moving average: ``m = 1 / num_batches``, so every batch weighs the same
+    (and the initial 0 / 1 are forgotten after the first batch).
+``cumulative``
+    The exact Chan merge of every sample ever pushed: the pooled population
+    mean and (biased) variance, what a "precise BN" recompute wants.  Unlike
+    torch's ``momentum=None`` it counts the spread between batch means, and
+    batches weigh by their sample count.  Starts empty (count 0).
+
+Everything here is a pure function on float64 numpy arrays; the store
+(:mod:`normsvc.store`) keeps the values and makes the updates atomic.
+
+Examples
+--------
+>>> import numpy as np
+>>> from normsvc.moments import Moments
+>>> b = batch_statistics(Moments.from_samples(np.array([[1.0], [3.0]])), sample_ndim=0)
+>>> b.mean, b.variance, b.count
+(array([2.]), array([1.]), 2.0)
+>>> s = initial_state("keras", (1,))
+>>> s = apply_update(s, b, convention="keras", momentum=0.9)
+>>> s.mean, s.variance, s.num_batches
+(array([0.2]), array([1.]), 1)
+>>> s = apply_update(initial_state("torch", (1,)), b, convention="torch", momentum=0.1)
+>>> s.mean, s.variance  # running_var takes the unbiased batch variance, 2.0
+(array([0.2]), array([1.1]))
+
+References
+----------
+Chan, T. F., Golub, G. H., LeVeque, R. J. (1979). Updating formulae and a
+pairwise algorithm for computing sample variances.
+Wu, Y., Johnson, J. (2021). Rethinking "Batch" in BatchNorm. arXiv:2105.07576
+(precise BN: population statistics instead of moving averages).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .moments import Moments
+
+__all__ = [
+    "CONVENTIONS",
+    "DEFAULTS",
+    "RunningStats",
+    "BatchStatistics",
+    "batch_statistics",
+    "initial_state",
+    "apply_update",
+]
+
+CONVENTIONS = ("keras", "torch", "cumulative")
+
+#: Per-convention defaults for (momentum, epsilon), as the frameworks ship them.
+#: ``cumulative`` has no momentum and takes Keras' epsilon.
+DEFAULTS = {
+    "keras": (0.99, 1e-3),
+    "torch": (0.1, 1e-5),
+    "cumulative": (None, 1e-3),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class RunningStats:
+    """A layer's running statistics at one version.
+
+    Attributes
+    ----------
+    mean, variance : ndarray of float64
+        Per-feature running mean and variance (the torch convention keeps the
+        unbiased running variance, as ``running_var``; keras and cumulative the
+        biased one).  A layer whose shape is learned from its first batch holds
+        0-d arrays until then: the initial values, which broadcast to any shape.
+    count : float
+        Samples folded in since creation or the last reset (sum of the batch counts).
+    num_batches : int
+        Batches folded in (torch's ``num_batches_tracked``).
+    version : int
+        Grows by one with every mutation of the layer; 0 when created.
+    frozen : bool
+        A frozen layer takes no updates and normalizes with these statistics.
+    updated_at : float
+        Unix time (seconds) of the last mutation.
+    """
+
+    mean: np.ndarray
+    variance: np.ndarray
+    count: float = 0.0
+    num_batches: int = 0
+    version: int = 0
+    frozen: bool = False
+    updated_at: float = 0.0
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, RunningStats):
+            return NotImplemented
+        same = lambda a, b: a.shape == b.shape and np.array_equal(a, b)
+        return (
+            same(self.mean, other.mean)
+            and same(self.variance, other.variance)
+            and (self.count, self.num_batches, self.version, self.frozen, self.updated_at)
+            == (other.count, other.num_batches, other.version, other.frozen, other.updated_at)
+        )
+
+    __hash__ = None
+
+
+@dataclass(frozen=True, eq=False)
+class BatchStatistics:
+    """One batch reduced to per-feature statistics.
+
+    Attributes
+    ----------
+    mean : ndarray
+        Per-feature mean (equal to the pooled mean of the batch).
+    variance : ndarray
+        Per-feature *within-unit* biased variance: the mean over the batch's
+        units (instances, groups of one sample) of each unit's variance.  For
+        batch norm there is one unit, the batch, and this is the batch variance.
+    count : float
+        Samples in the batch per feature.
+    unit_count : float
+        Samples per unit: the ``n`` of torch's unbiased ``var * n / (n - 1)``.
+    pooled_m2 : ndarray
+        Sum of squared deviations from ``mean`` over all samples of the batch
+        (within-unit plus between-unit spread), for the cumulative merge.
+    """
+
+    mean: np.ndarray
+    variance: np.ndarray
+    count: float
+    unit_count: float
+    pooled_m2: np.ndarray
+
+    def unbiased_variance(self) -> np.ndarray:
+        n = self.unit_count
+        return self.variance * (n / (n - 1.0))
+
+
+def batch_statistics(moments: Moments, sample_ndim: int) -> BatchStatistics:
+    """Reduce per-unit ``moments`` over their leading ``sample_ndim`` axes.
+
+    Instance and group norm produce moments per (sample, channel or group);
+    the running statistics are per channel or group, so the units of one
+    batch are averaged as torch's ``InstanceNorm(track_running_stats=True)``
+    does: the mean of the unit means and the mean of the unit variances.
+    ``moments.count`` must be one scalar (every unit the same size), which is
+    what the ops produce; callers validate that.
+
+    >>> m = Moments.from_samples(np.array([[[0.0], [2.0]], [[4.0], [6.0]]]), axis=1)
+    >>> b = batch_statistics(m, sample_ndim=1)   # two units of two samples
+    >>> b.mean, b.variance, b.count, b.unit_count, b.pooled_m2
+    (array([3.]), array([1.]), 4.0, 2.0, array([20.]))
+    """
+    k = float(moments.count)
+    mean, m2 = moments.mean, moments.m2
+    if sample_ndim == 0:
+        return BatchStatistics(mean.copy(), m2 / k, k, k, m2.copy())
+    axes = tuple(range(sample_ndim))
+    units = math.prod(mean.shape[:sample_ndim])
+    pooled_mean = mean.mean(axis=axes)
+    within = m2.sum(axis=axes)
+    between = k * ((mean - pooled_mean) ** 2).sum(axis=axes)
+    return BatchStatistics(pooled_mean, within / (k * units), k * units, k, within + between)
+
+
+def initial_state(convention: str, shape: tuple = ()) -> RunningStats:
+    """Statistics before any batch: mean 0 and variance 1 (keras, torch), or empty (cumulative)."""
+    mean = np.zeros(shape)
+    variance = np.zeros(shape) if convention == "cumulative" else np.ones(shape)
+    return RunningStats(mean, variance)
+
+
+def apply_update(
+    state: RunningStats, batch: BatchStatistics, *, convention: str, momentum: float | None
+) -> RunningStats:
+    """Fold one batch into ``state`` (whose mean/variance must have the batch's shape).
+
+    Returns new statistics with ``count`` and ``num_batches`` advanced; version,
+    frozen and updated_at are left for the caller.
+    """
+    mean, var = state.mean, state.variance
+    num_batches = state.num_batches + 1
+    if convention == "keras":
+        m = momentum
+        new_mean = mean * m + batch.mean * (1.0 - m)
+        new_var = var * m + batch.variance * (1.0 - m)
+    elif convention == "torch":
+        m = 1.0 / num_batches if momentum is None else momentum
+        new_mean = (1.0 - m) * mean + m * batch.mean
+        new_var = (1.0 - m) * var + m * batch.unbiased_variance()
+    elif convention == "cumulative":
+        merged = Moments(state.count, mean, var * state.count).merge(
+            Moments(batch.count, batch.mean, batch.pooled_m2)
+        )
+        new_mean, new_var = merged.mean, merged.variance
+    else:
+        raise ValueError(f"convention={convention!r}: expected one of {', '.join(CONVENTIONS)}")
+    return replace(
+        state,
+        mean=np.asarray(new_mean, dtype=np.float64),
+        variance=np.asarray(new_var, dtype=np.float64),
+        count=state.count + batch.count,
+        num_batches=num_batches,
+    )

@@ -1,0 +1,269 @@
+"""Layer names and configurations: validated once, at the edge.
+
+A :class:`LayerConfig` is what ``Store.create_layer`` stores: the kind of
+norm, its axes, the update convention with its momentum and epsilon, and
+optionally the statistics shape.  Omitted momentum and epsilon resolve to the
+convention's defaults here, so two configs compare equal exactly when they
+behave the same.
+
+Statistics shape per kind (the shape of ``RunningStats.mean``):
+
+=========  =========================================  =====================
+kind       moments pushed (``ops.<kind>_norm``)        running statistics
+=========  =========================================  =====================
+batch      per feature, the kept ``axis`` shape        the same
+instance   (N, C)                                      (C,): averaged over N
+group      (N, G)                                      (G,): averaged over N
+layer      per position of the kept axes, any shape    (): averaged over all
+rms        per position of the kept axes, any shape    (): averaged over all
+=========  =========================================  =====================
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..plan import KINDS
+from ..running import CONVENTIONS, DEFAULTS
+from .errors import InvalidArgument
+
+__all__ = ["DEFAULT", "MAX_NAME_LENGTH", "LayerConfig", "validate_name", "make_config"]
+
+MAX_NAME_LENGTH = 256
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
+#: Keras' GroupNormalization default.
+DEFAULT_GROUPS = 32
+
+
+class _Default:
+    """Marks an argument left out, where None is itself a meaningful value."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+    def __reduce__(self):
+        return "DEFAULT"
+
+
+#: Sentinel for "use the convention's default" (``momentum=None`` means torch's cumulative average).
+DEFAULT = _Default()
+
+
+def validate_name(name) -> str:
+    """A layer name: letters, digits and ``_ . - /`` with non-empty ``/``-separated parts, <= 256 chars."""
+    if not isinstance(name, str):
+        raise InvalidArgument(f"layer name must be a string, got {type(name).__name__}", field="name")
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgument(
+            f"layer name has {len(name)} characters: expected 1 to {MAX_NAME_LENGTH}", field="name"
+        )
+    if not _NAME.fullmatch(name):
+        raise InvalidArgument(
+            f"layer name {name!r} is not valid: expected letters, digits and '_', '.', '-', "
+            "with '/' only between non-empty namespace parts (e.g. 'encoder/block1/bn')",
+            field="name",
+            layer=None,
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """A validated layer configuration (build it with :func:`make_config`).
+
+    ``axis`` is an int or a tuple of ints; ``num_features`` is the statistics
+    shape as a tuple, or None when it is learned from the first batch.
+    """
+
+    kind: str = "batch"
+    axis: int | tuple = -1
+    groups: int | None = None
+    epsilon: float = 1e-3
+    momentum: float | None = 0.99
+    convention: str = "keras"
+    center: bool = True
+    scale: bool = True
+    num_features: tuple | None = None
+
+    @property
+    def sample_ndim(self) -> int | None:
+        """Leading axes of the pushed moments that are averaged away (None: all of them)."""
+        return {"batch": 0, "instance": 1, "group": 1}.get(self.kind)
+
+    @property
+    def stat_ndim(self) -> int:
+        """Rank of the running statistics."""
+        if self.kind == "batch":
+            return len(self.axis) if isinstance(self.axis, tuple) else 1
+        return 0 if self.kind in ("layer", "rms") else 1
+
+    @property
+    def declared_shape(self) -> tuple | None:
+        """The statistics shape known from the config alone, or None (learned from the first batch)."""
+        if self.num_features is not None:
+            return self.num_features
+        if self.kind in ("layer", "rms"):
+            return ()
+        if self.kind == "group" and self.groups != -1:
+            return (self.groups,)
+        return None
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (tuples become lists); :meth:`from_dict` inverts it."""
+        d = asdict(self)
+        if isinstance(self.axis, tuple):
+            d["axis"] = list(self.axis)
+        if self.num_features is not None:
+            d["num_features"] = list(self.num_features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerConfig":
+        d = dict(d)
+        if isinstance(d.get("axis"), list):
+            d["axis"] = tuple(d["axis"])
+        if d.get("num_features") is not None:
+            d["num_features"] = tuple(d["num_features"])
+        return cls(**d)
+
+    def matches(self, other: "LayerConfig", known_shape: tuple | None) -> bool:
+        """Whether a create with ``other`` is the same layer as this one (which has ``known_shape``).
+
+        ``num_features`` left out of ``other`` matches any shape.
+        """
+        known = known_shape if known_shape is not None else self.num_features
+        if other.num_features is not None and other.num_features != known:
+            return False
+        a = asdict(self) | {"num_features": None}
+        b = asdict(other) | {"num_features": None}
+        return a == b
+
+
+def _int(value, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidArgument(f"{field} must be an int, got {value!r}", field=field)
+    return int(value)
+
+
+def _axis(value, kind: str):
+    if kind in ("instance", "group"):
+        axis = _int(value, "axis")
+        if axis == 0:
+            raise InvalidArgument(
+                f"axis=0 is the batch axis: {kind} norm needs the channel axis (e.g. 1 or -1)", field="axis"
+            )
+        return axis
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    try:
+        items = tuple(_int(a, "axis") for a in value)
+    except TypeError:
+        raise InvalidArgument(f"axis must be an int or a list of ints, got {value!r}", field="axis") from None
+    if not items:
+        raise InvalidArgument("axis is an empty list: expected at least one axis", field="axis")
+    if len(set(items)) != len(items):
+        raise InvalidArgument(f"axis={list(items)} names an axis twice", field="axis")
+    return items[0] if len(items) == 1 else items
+
+
+def _num_features(value, stat_ndim: int):
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        shape = (int(value),)
+    else:
+        try:
+            shape = tuple(_int(s, "num_features") for s in value)
+        except TypeError:
+            raise InvalidArgument(
+                f"num_features must be an int or a shape (tuple of ints), got {value!r}", field="num_features"
+            ) from None
+    if any(s < 1 for s in shape):
+        raise InvalidArgument(f"num_features={value!r}: expected positive sizes", field="num_features")
+    if len(shape) != stat_ndim:
+        raise InvalidArgument(
+            f"num_features={value!r} has rank {len(shape)}: this layer keeps statistics of rank {stat_ndim}",
+            field="num_features",
+        )
+    return shape
+
+
+def make_config(
+    *,
+    kind="batch",
+    axis=-1,
+    groups=None,
+    epsilon=None,
+    momentum=DEFAULT,
+    convention="keras",
+    center=True,
+    scale=True,
+    num_features=None,
+) -> LayerConfig:
+    """Validate ``create_layer`` arguments and resolve the convention's defaults."""
+    if kind not in KINDS:
+        raise InvalidArgument(f"kind={kind!r}: expected one of {', '.join(KINDS)}", field="kind")
+    if convention not in CONVENTIONS:
+        raise InvalidArgument(
+            f"convention={convention!r}: expected one of {', '.join(CONVENTIONS)}", field="convention"
+        )
+    default_momentum, default_epsilon = DEFAULTS[convention]
+    axis = _axis(axis, kind)
+
+    if kind == "group":
+        groups = DEFAULT_GROUPS if groups is None else _int(groups, "groups")
+        if groups < 1 and groups != -1:
+            raise InvalidArgument(
+                f"groups={groups}: expected a positive number of groups, or -1 for one per channel", field="groups"
+            )
+    elif groups is not None:
+        raise InvalidArgument(f"groups={groups!r} is only meaningful for kind='group', not {kind!r}", field="groups")
+
+    if epsilon is None or epsilon is DEFAULT:
+        epsilon = default_epsilon
+    try:
+        epsilon = float(epsilon)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"epsilon must be a number, got {epsilon!r}", field="epsilon") from None
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise InvalidArgument(f"epsilon={epsilon!r}: expected a finite number >= 0", field="epsilon")
+
+    if momentum is DEFAULT:
+        momentum = default_momentum
+    elif momentum is None:
+        if convention == "keras":
+            raise InvalidArgument(
+                "momentum=None (a cumulative average) does not exist in the keras convention: "
+                "use convention='torch' with momentum=None, or convention='cumulative'",
+                field="momentum",
+            )
+    elif convention == "cumulative":
+        raise InvalidArgument(
+            f"momentum={momentum!r} with convention='cumulative': a cumulative merge has no momentum, omit it",
+            field="momentum",
+        )
+    if momentum is not None:
+        try:
+            momentum = float(momentum)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"momentum must be a number or None, got {momentum!r}", field="momentum") from None
+        if not (0.0 <= momentum <= 1.0):
+            raise InvalidArgument(f"momentum={momentum!r}: expected a number in [0, 1]", field="momentum")
+
+    for flag, value in (("center", center), ("scale", scale)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise InvalidArgument(f"{flag} must be a bool, got {value!r}", field=flag)
+
+    cfg = LayerConfig(kind, axis, groups, epsilon, momentum, convention, bool(center), bool(scale), None)
+    shape = _num_features(num_features, cfg.stat_ndim)
+    declared = cfg.declared_shape
+    if shape is not None and declared is not None and shape != declared:
+        raise InvalidArgument(
+            f"num_features={num_features!r} contradicts the {kind} layer's statistics shape {declared}",
+            field="num_features",
+        )
+    return LayerConfig(kind, axis, groups, epsilon, momentum, convention, bool(center), bool(scale), shape)

@@ -1,0 +1,92 @@
+"""``memory://``: records in a dict behind one lock (process-local, for tests and single processes)."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import replace
+from urllib.parse import parse_qsl, urlsplit
+
+from .base import REQUEST_WINDOW, Backend, Record
+from .errors import InvalidArgument, LayerNotFound
+
+__all__ = ["MemoryBackend"]
+
+
+def _copy(record: Record) -> Record:
+    """Records handed out own their arrays, so callers cannot edit the stored state."""
+    s = record.stats
+    return replace(record, stats=replace(s, mean=s.mean.copy(), variance=s.variance.copy()))
+
+
+class MemoryBackend(Backend):
+    """All layers in one dict; one lock makes every call atomic."""
+
+    def __init__(self, *, request_window: int = REQUEST_WINDOW):
+        self.request_window = int(request_window)
+        self._lock = threading.Lock()
+        self._records: dict[str, Record] = {}
+        # Per layer: (version, request id) in order of application, and the ids as a set;
+        # ids older than the last request_window versions are forgotten.
+        self._seen: dict[str, tuple[deque, set]] = {}
+
+    @classmethod
+    def from_url(cls, url: str, **options) -> "MemoryBackend":
+        parts = urlsplit(url)
+        if parts.netloc or parts.path not in ("", "/"):
+            raise InvalidArgument(f"store URL {url!r}: expected just memory://", field="url")
+        query = dict(parse_qsl(parts.query))
+        window = options.pop("request_window", query.pop("request_window", REQUEST_WINDOW))
+        if options or query:
+            raise InvalidArgument(
+                f"unknown options for memory://: {sorted({**options, **query})}: expected request_window",
+                field="url",
+            )
+        return cls(request_window=int(window))
+
+    def insert(self, record: Record) -> Record:
+        with self._lock:
+            stored = self._records.setdefault(record.name, _copy(record))
+            if stored.name not in self._seen:
+                self._seen[stored.name] = (deque(), set())
+            return _copy(stored)
+
+    def get(self, name: str) -> Record | None:
+        with self._lock:
+            record = self._records.get(name)
+            return None if record is None else _copy(record)
+
+    def names(self, prefix: str = "", after: str | None = None, limit: int | None = None) -> list[str]:
+        with self._lock:
+            names = sorted(n for n in self._records if n.startswith(prefix) and (after is None or n > after))
+        return names if limit is None else names[:limit]
+
+    def delete(self, name: str) -> bool:
+        with self._lock:
+            self._seen.pop(name, None)
+            return self._records.pop(name, None) is not None
+
+    def mutate(self, names, fn, request_id):
+        with self._lock:
+            missing = [n for n in names if n not in self._records]
+            if missing:
+                raise LayerNotFound(f"no layer named {missing[0]!r}: create it with create_layer first",
+                                    layer=missing[0])
+            staged = {}
+            for name in names:
+                if request_id is not None and request_id in self._seen[name][1]:
+                    continue
+                new = fn(_copy(self._records[name]))
+                if new is not None:
+                    staged[name] = _copy(new)
+            # Nothing above raised: commit every layer at once.
+            for name, record in staged.items():
+                self._records[name] = record
+                if request_id is not None:
+                    order, ids = self._seen[name]
+                    version = record.stats.version
+                    order.append((version, request_id))
+                    ids.add(request_id)
+                    while order and order[0][0] <= version - self.request_window:
+                        ids.discard(order.popleft()[1])
+            return {name: _copy(self._records[name]) for name in names}

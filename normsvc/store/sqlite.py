@@ -1,0 +1,259 @@
+"""``sqlite:///path/to/stats.db``: the embedded default backend.
+
+One row per layer (config JSON, statistics as float64 little-endian blobs,
+counters) and one row per remembered request id, written in the same
+transaction as the layer.  Every read-modify-write runs in ``BEGIN
+IMMEDIATE``, which takes the database's write lock up front, so threads and
+processes sharing the file serialize their updates instead of failing at
+commit; a writer waits up to ``busy_timeout`` for the lock.  Threads of one
+process queue on a Python lock first, so only other processes ever meet
+SQLite's (polling) busy handler.
+
+Durability: the journal is in WAL mode.  With ``synchronous=normal`` (the
+default) a committed update survives a crash of the process (kill -9), but
+the last transactions may be lost on power loss or an OS crash; with
+``synchronous=full`` every commit is synced to disk first and survives those
+too, at the cost of one fsync per update.
+
+Options (keyword arguments of ``Store.open`` or URL query parameters):
+``synchronous`` ("normal" or "full"), ``busy_timeout`` (seconds, default 30),
+``request_window`` (default 1024).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from .base import REQUEST_WINDOW, Backend, Record, decode_record, encode_record
+from .errors import InvalidArgument, LayerNotFound, StoreUnavailable
+
+__all__ = ["SqliteBackend"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS layers (
+    name        TEXT PRIMARY KEY,
+    config      TEXT NOT NULL,
+    shape       TEXT,
+    mean        BLOB,
+    variance    BLOB,
+    count       REAL NOT NULL,
+    num_batches INTEGER NOT NULL,
+    version     INTEGER NOT NULL,
+    frozen      INTEGER NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS request_ids (
+    layer      TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    PRIMARY KEY (layer, request_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS request_ids_by_version ON request_ids (layer, version);
+"""
+
+_FIELDS = ("config", "shape", "mean", "variance", "count", "num_batches", "version", "frozen", "updated_at")
+_SELECT = f"SELECT {', '.join(_FIELDS)} FROM layers WHERE name = ?"
+_INSERT = f"INSERT INTO layers (name, {', '.join(_FIELDS)}) VALUES (?{', ?' * len(_FIELDS)})"
+_UPDATE = f"UPDATE layers SET {', '.join(f + ' = ?' for f in _FIELDS)} WHERE name = ?"
+_SYNCHRONOUS = ("normal", "full")
+
+# Writers of one process queue on a lock per file: SQLite's busy handler polls with
+# sleeps of up to 100 ms, which would throttle threads that only wait for each other.
+_WRITE_LOCKS: dict[str, threading.Lock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _write_lock(path: str) -> threading.Lock:
+    key = os.path.realpath(path)
+    with _WRITE_LOCKS_GUARD:
+        return _WRITE_LOCKS.setdefault(key, threading.Lock())
+
+
+def _row(record: Record) -> tuple:
+    fields = encode_record(record)
+    return tuple(fields[f] for f in _FIELDS)
+
+
+def _decode(name: str, row) -> Record:
+    return decode_record(name, dict(zip(_FIELDS, row)))
+
+
+class SqliteBackend(Backend):
+    """Layers in one SQLite file, shared by threads (one connection each) and processes."""
+
+    def __init__(self, path: str, *, synchronous: str = "normal", busy_timeout: float = 30.0,
+                 request_window: int = REQUEST_WINDOW):
+        if synchronous not in _SYNCHRONOUS:
+            raise InvalidArgument(f"synchronous={synchronous!r}: expected 'normal' or 'full'", field="synchronous")
+        if path in ("", ":memory:") or path.startswith("file:"):
+            raise InvalidArgument(
+                f"sqlite path {path!r}: expected a file path (for a process-local store use memory://)", field="url"
+            )
+        self.path = path
+        self.synchronous = synchronous
+        self.busy_timeout = float(busy_timeout)
+        self.request_window = int(request_window)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._closed = False
+        self._write_lock = _write_lock(path)
+        conn = self._conn()
+        with _errors(path):
+            # WAL is a property of the file; switching needs a moment of exclusive access.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+
+    @classmethod
+    def from_url(cls, url: str, **options) -> "SqliteBackend":
+        parts = urlsplit(url)
+        if parts.netloc:
+            raise InvalidArgument(
+                f"store URL {url!r} has a host: expected sqlite:///relative/path.db or sqlite:////absolute/path.db",
+                field="url",
+            )
+        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+        query = dict(parse_qsl(parts.query))
+        kwargs = {**query, **options}
+        unknown = set(kwargs) - {"synchronous", "busy_timeout", "request_window"}
+        if unknown:
+            raise InvalidArgument(
+                f"unknown sqlite options {sorted(unknown)}: expected synchronous, busy_timeout, request_window",
+                field="url",
+            )
+        try:
+            if "busy_timeout" in kwargs:
+                kwargs["busy_timeout"] = float(kwargs["busy_timeout"])
+            if "request_window" in kwargs:
+                kwargs["request_window"] = int(kwargs["request_window"])
+        except ValueError as exc:
+            raise InvalidArgument(f"bad sqlite option in {url!r}: {exc}", field="url") from None
+        if "synchronous" in kwargs:
+            kwargs["synchronous"] = str(kwargs["synchronous"]).lower()
+        return cls(path, **kwargs)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise StoreUnavailable(f"sqlite store {self.path!r} is closed")
+        with _errors(self.path):
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        self._local.conn = conn
+        with self._connections_lock:
+            self._connections.append(conn)
+        return conn
+
+    def _write(self, body):
+        """Run ``body(conn)`` inside BEGIN IMMEDIATE ... COMMIT; roll back if it raises."""
+        conn = self._conn()
+        with self._write_lock, _errors(self.path):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = body(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return result
+
+    def insert(self, record: Record) -> Record:
+        def body(conn):
+            row = conn.execute(_SELECT, (record.name,)).fetchone()
+            if row is not None:
+                return _decode(record.name, row)
+            conn.execute(_INSERT, (record.name, *_row(record)))
+            return record
+
+        return self._write(body)
+
+    def get(self, name: str) -> Record | None:
+        with _errors(self.path):
+            row = self._conn().execute(_SELECT, (name,)).fetchone()
+        return None if row is None else _decode(name, row)
+
+    def names(self, prefix: str = "", after: str | None = None, limit: int | None = None) -> list[str]:
+        # Names are ASCII below '\x7f', so [prefix, prefix + '\x7f') is exactly the names with the prefix.
+        sql = "SELECT name FROM layers WHERE name >= ? AND name < ?"
+        args: list = [prefix, prefix + "\x7f"]
+        if after is not None:
+            sql += " AND name > ?"
+            args.append(after)
+        sql += " ORDER BY name"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        with _errors(self.path):
+            return [r[0] for r in self._conn().execute(sql, args).fetchall()]
+
+    def delete(self, name: str) -> bool:
+        def body(conn):
+            conn.execute("DELETE FROM request_ids WHERE layer = ?", (name,))
+            return conn.execute("DELETE FROM layers WHERE name = ?", (name,)).rowcount > 0
+
+        return self._write(body)
+
+    def mutate(self, names, fn, request_id):
+        window = self.request_window
+
+        def body(conn):
+            records = {}
+            for name in names:
+                row = conn.execute(_SELECT, (name,)).fetchone()
+                if row is None:
+                    raise LayerNotFound(f"no layer named {name!r}: create it with create_layer first", layer=name)
+                records[name] = _decode(name, row)
+            for name in names:
+                if request_id is not None and conn.execute(
+                    "SELECT 1 FROM request_ids WHERE layer = ? AND request_id = ?", (name, request_id)
+                ).fetchone():
+                    continue
+                new = fn(records[name])
+                if new is None:
+                    continue
+                records[name] = new
+                conn.execute(_UPDATE, (*_row(new), name))
+                if request_id is not None:
+                    version = new.stats.version
+                    conn.execute("INSERT INTO request_ids (layer, request_id, version) VALUES (?, ?, ?)",
+                                 (name, request_id, version))
+                    conn.execute("DELETE FROM request_ids WHERE layer = ? AND version <= ?",
+                                 (name, version - window))
+            return records
+
+        return self._write(body)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
+
+
+class _errors:
+    """Turn sqlite3 failures into StoreUnavailable (naming the file); let store errors through."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, sqlite3.Error):
+            where = os.path.basename(self.path) or self.path
+            raise StoreUnavailable(f"sqlite store {where!r}: {exc}") from exc
+        return False
