@@ -15,6 +15,10 @@ $(call STAMP,test): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+$(call STAMP,serve): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
 $(call STAMP,bench): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
@@ -22,6 +26,10 @@ $(call STAMP,bench): pyproject.toml | $(VENV)/bin/python
 ## test: install the project with its test extras and run the whole suite
 test: $(call STAMP,test)
 	$(PY) -m pytest
+
+## serve: install the project and run the gRPC server on 127.0.0.1:50051, sqlite store in ./.normsvc/
+serve: $(call STAMP,serve)
+	$(VENV)/bin/normsvc serve --host 127.0.0.1 --port 50051 --store sqlite:///.normsvc/stats.db
 
 ## bench: compare the CPU kernels with PyTorch, numpy and a plain copy
 bench: $(call STAMP,bench)

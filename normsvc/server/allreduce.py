@@ -1,0 +1,200 @@
+"""The rendezvous behind AllReduceMoments: synchronized batch statistics.
+
+``world_size`` trainers call :meth:`Rendezvous.join` with the same
+``(group, step)``, each with its rank and its per-layer batch moments.  When
+the last rank arrives it merges all contributions (Chan's formula, in rank
+order, so every run gives the same bits), runs ``reduce`` once (the servicer
+passes a store update, so the running statistics take exactly one update per
+step, as SyncBatchNorm's do), and every caller returns the same result.
+
+Failure modes, each cleaning up what it leaves behind:
+
+* a rank that never comes: the others raise :class:`DeadlineExceeded` at their
+  deadline (or ``max_wait``), each withdrawing its contribution; the last one
+  out removes the step;
+* a caller that goes away (cancelled) withdraws the same way;
+* a rank that joins twice, or joins a step that already completed:
+  :class:`AlreadyExists`;
+* a rank whose ``world_size``, layers or shapes differ from the first
+  rank's: :class:`InvalidArgument` (the step keeps waiting for a good one);
+* ``reduce`` raising (say, a frozen layer): every rank gets that error.
+
+Completed steps are remembered (the last ``remember`` of them) only to reject
+latecomers; a new run should use a new ``group``.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..moments import Moments
+from .errors import AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument
+
+__all__ = ["Rendezvous"]
+
+
+@dataclass
+class _Step:
+    world_size: int
+    signature: tuple
+    first_rank: int
+    arrived: dict = field(default_factory=dict)  # rank -> {layer: Moments}
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+def _describe(key) -> str:
+    group, step = key
+    return f"step {step} of group {group!r}" if group else f"step {step}"
+
+
+class Rendezvous:
+    """Meeting point of the ranks of each ``(group, step)``.
+
+    Parameters
+    ----------
+    max_wait : float
+        Longest a rank waits for the others when its call has no deadline (seconds).
+    max_world_size : int
+        Larger ``world_size`` values are refused (INVALID_ARGUMENT).
+    remember : int
+        How many completed steps are remembered to reject duplicates.
+    poll : float
+        How often a waiting rank checks whether its caller is still there.
+    """
+
+    def __init__(self, *, max_wait: float = 300.0, max_world_size: int = 4096, remember: int = 4096,
+                 poll: float = 0.2, on_outcome: Callable[[str], None] | None = None):
+        self.max_wait = max_wait
+        self.max_world_size = max_world_size
+        self.poll = poll
+        self._on_outcome = on_outcome or (lambda outcome: None)
+        self._lock = threading.Lock()
+        self._pending: dict[tuple, _Step] = {}
+        self._completed: collections.OrderedDict = collections.OrderedDict()
+        self._remember = remember
+
+    def pending(self) -> dict:
+        """``{(group, step): sorted ranks arrived}`` of the steps still waiting (for tests and debugging)."""
+        with self._lock:
+            return {key: sorted(s.arrived) for key, s in self._pending.items()}
+
+    def join(self, group: str, step: int, rank: int, world_size: int, moments: dict, *,
+             reduce: Callable[[dict], Any], timeout: float | None = None,
+             is_active: Callable[[], bool] = lambda: True, options: tuple = ()):
+        """Contribute ``moments`` ({layer: Moments}) and wait for the others.
+
+        Returns ``(merged, reduce(merged))`` where ``merged`` is {layer: Moments}
+        in the order of this caller's ``moments``.  ``options`` must be equal
+        across ranks (e.g. whether to update the running statistics).
+        """
+        key = (group, int(step))
+        self._validate(key, rank, world_size, moments)
+        signature = (tuple(sorted((name, m.mean.shape) for name, m in moments.items())), options)
+        timeout = self.max_wait if timeout is None else min(timeout, self.max_wait)
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._lock:
+            if key in self._completed:
+                raise AlreadyExists(
+                    f"{_describe(key)} already completed with all ranks: rank {rank} is a duplicate "
+                    "(expected each rank once per step; use a new group for a new run)",
+                    field="rank", reason="DUPLICATE_RANK",
+                )
+            st = self._pending.get(key)
+            if st is None:
+                st = self._pending[key] = _Step(world_size, signature, rank)
+            self._check_matches(key, st, rank, world_size, signature)
+            st.arrived[rank] = moments
+            leader = len(st.arrived) == st.world_size
+            if leader:
+                del self._pending[key]
+                self._completed[key] = True
+                while len(self._completed) > self._remember:
+                    self._completed.popitem(last=False)
+        if leader:
+            return self._finish(st, list(moments), reduce)
+        return self._wait(key, st, rank, deadline, is_active, list(moments))
+
+    def _validate(self, key, rank, world_size, moments):
+        if not 1 <= world_size <= self.max_world_size:
+            raise InvalidArgument(
+                f"world_size={world_size}: expected 1 to {self.max_world_size}", field="world_size"
+            )
+        if not 0 <= rank < world_size:
+            raise InvalidArgument(f"rank={rank}: expected 0 <= rank < world_size={world_size}", field="rank")
+        if not moments:
+            raise InvalidArgument(f"{_describe(key)}: no layer moments: expected at least one", field="moments")
+
+    def _check_matches(self, key, st: _Step, rank, world_size, signature):
+        if world_size != st.world_size:
+            raise InvalidArgument(
+                f"{_describe(key)}: rank {rank} says world_size={world_size}, rank {st.first_rank} "
+                f"said {st.world_size}: expected the same world_size from every rank",
+                field="world_size",
+            )
+        if rank in st.arrived:
+            raise AlreadyExists(
+                f"{_describe(key)}: rank {rank} already joined (expected each rank once per step)",
+                field="rank", reason="DUPLICATE_RANK",
+            )
+        if signature != st.signature:
+            (layers, options), (want_layers, want_options) = signature, st.signature
+            if layers == want_layers:
+                what, got, want, where = "options", options, want_options, "update_stats"
+            else:
+                what, got, want, where = "layers and shapes", dict(layers), dict(want_layers), "moments"
+            raise InvalidArgument(
+                f"{_describe(key)}: rank {rank} sent {what} {got}, rank {st.first_rank} sent {want}: "
+                "expected the same from every rank",
+                field=where,
+            )
+
+    def _finish(self, st: _Step, order: list, reduce):
+        ranks = [st.arrived[r] for r in sorted(st.arrived)]
+        try:
+            merged = {name: functools.reduce(Moments.merge, (r[name] for r in ranks)) for name in order}
+            st.result = (merged, reduce(merged))
+        except BaseException as exc:  # every rank reports the same failure
+            st.error = exc
+            self._on_outcome("failed")
+            raise
+        finally:
+            st.done.set()
+        self._on_outcome("completed")
+        return st.result
+
+    def _wait(self, key, st: _Step, rank, deadline, is_active, order):
+        while True:
+            remaining = deadline - time.monotonic()
+            if st.done.wait(max(min(self.poll, remaining), 0.0)):
+                break
+            gone = not is_active()
+            if gone or remaining <= 0:
+                with self._lock:
+                    if not st.done.is_set():
+                        st.arrived.pop(rank, None)
+                        if not st.arrived and self._pending.get(key) is st:
+                            del self._pending[key]
+                        missing = sorted(set(range(st.world_size)) - set(st.arrived) - {rank})
+                        arrived = len(st.arrived) + 1
+                if not st.done.is_set():
+                    self._on_outcome("cancelled" if gone else "timed_out")
+                    if gone:
+                        raise Cancelled(f"{_describe(key)}: rank {rank} went away before the others arrived")
+                    raise DeadlineExceeded(
+                        f"{_describe(key)}: {arrived} of {st.world_size} ranks arrived before rank {rank}'s "
+                        f"deadline; missing ranks {missing[:16]}{' ...' if len(missing) > 16 else ''}",
+                        reason="RANKS_MISSING",
+                    )
+                st.done.wait()
+                break
+        if st.error is not None:
+            raise st.error
+        merged, reduced = st.result
+        return {name: merged[name] for name in order}, reduced

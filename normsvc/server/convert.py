@@ -1,0 +1,145 @@
+"""protobuf messages <-> store values (LayerConfig, RunningStats, layers).
+
+Only translation: defaults and validation belong to the store
+(:func:`normsvc.store.config.make_config`), which sees an unset proto field
+as an argument left out.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from .._proto import normsvc_pb2 as pb
+from ..running import RunningStats
+from ..store.config import LayerConfig
+from ..tensor_codec import encode
+from .errors import InvalidArgument
+
+__all__ = ["config_kwargs", "config_to_pb", "stats_to_pb", "layer_to_pb", "naming", "training", "export_dtype"]
+
+KINDS = {
+    pb.LAYER_KIND_BATCH: "batch",
+    pb.LAYER_KIND_LAYER: "layer",
+    pb.LAYER_KIND_INSTANCE: "instance",
+    pb.LAYER_KIND_GROUP: "group",
+    pb.LAYER_KIND_RMS: "rms",
+}
+CONVENTIONS = {
+    pb.CONVENTION_KERAS: "keras",
+    pb.CONVENTION_TORCH: "torch",
+    pb.CONVENTION_CUMULATIVE: "cumulative",
+}
+NAMINGS = {pb.NAMING_UNSPECIFIED: "keras", pb.NAMING_KERAS: "keras", pb.NAMING_TORCH: "torch"}
+EXPORT_DTYPES = {
+    pb.DTYPE_UNSPECIFIED: "float64",
+    pb.DTYPE_FLOAT64: "float64",
+    pb.DTYPE_FLOAT32: "float32",
+    pb.DTYPE_FLOAT16: "float16",
+}
+_KIND_CODES = {v: k for k, v in KINDS.items()}
+_CONVENTION_CODES = {v: k for k, v in CONVENTIONS.items()}
+
+
+def _enum(value: int, table: dict, enum, field: str) -> str | None:
+    """None for UNSPECIFIED (the store default), the store's name otherwise."""
+    if value == 0:
+        return None
+    if value not in table:
+        raise InvalidArgument(
+            f"{field}={value}: expected one of {', '.join(enum.Name(v) for v in table)}", field=field
+        )
+    return table[value]
+
+
+def config_kwargs(cfg: pb.LayerConfig, field: str = "config") -> dict:
+    """``Store.create_layer`` keyword arguments for a LayerConfig message (unset fields left out)."""
+    kw = {}
+    kind = _enum(cfg.kind, KINDS, pb.LayerKind, f"{field}.kind")
+    if kind is not None:
+        kw["kind"] = kind
+    convention = _enum(cfg.convention, CONVENTIONS, pb.Convention, f"{field}.convention")
+    if convention is not None:
+        kw["convention"] = convention
+    if len(cfg.axis) == 1:
+        kw["axis"] = cfg.axis[0]
+    elif cfg.axis:
+        kw["axis"] = list(cfg.axis)
+    for name in ("groups", "epsilon", "center", "scale"):
+        if cfg.HasField(name):
+            kw[name] = getattr(cfg, name)
+    if cfg.cumulative_average:
+        if cfg.HasField("momentum"):
+            raise InvalidArgument(
+                f"{field}: cumulative_average=true with momentum={cfg.momentum}: expected one of them",
+                field=f"{field}.momentum",
+            )
+        kw["momentum"] = None
+    elif cfg.HasField("momentum"):
+        kw["momentum"] = cfg.momentum
+    if cfg.num_features:
+        kw["num_features"] = tuple(cfg.num_features)
+    return kw
+
+
+def config_to_pb(config: LayerConfig, out: pb.LayerConfig) -> pb.LayerConfig:
+    """The resolved config as a message (every optional field set)."""
+    out.kind = _KIND_CODES[config.kind]
+    out.axis[:] = list(config.axis) if isinstance(config.axis, tuple) else [config.axis]
+    if config.groups is not None:
+        out.groups = config.groups
+    out.epsilon = config.epsilon
+    if config.momentum is not None:
+        out.momentum = config.momentum
+    out.cumulative_average = config.momentum is None and config.convention == "torch"
+    out.convention = _CONVENTION_CODES[config.convention]
+    out.center = config.center
+    out.scale = config.scale
+    if config.num_features is not None:
+        out.num_features[:] = config.num_features
+    return out
+
+
+def stats_to_pb(stats: RunningStats, out: pb.RunningStats | None = None) -> pb.RunningStats:
+    out = pb.RunningStats() if out is None else out
+    if stats.mean is not None:
+        encode(stats.mean, out.mean)
+        encode(stats.variance, out.variance)
+    out.count = float(stats.count)
+    out.num_batches = int(stats.num_batches)
+    out.version = int(stats.version)
+    out.frozen = bool(stats.frozen)
+    ts = Timestamp()
+    ts.FromNanoseconds(int(round(stats.updated_at * 1e9)))
+    out.updated_at.CopyFrom(ts)
+    return out
+
+
+def layer_to_pb(name: str, config: LayerConfig, stats: RunningStats | None, out: pb.Layer) -> pb.Layer:
+    out.name = name
+    config_to_pb(config, out.config)
+    if stats is not None:
+        stats_to_pb(stats, out.stats)
+    return out
+
+
+def naming(value: int, field: str = "naming") -> str:
+    name = NAMINGS.get(value)
+    if name is None:
+        raise InvalidArgument(f"{field}={value}: expected NAMING_KERAS or NAMING_TORCH", field=field)
+    return name
+
+
+def export_dtype(value: int, field: str = "dtype") -> str:
+    name = EXPORT_DTYPES.get(value)
+    if name is None:
+        raise InvalidArgument(f"{field}={value}: expected DTYPE_FLOAT16, DTYPE_FLOAT32 or DTYPE_FLOAT64", field=field)
+    return name
+
+
+def training(mode: int, field: str = "mode") -> bool:
+    if mode == pb.MODE_TRAINING:
+        return True
+    if mode == pb.MODE_INFERENCE:
+        return False
+    raise InvalidArgument(f"{field}={pb.Mode.Name(mode) if mode in pb.Mode.values() else mode}: "
+                          "expected MODE_TRAINING or MODE_INFERENCE", field=field)

@@ -1,0 +1,259 @@
+"""``serve()``: start a NormService server; the same function backs tests, the CLI and containers.
+
+>>> from normsvc.server import serve
+>>> server = serve("memory://", port=0)       # doctest: +SKIP
+>>> server.port                                # the port it bound  # doctest: +SKIP
+>>> server.stop(grace=5)                       # doctest: +SKIP
+
+The server is grpc's synchronous server over a thread pool (faster than the
+asyncio server on these machines: design.md); the numba kernels release the
+GIL and run on a thread-safe threading layer, so concurrent Normalize calls
+use every core.  Besides NormService it serves ``grpc.health.v1.Health`` and
+server reflection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .._proto import normsvc_pb2 as pb
+from .._proto import normsvc_pb2_grpc as pb_grpc
+from ..store import Store
+from . import auth
+from .allreduce import Rendezvous
+from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from .limits import Limits
+from .metrics import Metrics
+from .servicer import NormServicer
+from .watch import WatchHub
+
+__all__ = ["serve", "Server", "SERVICE_NAME", "DEVICES", "resolve_device"]
+
+log = logging.getLogger("normsvc.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NormService"].full_name
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_device(device: str) -> str:
+    """``cpu``, ``cuda`` or ``auto`` -> the device the kernels run on.
+
+    ``cuda`` fails unless numba sees a GPU and normsvc has CUDA kernels;
+    ``auto`` picks cuda in that case and cpu otherwise.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r}: expected one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    reason = None
+    try:
+        from ..kernels import cuda  # noqa: F401  (CUDA kernels, when this build has them)
+        from numba import cuda as numba_cuda
+
+        if not numba_cuda.is_available():
+            reason = "numba sees no CUDA GPU"
+    except Exception as exc:  # ImportError, or numba-cuda failing to initialise
+        reason = f"CUDA kernels unavailable ({type(exc).__name__}: {exc})"
+    if reason is None:
+        return "cuda"
+    if device == "cuda":
+        raise ValueError(f"device='cuda': {reason}; use --device cpu or auto")
+    return "cpu"
+
+
+class Server:
+    """A running server: ``port``, ``address``, ``store``, ``metrics``; ``stop()`` ends it."""
+
+    def __init__(self, grpc_server, *, port, host, store, owns_store, health_servicer, hub,
+                 metrics, metrics_port, device, tls):
+        self._server = grpc_server
+        self.port = port
+        self.host = host
+        self.store = store
+        self._owns_store = owns_store
+        self.health = health_servicer
+        self.hub = hub
+        self.metrics = metrics
+        self.metrics_port = metrics_port
+        self.device = device
+        self.tls = tls
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def stop(self, grace: float | None = 10.0) -> None:
+        """Graceful shutdown: health NOT_SERVING, no new calls, in-flight calls get ``grace``
+        seconds to finish, then the store is flushed and closed.  Safe to call twice."""
+        with self._stop_lock:
+            if self._stopping:
+                first = False
+            else:
+                self._stopping = first = True
+        if not first:
+            self._stopped.wait()
+            return
+        try:
+            log.info("stopping: health NOT_SERVING, %s s grace for calls in flight", grace)
+            self.health.enter_graceful_shutdown()
+            self.hub.close()  # watch streams end (UNAVAILABLE) so clients reconnect elsewhere
+            self._server.stop(grace).wait()
+        finally:
+            try:
+                if self._owns_store:
+                    self.store.close()
+            finally:
+                self.metrics.close()
+                self._stopped.set()
+                log.info("stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped (or ``timeout``); True if it has."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop(grace=0)
+
+
+def _read(path) -> bytes:
+    return Path(path).read_bytes()
+
+
+def serve(
+    store="memory://",
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_message_mb: int | None = None,
+    tokens=None,
+    tls_cert=None,
+    tls_key=None,
+    tls_client_ca=None,
+    metrics_port: int | None = None,
+    device: str = "auto",
+    workers: int = 64,
+    limits: Limits | None = None,
+    allreduce_max_wait: float = 300.0,
+    watch_poll: float = 2.0,
+) -> Server:
+    """Start a server and return its :class:`Server` handle.
+
+    Parameters
+    ----------
+    store : str or Store
+        A store URL (``memory://``, ``sqlite:///path``), opened and closed by the
+        server, or an open :class:`~normsvc.store.Store` (left open on stop).
+    host, port : str, int
+        Where to listen; port 0 picks a free port (``Server.port`` tells which).
+    max_message_mb : int, optional
+        Largest gRPC message either way (default ``limits.max_message_mb``, 64).
+    tokens : path or TokenTable, optional
+        Bearer tokens with roles and layer prefixes (:mod:`.auth`); without
+        them every call is allowed.
+    tls_cert, tls_key : path, optional
+        PEM server certificate chain and key: serve TLS.
+    tls_client_ca : path, optional
+        PEM CA bundle: require client certificates signed by it (mutual TLS).
+    metrics_port : int, optional
+        Serve Prometheus metrics over HTTP on this port (0: a free one; the
+        handle's ``metrics_port`` tells which).  None: no HTTP endpoint (the
+        registry is still at ``Server.metrics.registry``).
+    device : {"cpu", "cuda", "auto"}
+        Where the kernels run (see :func:`resolve_device`).
+    workers : int
+        Threads serving calls; each WatchLayer stream and each rank waiting in
+        AllReduceMoments holds one while it lasts.
+    limits : Limits, optional
+        Request limits (:class:`.limits.Limits`).
+    allreduce_max_wait : float
+        Longest an AllReduceMoments rank waits for the others when its call has no deadline.
+    watch_poll : float
+        How often WatchLayer streams poll the store for versions made by other processes.
+    """
+    limits = limits or Limits()
+    if max_message_mb is not None:
+        if max_message_mb <= 0:
+            raise ValueError(f"max_message_mb={max_message_mb}: expected a positive number")
+        limits = Limits(**{**limits.__dict__, "max_message_mb": max_message_mb})
+    if limits.stream_chunk_bytes > limits.max_message_bytes - 1024:
+        limits = Limits(**{**limits.__dict__, "stream_chunk_bytes": max(limits.max_message_bytes // 2, 1)})
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together: pass both to serve TLS, or neither")
+    if tls_client_ca is not None and tls_cert is None:
+        raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+    if isinstance(tokens, (str, Path)):
+        tokens = auth.TokenTable.load(tokens)
+    device = resolve_device(device)
+
+    owns_store = isinstance(store, str)
+    store = Store.open(store) if owns_store else store
+    metrics = Metrics()
+    try:
+        hub = WatchHub()
+        rendezvous = Rendezvous(
+            max_wait=allreduce_max_wait,
+            on_outcome=lambda outcome: metrics.allreduce_steps.labels(outcome).inc(),
+        )
+        servicer = NormServicer(store, limits=limits, hub=hub, rendezvous=rendezvous, metrics=metrics,
+                                watch_poll=watch_poll)
+        interceptors = [MetricsInterceptor(metrics), ErrorInterceptor()]
+        if tokens is not None:
+            interceptors.append(AuthInterceptor(tokens))
+        options = [
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="normsvc"),
+            interceptors=interceptors,
+            options=options,
+        )
+        pb_grpc.add_NormServiceServicer_to_server(servicer, server)
+        health_servicer = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if tls_cert is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(_read(tls_key), _read(tls_cert))],
+                root_certificates=_read(tls_client_ca) if tls_client_ca is not None else None,
+                require_client_auth=tls_client_ca is not None,
+            )
+            bound = server.add_secure_port(target, credentials)
+        else:
+            bound = server.add_insecure_port(target)
+        if not bound:
+            raise OSError(f"could not listen on {target}")
+        server.start()
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        bound_metrics = metrics.serve_http(metrics_port, host) if metrics_port is not None else None
+    except BaseException:
+        metrics.close()
+        if owns_store:
+            store.close()
+        raise
+    tls = "mtls" if tls_client_ca else ("tls" if tls_cert else "none")
+    log.info("serving %s on %s (tls=%s, auth=%s, device=%s, store=%s)", SERVICE_NAME, target.rsplit(":", 1)[0] +
+             f":{bound}", tls, "tokens" if tokens is not None else "off", device, getattr(store, "url", store))
+    return Server(server, port=bound, host=host, store=store, owns_store=owns_store,
+                  health_servicer=health_servicer, hub=hub, metrics=metrics, metrics_port=bound_metrics,
+                  device=device, tls=tls)

@@ -1,0 +1,275 @@
+"""NormService: each RPC decodes its request, calls the store, encodes the answer.
+
+No logic of its own: validation of configs and statistics lives in the store,
+tensor decoding in :mod:`normsvc.tensor_codec`, the AllReduceMoments
+rendezvous in :mod:`.allreduce`, WatchLayer's fan-out in :mod:`.watch`,
+status codes in :mod:`.errors`, auth and metrics in the interceptors.
+Exceptions propagate to the errors interceptor.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import tempfile
+
+from .._proto import normsvc_pb2 as pb
+from .._proto import normsvc_pb2_grpc as pb_grpc
+from ..store.errors import LayerNotFound
+from ..tensor_codec import Assembler, chunks, decode, decode_moments, encode, encode_moments
+from . import convert
+from .allreduce import Rendezvous
+from .errors import InvalidArgument
+from .limits import Limits
+from .watch import DELETED, WatchHub, follow
+
+__all__ = ["NormServicer"]
+
+#: Room AllReduceMoments leaves before the caller's deadline to answer DEADLINE_EXCEEDED itself.
+DEADLINE_MARGIN = 0.05
+
+
+def _unique(names, field: str) -> list:
+    seen = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise InvalidArgument(f"{field}[{i}] repeats layer {name!r}: expected each layer once",
+                                  field=f"{field}[{i}]", layer=name)
+        seen.add(name)
+    return list(names)
+
+
+def _required(names, field: str) -> None:
+    if not names:
+        raise InvalidArgument(f"{field} is empty: expected at least one layer", field=field)
+
+
+class NormServicer(pb_grpc.NormServiceServicer):
+    def __init__(self, store, *, limits: Limits | None = None, hub: WatchHub | None = None,
+                 rendezvous: Rendezvous | None = None, metrics=None, watch_poll: float = 2.0):
+        self.store = store
+        self.limits = limits or Limits()
+        self.hub = hub or WatchHub()
+        self.rendezvous = rendezvous or Rendezvous()
+        self.metrics = metrics
+        self.watch_poll = watch_poll
+
+    # --- helpers ------------------------------------------------------------
+
+    def _published(self, rpc: str, stats: dict, *, updates: bool = True) -> None:
+        """Hand new versions to watchers; count running-statistics updates."""
+        for name, s in stats.items():
+            self.hub.publish(name, s)
+        if updates and self.metrics is not None:
+            for name in stats:
+                self.metrics.layer_updates.labels(name, rpc).inc()
+
+    def _moments(self, entries, field: str) -> dict:
+        _required(entries, field)
+        self.limits.check_layers_per_request(len(entries), field)
+        _unique([e.layer for e in entries], field)
+        max_el = self.limits.max_tensor_elements
+        return {
+            e.layer: decode_moments(e.moments, field=f"{field}[{i}].moments", max_elements=max_el)
+            for i, e in enumerate(entries)
+        }
+
+    def _layer(self, name: str):
+        return self.store.layer(name)
+
+    # --- layer lifecycle -----------------------------------------------------
+
+    def CreateLayer(self, request, context):
+        kwargs = convert.config_kwargs(request.config)
+        try:
+            self.store.layer(request.name)
+        except LayerNotFound:
+            self.limits.check_layer_count(len(self.store.list_layers(limit=self.limits.max_layers)))
+        layer = self.store.create_layer(request.name, **kwargs)
+        response = pb.CreateLayerResponse()
+        convert.layer_to_pb(layer.name, layer.config, layer.stats(), response.layer)
+        return response
+
+    def GetLayer(self, request, context):
+        _required(request.names, "names")
+        self.limits.check_layers_per_request(len(request.names), "names")
+        response = pb.GetLayerResponse()
+        for name in request.names:
+            layer = self.store.layer(name)
+            convert.layer_to_pb(name, layer.config, layer.stats(), response.layers.add())
+        return response
+
+    def ListLayers(self, request, context):
+        limits = self.limits
+        if request.page_size < 0:
+            raise InvalidArgument(f"page_size={request.page_size}: expected >= 0", field="page_size")
+        size = min(request.page_size or limits.default_page_size, limits.max_page_size)
+        after = None
+        if request.page_token:
+            try:
+                after = base64.urlsafe_b64decode(request.page_token.encode()).decode()
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                raise InvalidArgument("page_token is not one this server issued: pass next_page_token "
+                                      "of the previous page", field="page_token") from None
+        names = self.store.list_layers(request.prefix, after=after, limit=size + 1)
+        response = pb.ListLayersResponse()
+        for name in names[:size]:
+            try:
+                layer = self.store.layer(name)
+                config = layer.config
+                stats = layer.stats() if request.include_stats else None
+            except LayerNotFound:  # deleted since the listing
+                continue
+            convert.layer_to_pb(name, config, stats, response.layers.add())
+        if len(names) > size:
+            response.next_page_token = base64.urlsafe_b64encode(names[size - 1].encode()).decode()
+        return response
+
+    def DeleteLayer(self, request, context):
+        self.store.delete_layer(request.name)
+        self.hub.publish(request.name, DELETED)
+        return pb.DeleteLayerResponse()
+
+    def ResetStats(self, request, context):
+        stats = self._layer(request.name).reset(request_id=request.request_id or None)
+        self._published("ResetStats", {request.name: stats}, updates=False)
+        return pb.ResetStatsResponse(stats=convert.stats_to_pb(stats))
+
+    # --- statistics ----------------------------------------------------------
+
+    def UpdateStats(self, request, context):
+        updates = self._moments(request.updates, "updates")
+        stats = self.store.update_many(updates, request_id=request.request_id or None)
+        self._published("UpdateStats", stats)
+        response = pb.UpdateStatsResponse()
+        for name in updates:
+            entry = response.stats.add(layer=name)
+            convert.stats_to_pb(stats[name], entry.stats)
+        return response
+
+    def AllReduceMoments(self, request, context):
+        moments = self._moments(request.moments, "moments")
+        update = not request.HasField("update_stats") or request.update_stats
+        group, step = request.group, request.step
+        if step < 0:
+            raise InvalidArgument(f"step={step}: expected >= 0", field="step")
+        if len(group) > 128:
+            raise InvalidArgument(f"group has {len(group)} characters: expected at most 128", field="group")
+
+        def reduce(merged):
+            if not update:
+                return {}
+            stats = self.store.update_many(merged, request_id=f"allreduce/{step}/{group}")
+            self._published("AllReduceMoments", stats)
+            return stats
+
+        remaining = context.time_remaining()
+        timeout = None if remaining is None else remaining - DEADLINE_MARGIN
+        merged, stats = self.rendezvous.join(
+            group, step, request.rank, request.world_size, moments,
+            reduce=reduce, timeout=timeout, is_active=context.is_active, options=(update,),
+        )
+        response = pb.AllReduceMomentsResponse()
+        for name, m in merged.items():
+            encode_moments(m, response.global_moments.add(layer=name).moments)
+            if name in stats:
+                convert.stats_to_pb(stats[name], response.stats.add(layer=name).stats)
+        return response
+
+    def WatchLayer(self, request, context):
+        _required(request.names, "names")
+        self.limits.check_layers_per_request(len(request.names), "names")
+        for name, stats in follow(self.store, self.hub, request.names, skip_initial=request.skip_initial,
+                                  context=context, poll=self.watch_poll):
+            yield pb.WatchLayerResponse(layer=name, stats=convert.stats_to_pb(stats))
+
+    # --- compute -------------------------------------------------------------
+
+    def _normalize(self, name, x, mode, has_update, update, gamma, beta, request_id, rpc):
+        """Run the layer's normalize; returns (y, RunningStats or None)."""
+        training = convert.training(mode)
+        update = training and (not has_update or update)
+        max_el = self.limits.max_tensor_elements
+        gamma = decode(gamma, field="gamma", max_elements=max_el) if gamma is not None else None
+        beta = decode(beta, field="beta", max_elements=max_el) if beta is not None else None
+        layer = self._layer(name)
+        y = layer.normalize(x, training=training, update=update, gamma=gamma, beta=beta,
+                            request_id=request_id or None)
+        stats = None
+        if update:
+            stats = layer.stats()
+            self._published(rpc, {name: stats}, updates=not stats.frozen)
+        return y, stats
+
+    def Normalize(self, request, context):
+        if not request.HasField("x"):
+            raise InvalidArgument("x is missing: expected a tensor", field="x")
+        x = decode(request.x, field="x", max_elements=self.limits.max_tensor_elements)
+        y, stats = self._normalize(
+            request.layer, x, request.mode, request.HasField("update"), request.update,
+            request.gamma if request.HasField("gamma") else None,
+            request.beta if request.HasField("beta") else None,
+            request.request_id, "Normalize",
+        )
+        response = pb.NormalizeResponse(y=encode(y))
+        if stats is not None:
+            convert.stats_to_pb(stats, response.stats)
+        return response
+
+    def NormalizeStream(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("NormalizeStream: the first message must be a header", field="header")
+        h = first.header
+        x = Assembler(h.dtype, h.shape, field="x", max_elements=self.limits.max_tensor_elements)
+        for i, msg in enumerate(request_iterator, start=1):
+            if msg.WhichOneof("part") != "chunk":
+                raise InvalidArgument(f"NormalizeStream message {i} is a {msg.WhichOneof('part')}: expected "
+                                      "only chunks after the header", field="chunk")
+            x.add(msg.chunk)
+        x = x.array()
+        y, stats = self._normalize(
+            h.layer, x, h.mode, h.HasField("update"), h.update,
+            h.gamma if h.HasField("gamma") else None,
+            h.beta if h.HasField("beta") else None,
+            h.request_id, "NormalizeStream",
+        )
+        del x
+        result = pb.NormalizeStreamResult(dtype=h.dtype, shape=y.shape)
+        if stats is not None:
+            convert.stats_to_pb(stats, result.stats)
+        yield pb.NormalizeStreamResponse(result=result)
+        for chunk in chunks(y, self.limits.stream_chunk_bytes):
+            yield pb.NormalizeStreamResponse(chunk=chunk)
+
+    # --- state ---------------------------------------------------------------
+
+    def Freeze(self, request, context):
+        stats = self._layer(request.name).freeze(request_id=request.request_id or None)
+        self._published("Freeze", {request.name: stats}, updates=False)
+        return pb.FreezeResponse(stats=convert.stats_to_pb(stats))
+
+    def Unfreeze(self, request, context):
+        stats = self._layer(request.name).unfreeze(request_id=request.request_id or None)
+        self._published("Unfreeze", {request.name: stats}, updates=False)
+        return pb.UnfreezeResponse(stats=convert.stats_to_pb(stats))
+
+    def ExportStats(self, request, context):
+        naming, dtype = convert.naming(request.naming), convert.export_dtype(request.dtype)
+        with tempfile.TemporaryDirectory(prefix="normsvc-export-") as tmp:
+            path = os.path.join(tmp, "stats.safetensors")
+            layers = self.store.export(path, layers=list(request.names) or None, naming=naming, dtype=dtype)
+            with open(path, "rb") as f:
+                data = f.read()
+        return pb.ExportStatsResponse(safetensors=data, layers=layers)
+
+    def ImportStats(self, request, context):
+        naming = convert.naming(request.naming)
+        with tempfile.TemporaryDirectory(prefix="normsvc-import-") as tmp:
+            path = os.path.join(tmp, "stats.safetensors")
+            with open(path, "wb") as f:
+                f.write(request.safetensors)
+            layers = self.store.import_(path, naming=naming, layers=list(request.names) or None)
+        self._published("ImportStats", {name: self.store.layer(name).stats() for name in layers}, updates=False)
+        return pb.ImportStatsResponse(layers=layers)

@@ -1,0 +1,205 @@
+"""numpy arrays and Moments <-> the ``normsvc.v1`` Tensor and Moments messages.
+
+A Tensor is ``dtype`` + ``shape`` + ``data``: prod(shape) elements,
+little-endian, C order.  Decoding validates all three and, by default, that
+every element is finite, so a bad message fails here with a message naming
+the field, before it reaches a kernel or the store.  Shared by the server and
+the client; it imports nothing from either.
+
+Examples
+--------
+>>> import numpy as np
+>>> t = encode(np.array([[1.0, 2.0]], dtype=np.float32))
+>>> t.shape, len(t.data)
+([1, 2], 8)
+>>> decode(t, field="x")
+array([[1., 2.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._proto import normsvc_pb2 as pb
+from .moments import Moments
+
+__all__ = [
+    "TensorError",
+    "TensorTooLarge",
+    "DTYPES",
+    "encode",
+    "decode",
+    "decode_header",
+    "encode_moments",
+    "decode_moments",
+    "chunks",
+    "Assembler",
+]
+
+#: proto DType -> little-endian numpy dtype
+DTYPES = {
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+}
+_BY_NUMPY = {dt: code for code, dt in DTYPES.items()}
+_NAMES = ", ".join(pb.DType.Name(code) for code in DTYPES)
+
+
+class TensorError(ValueError):
+    """A Tensor or Moments message that does not describe a valid array.
+
+    ``field`` is the path of the offending field (``updates[2].moments.mean``),
+    ``description`` what was wrong and what was expected.
+    """
+
+    def __init__(self, field: str, description: str):
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+
+class TensorTooLarge(TensorError):
+    """A tensor with more elements than the receiver accepts."""
+
+
+def encode(array, out: pb.Tensor | None = None) -> pb.Tensor:
+    """A Tensor message holding ``array`` (float16/32/64; other floats are refused)."""
+    a = np.asarray(array)
+    code = _BY_NUMPY.get(a.dtype.newbyteorder("<")) if a.dtype.kind == "f" else None
+    if code is None:
+        raise TypeError(f"cannot encode dtype {a.dtype}: expected float16, float32 or float64")
+    a = np.asarray(a, dtype=DTYPES[code], order="C")  # (ascontiguousarray would make scalars 1-D)
+    t = pb.Tensor() if out is None else out
+    t.dtype = code
+    t.shape[:] = a.shape
+    t.data = a.tobytes()
+    return t
+
+
+def decode_header(dtype: int, shape, *, field: str, max_elements: int | None = None):
+    """Validate a dtype code and a shape; return ``(numpy dtype, shape tuple, nbytes)``."""
+    np_dtype = DTYPES.get(dtype)
+    if np_dtype is None:
+        name = pb.DType.Name(dtype) if dtype in pb.DType.values() else str(dtype)
+        raise TensorError(f"{field}.dtype", f"is {name}: expected one of {_NAMES}")
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise TensorError(f"{field}.shape", f"is {list(shape)}: expected sizes >= 0")
+    n = math.prod(shape)
+    if max_elements is not None and n > max_elements:
+        raise TensorTooLarge(
+            f"{field}.shape", f"{list(shape)} has {n} elements: expected at most {max_elements}"
+        )
+    return np_dtype, shape, n * np_dtype.itemsize
+
+
+def decode(t: pb.Tensor, *, field: str, max_elements: int | None = None,
+           finite: bool = True, data=None) -> np.ndarray:
+    """The read-only numpy array a Tensor message holds.
+
+    Parameters
+    ----------
+    t : Tensor message
+    field : str
+        Path of ``t`` in its request, for error messages.
+    max_elements : int, optional
+        Larger tensors raise :class:`TensorTooLarge`.
+    finite : bool
+        Whether NaN and Inf are errors.
+    data : bytes-like, optional
+        The bytes, when they did not travel in ``t.data`` (streams).
+    """
+    np_dtype, shape, nbytes = decode_header(t.dtype, t.shape, field=field, max_elements=max_elements)
+    data = t.data if data is None else data
+    if len(data) != nbytes:
+        raise TensorError(
+            f"{field}.data",
+            f"has {len(data)} bytes: expected {nbytes} ({math.prod(shape)} x {np_dtype.name} "
+            f"for shape {list(shape)})",
+        )
+    a = np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    if finite and a.size and not np.isfinite(a).all():
+        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        raise TensorError(f"{field}.data", f"has {bad} NaN or Inf values: expected finite numbers")
+    return a
+
+
+def encode_moments(m: Moments, out: pb.Moments | None = None) -> pb.Moments:
+    """A Moments message: count, mean and biased variance as float64 tensors."""
+    msg = pb.Moments() if out is None else out
+    encode(np.asarray(m.count, dtype=np.float64), msg.count)
+    encode(np.asarray(m.mean, dtype=np.float64), msg.mean)
+    encode(np.asarray(m.variance, dtype=np.float64), msg.variance)
+    return msg
+
+
+def decode_moments(msg: pb.Moments, *, field: str, max_elements: int | None = None) -> Moments:
+    """Validated :class:`Moments` from a message (count >= 0, variance >= 0, shapes agree)."""
+    for part in ("count", "mean", "variance"):
+        if not msg.HasField(part):
+            raise TensorError(f"{field}.{part}", "is missing: expected a tensor")
+    count = decode(msg.count, field=f"{field}.count", max_elements=max_elements)
+    mean = decode(msg.mean, field=f"{field}.mean", max_elements=max_elements)
+    variance = decode(msg.variance, field=f"{field}.variance", max_elements=max_elements)
+    if variance.shape != mean.shape:
+        raise TensorError(
+            f"{field}.variance", f"has shape {list(variance.shape)}: expected the mean's {list(mean.shape)}"
+        )
+    if count.ndim and count.shape != mean.shape:
+        raise TensorError(
+            f"{field}.count",
+            f"has shape {list(count.shape)}: expected a scalar or the mean's {list(mean.shape)}",
+        )
+    if (count < 0).any():
+        raise TensorError(f"{field}.count", "has negative entries: expected counts >= 0")
+    if (variance < 0).any():
+        raise TensorError(f"{field}.variance", "has negative entries: expected variances >= 0")
+    return Moments.from_variance(count, mean, variance)
+
+
+def chunks(array: np.ndarray, size: int):
+    """The bytes of ``array`` (little-endian, C order) in pieces of at most ``size`` bytes."""
+    a = np.asarray(array)
+    a = np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")
+    data = memoryview(a.reshape(-1)).cast("B")
+    for start in range(0, len(data), size):
+        yield bytes(data[start:start + size])
+
+
+class Assembler:
+    """Collects a tensor sent in chunks (NormalizeStream) into one preallocated buffer.
+
+    The header (dtype, shape) is validated up front, so an oversized tensor is
+    refused before its bytes arrive.
+    """
+
+    def __init__(self, dtype: int, shape, *, field: str, max_elements: int | None = None):
+        self.dtype_code = dtype
+        self.dtype, self.shape, self.nbytes = decode_header(dtype, shape, field=field, max_elements=max_elements)
+        self.field = field
+        self._buf = bytearray(self.nbytes)
+        self._filled = 0
+
+    def add(self, chunk: bytes) -> None:
+        end = self._filled + len(chunk)
+        if end > self.nbytes:
+            raise TensorError(
+                f"{self.field}.data",
+                f"chunks carry more than the {self.nbytes} bytes of shape {list(self.shape)} x {self.dtype.name}",
+            )
+        self._buf[self._filled:end] = chunk
+        self._filled = end
+
+    def array(self, *, finite: bool = True) -> np.ndarray:
+        """The assembled array (raises TensorError when bytes are missing)."""
+        if self._filled != self.nbytes:
+            raise TensorError(
+                f"{self.field}.data",
+                f"chunks carried {self._filled} bytes: expected {self.nbytes} for shape {list(self.shape)} "
+                f"x {self.dtype.name}",
+            )
+        t = pb.Tensor(dtype=self.dtype_code, shape=self.shape)
+        return decode(t, field=self.field, finite=finite, data=self._buf)
