@@ -287,7 +287,8 @@ def _update_fn(moments, now: float) -> Callable[[Record], Record]:
         if known_shape(record) is None:
             fresh = initial_state(cfg.convention, batch.mean.shape)
             stats = replace(stats, mean=fresh.mean, variance=fresh.variance)
-        new = apply_update(stats, batch, convention=cfg.convention, momentum=cfg.momentum)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            new = apply_update(stats, batch, convention=cfg.convention, momentum=cfg.momentum)
         if not (np.all(np.isfinite(new.mean)) and np.all(np.isfinite(new.variance))):
             raise InvalidArgument(
                 f"moments for layer {record.name!r} overflow the running statistics to Inf",

@@ -26,9 +26,9 @@ class MemoryBackend(Backend):
         self.request_window = int(request_window)
         self._lock = threading.Lock()
         self._records: dict[str, Record] = {}
-        # Per layer: (version, request id) in order of application, and the ids as a set;
+        # Per layer: (version, request id) in order of application, and id -> version;
         # ids older than the last request_window versions are forgotten.
-        self._seen: dict[str, tuple[deque, set]] = {}
+        self._seen: dict[str, tuple[deque, dict]] = {}
 
     @classmethod
     def from_url(cls, url: str, **options) -> "MemoryBackend":
@@ -48,7 +48,7 @@ class MemoryBackend(Backend):
         with self._lock:
             stored = self._records.setdefault(record.name, _copy(record))
             if stored.name not in self._seen:
-                self._seen[stored.name] = (deque(), set())
+                self._seen[stored.name] = (deque(), {})
             return _copy(stored)
 
     def get(self, name: str) -> Record | None:
@@ -66,6 +66,10 @@ class MemoryBackend(Backend):
             self._seen.pop(name, None)
             return self._records.pop(name, None) is not None
 
+    def _remembered(self, name: str, request_id: str) -> bool:
+        version = self._seen[name][1].get(request_id)
+        return version is not None and version > self._records[name].stats.version - self.request_window
+
     def mutate(self, names, fn, request_id):
         with self._lock:
             missing = [n for n in names if n not in self._records]
@@ -74,7 +78,7 @@ class MemoryBackend(Backend):
                                     layer=missing[0])
             staged = {}
             for name in names:
-                if request_id is not None and request_id in self._seen[name][1]:
+                if request_id is not None and self._remembered(name, request_id):
                     continue
                 new = fn(_copy(self._records[name]))
                 if new is not None:
@@ -86,7 +90,9 @@ class MemoryBackend(Backend):
                     order, ids = self._seen[name]
                     version = record.stats.version
                     order.append((version, request_id))
-                    ids.add(request_id)
+                    ids[request_id] = version
                     while order and order[0][0] <= version - self.request_window:
-                        ids.discard(order.popleft()[1])
+                        old_version, old_id = order.popleft()
+                        if ids.get(old_id) == old_version:
+                            del ids[old_id]
             return {name: _copy(self._records[name]) for name in names}

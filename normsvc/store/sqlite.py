@@ -213,7 +213,8 @@ class SqliteBackend(Backend):
                 records[name] = _decode(name, row)
             for name in names:
                 if request_id is not None and conn.execute(
-                    "SELECT 1 FROM request_ids WHERE layer = ? AND request_id = ?", (name, request_id)
+                    "SELECT 1 FROM request_ids WHERE layer = ? AND request_id = ? AND version > ?",
+                    (name, request_id, records[name].stats.version - window),
                 ).fetchone():
                     continue
                 new = fn(records[name])
@@ -223,7 +224,7 @@ class SqliteBackend(Backend):
                 conn.execute(_UPDATE, (*_row(new), name))
                 if request_id is not None:
                     version = new.stats.version
-                    conn.execute("INSERT INTO request_ids (layer, request_id, version) VALUES (?, ?, ?)",
+                    conn.execute("INSERT OR REPLACE INTO request_ids (layer, request_id, version) VALUES (?, ?, ?)",
                                  (name, request_id, version))
                     conn.execute("DELETE FROM request_ids WHERE layer = ? AND version <= ?",
                                  (name, version - window))
