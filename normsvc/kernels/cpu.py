@@ -34,7 +34,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 __all__ = ["moments", "normalize", "apply", "SERIAL_BELOW", "threading_layer"]
 
 #: Inputs with fewer elements than this run single-threaded (see docs/benchmarks.md).
-SERIAL_BELOW = 1 << 16
+SERIAL_BELOW = 1 << 15
 #: Groups shorter than this along the contiguous axis are summed row-wise.
 ROW_MODE_BELOW = 16
 #: Parallel tasks per thread: a little over-decomposition evens out the load.
@@ -45,9 +45,13 @@ _OPTS = dict(cache=True, nogil=True, fastmath=_FASTMATH)
 
 
 @njit(**_OPTS)
-def _moments_task(x, shift, a, b0, b1, s1, s2):
-    """Shifted sums of x[a, b0:b1, :, :] into s1[c], s2[c] (float64)."""
-    C, F = x.shape[2], x.shape[3]
+def _moments_rows(x2, shift, dims, a, b0, b1, s1, s2):
+    """Shifted sums of x[a, b0:b1] into s1[c], s2[c] (float64), over a 2-D row view.
+
+    x2 is x[A, B, C, F] reshaped by the caller, once per call, to
+    (A*B, C*F) for short groups or (A*B*C, F) for long ones.
+    """
+    A, B, C, F = dims
     if F < ROW_MODE_BELOW:
         # Short groups along the contiguous axis (channels-last): sum whole
         # rows of C*F elements into per-element accumulators, vectorised
@@ -58,10 +62,10 @@ def _moments_task(x, shift, a, b0, b1, s1, s2):
         acc2 = np.zeros(CF)
         for i in range(CF):
             k[i] = shift[a, i // F]
-        rows = x[a].reshape(x.shape[1], CF)
-        for b in range(b0, b1):
+        for b in range(a * B + b0, a * B + b1):
+            row = x2[b]
             for i in range(CF):
-                v = np.float64(rows[b, i]) - k[i]
+                v = np.float64(row[i]) - k[i]
                 acc1[i] += v
                 acc2[i] += v * v
         for c in range(C):
@@ -79,7 +83,7 @@ def _moments_task(x, shift, a, b0, b1, s1, s2):
             t1 = 0.0
             t2 = 0.0
             for b in range(b0, b1):
-                seg = x[a, b, c]
+                seg = x2[(a * B + b) * C + c]
                 for f in range(F):
                     v = np.float64(seg[f]) - k0
                     t1 += v
@@ -89,19 +93,29 @@ def _moments_task(x, shift, a, b0, b1, s1, s2):
 
 
 @njit(**_OPTS)
+def _group_view(x):
+    A, B, C, F = x.shape
+    if F < ROW_MODE_BELOW:
+        return x.reshape(A * B, C * F)
+    return x.reshape(A * B * C, F)
+
+
+@njit(**_OPTS)
 def _moments_serial(x, shift, nb, s1, s2):
     B = x.shape[1]
+    x2 = _group_view(x)
     for t in range(x.shape[0] * nb):
         a, j = t // nb, t % nb
-        _moments_task(x, shift, a, j * B // nb, (j + 1) * B // nb, s1[a, j], s2[a, j])
+        _moments_rows(x2, shift, x.shape, a, j * B // nb, (j + 1) * B // nb, s1[a, j], s2[a, j])
 
 
 @njit(parallel=True, **_OPTS)
 def _moments_parallel(x, shift, nb, s1, s2):
     B = x.shape[1]
+    x2 = _group_view(x)
     for t in prange(x.shape[0] * nb):
         a, j = t // nb, t % nb
-        _moments_task(x, shift, a, j * B // nb, (j + 1) * B // nb, s1[a, j], s2[a, j])
+        _moments_rows(x2, shift, x.shape, a, j * B // nb, (j + 1) * B // nb, s1[a, j], s2[a, j])
 
 
 @njit(**_OPTS)
@@ -148,32 +162,45 @@ def _finish(n, shift, s1, s2, eps, rms):
 
 
 @njit(**_OPTS)
-def _apply_task(x, p, q, g, h, a, b0, b1, out):
-    """out[a, b0:b1] = (x * p[a, c] + q[a, c]) * g[c, d] + h[c, d]."""
-    C, D, E = x.shape[2], x.shape[3], x.shape[4]
+def _apply_rows(x2, y2, p, q, g, h, dims, a, b0, b1):
+    """y[a, b0:b1] = (x * p[a, c] + q[a, c]) * g[c, d] + h[c, d] over 2-D row views.
+
+    The caller reshapes the 5-D view once per call to (rows, contiguous run)
+    for the layout's loop order; slicing or reshaping per row or per task
+    would cost more than the arithmetic on a short row.
+    """
+    A, B, C, D, E = dims
     if E > 1:
-        # channels-first: one scale and shift per (c, d), contiguous e loop
+        # channels-first: one scale and shift per (c, d), contiguous e loop; x2 is (A*B*C*D, E)
         for b in range(b0, b1):
             for c in range(C):
+                pc = p[a, c]
+                qc = q[a, c]
+                gc = g[c]
+                hc = h[c]
+                r0 = ((a * B + b) * C + c) * D
                 for d in range(D):
-                    sk = p[a, c] * g[c, d]
-                    tk = q[a, c] * g[c, d] + h[c, d]
-                    xr = x[a, b, c, d]
-                    yr = out[a, b, c, d]
+                    sk = pc * gc[d]
+                    tk = qc * gc[d] + hc[d]
+                    xe = x2[r0 + d]
+                    ye = y2[r0 + d]
                     for e in range(E):
-                        yr[e] = np.float64(xr[e]) * sk + tk
+                        ye[e] = np.float64(xe[e]) * sk + tk
     elif b1 - b0 == 1:
-        # one row per statistic (layer norm): vectorise over d
+        # one row per statistic (layer norm): vectorise over d; x2 is (A*B*C, D)
         for c in range(C):
+            r = (a * B + b0) * C + c
+            xd = x2[r]
+            yd = y2[r]
+            gc = g[c]
+            hc = h[c]
             pc = p[a, c]
             qc = q[a, c]
-            xr = x[a, b0, c].reshape(D)
-            yr = out[a, b0, c].reshape(D)
             for d in range(D):
-                yr[d] = (np.float64(xr[d]) * pc + qc) * g[c, d] + h[c, d]
+                yd[d] = (np.float64(xd[d]) * pc + qc) * gc[d] + hc[d]
     else:
         # many rows share the statistics (channels-last batch/group/instance):
-        # fold everything into one scale and shift per row element
+        # one scale and shift per row element; x2 is (A*B, C*D)
         CD = C * D
         s = np.empty(CD)
         t = np.empty(CD)
@@ -181,27 +208,42 @@ def _apply_task(x, p, q, g, h, a, b0, b1, out):
             for d in range(D):
                 s[c * D + d] = p[a, c] * g[c, d]
                 t[c * D + d] = q[a, c] * g[c, d] + h[c, d]
-        xr = x[a].reshape(x.shape[1], CD)
-        yr = out[a].reshape(x.shape[1], CD)
-        for b in range(b0, b1):
+        for b in range(a * B + b0, a * B + b1):
+            xb = x2[b]
+            yb = y2[b]
             for k in range(CD):
-                yr[b, k] = np.float64(xr[b, k]) * s[k] + t[k]
+                yb[k] = np.float64(xb[k]) * s[k] + t[k]
+
+
+@njit(**_OPTS)
+def _row_view(x, nb):
+    """The 2-D reshape that _apply_rows expects for this layout and chunking."""
+    A, B, C, D, E = x.shape
+    if E > 1:
+        return x.reshape(A * B * C * D, E)
+    if nb == B:
+        return x.reshape(A * B * C, D)
+    return x.reshape(A * B, C * D)
 
 
 @njit(**_OPTS)
 def _apply_serial(x, p, q, g, h, nb, out):
     B = x.shape[1]
+    x2 = _row_view(x, nb)
+    y2 = _row_view(out, nb)
     for k in range(x.shape[0] * nb):
         a, j = k // nb, k % nb
-        _apply_task(x, p, q, g, h, a, j * B // nb, (j + 1) * B // nb, out)
+        _apply_rows(x2, y2, p, q, g, h, x.shape, a, j * B // nb, (j + 1) * B // nb)
 
 
 @njit(parallel=True, **_OPTS)
 def _apply_parallel(x, p, q, g, h, nb, out):
     B = x.shape[1]
+    x2 = _row_view(x, nb)
+    y2 = _row_view(out, nb)
     for k in prange(x.shape[0] * nb):
         a, j = k // nb, k % nb
-        _apply_task(x, p, q, g, h, a, j * B // nb, (j + 1) * B // nb, out)
+        _apply_rows(x2, y2, p, q, g, h, x.shape, a, j * B // nb, (j + 1) * B // nb)
 
 
 def _chunks(A: int, B: int, parallel: bool) -> int:
@@ -214,15 +256,61 @@ def _chunks(A: int, B: int, parallel: bool) -> int:
 
 @njit(**_OPTS)
 def _normalize_serial(x, eps, rms, g, h):
-    """The whole training-mode norm in one call, for small inputs (no dispatch overhead)."""
+    """The whole training-mode norm in one call, for small inputs.
+
+    When each statistic group is one contiguous segment (B == 1: layer norm,
+    channels-first instance and group norm) the segment is reduced and then
+    normalized while it is still in cache; otherwise the two passes run
+    back to back.
+    """
     A, B, C, D, E = x.shape
+    out = np.empty_like(x)
+    mean = np.empty((A, C))
+    m2 = np.empty((A, C))
+    if B == 1:
+        F = D * E
+        x2 = x.reshape(A * C, F)
+        y2 = out.reshape(A * C, F)
+        n = np.float64(F)
+        for r in range(A * C):
+            a, c = r // C, r % C
+            seg = x2[r]
+            k0 = np.float64(seg[0])
+            t1 = 0.0
+            t2 = 0.0
+            for f in range(F):
+                v = np.float64(seg[f]) - k0
+                t1 += v
+                t2 += v * v
+            mu = k0 + t1 / n
+            m = max(t2 - t1 * t1 / n, 0.0)
+            mean[a, c] = mu
+            m2[a, c] = m
+            if rms:
+                pc = 1.0 / np.sqrt(m / n + mu * mu + eps)
+                qc = 0.0
+            else:
+                pc = 1.0 / np.sqrt(m / n + eps)
+                qc = -mu * pc
+            gc = g[c]
+            hc = h[c]
+            ys = y2[r]
+            if E == 1:
+                for d in range(D):
+                    ys[d] = (np.float64(seg[d]) * pc + qc) * gc[d] + hc[d]
+            else:
+                for d in range(D):
+                    sk = pc * gc[d]
+                    tk = qc * gc[d] + hc[d]
+                    for e in range(d * E, (d + 1) * E):
+                        ys[e] = np.float64(seg[e]) * sk + tk
+        return out, mean, m2
     x4 = x.reshape(A, B, C, D * E)
     shift = _shift(x4)
     s1 = np.empty((A, 1, C))
     s2 = np.empty((A, 1, C))
     _moments_serial(x4, shift, 1, s1, s2)
     mean, m2, p, q = _finish(np.float64(B * D * E), shift, s1, s2, eps, rms)
-    out = np.empty_like(x)
     _apply_serial(x, p, q, g, h, 1, out)
     return out, mean, m2
 
