@@ -206,7 +206,9 @@ class NormServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ImportStats(self, request, context):
-        """Loads running statistics from a safetensors file into existing layers.
+        """Loads running statistics from a safetensors file, in one transaction;
+        layers that do not exist are created (with the file's config when it
+        came from ExportStats, else the naming's framework defaults).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

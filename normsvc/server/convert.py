@@ -34,7 +34,6 @@ EXPORT_DTYPES = {
     pb.DTYPE_UNSPECIFIED: "float64",
     pb.DTYPE_FLOAT64: "float64",
     pb.DTYPE_FLOAT32: "float32",
-    pb.DTYPE_FLOAT16: "float16",
 }
 _KIND_CODES = {v: k for k, v in KINDS.items()}
 _CONVENTION_CODES = {v: k for k, v in CONVENTIONS.items()}
@@ -132,7 +131,7 @@ def naming(value: int, field: str = "naming") -> str:
 def export_dtype(value: int, field: str = "dtype") -> str:
     name = EXPORT_DTYPES.get(value)
     if name is None:
-        raise InvalidArgument(f"{field}={value}: expected DTYPE_FLOAT16, DTYPE_FLOAT32 or DTYPE_FLOAT64", field=field)
+        raise InvalidArgument(f"{field}={value}: expected DTYPE_FLOAT32 or DTYPE_FLOAT64", field=field)
     return name
 
 

@@ -1,0 +1,68 @@
+"""A real NormService server on 127.0.0.1 (port 0) and a stub to it; no gRPC mocks."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from normsvc._proto import normsvc_pb2_grpc as pb_grpc
+from normsvc.server import serve
+
+
+@pytest.fixture
+def start_server():
+    """Factory: ``start_server(store="memory://", **serve_kwargs)``; every server is stopped at teardown."""
+    servers = []
+
+    def start(store="memory://", **kwargs):
+        kwargs.setdefault("watch_poll", 0.5)
+        server = serve(store, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(grace=0)
+
+
+@pytest.fixture
+def connect():
+    """Factory: ``connect(server_or_port, credentials=None, options=())`` -> NormServiceStub (channels closed at teardown)."""
+    channels = []
+
+    def make(target, credentials=None, options=(), host="127.0.0.1"):
+        port = target if isinstance(target, int) else target.port
+        address = f"{host}:{port}"
+        channel = (grpc.secure_channel(address, credentials, options=options) if credentials is not None
+                   else grpc.insecure_channel(address, options=options))
+        channels.append(channel)
+        stub = pb_grpc.NormServiceStub(channel)
+        stub.channel = channel
+        return stub
+
+    yield make
+    for channel in channels:
+        channel.close()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def server(request, start_server, tmp_path):
+    """A server over the memory store and one over a sqlite file."""
+    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'stats.db'}"
+    return start_server(url)
+
+
+@pytest.fixture
+def memory_server(start_server):
+    return start_server("memory://")
+
+
+@pytest.fixture
+def stub(server, connect):
+    return connect(server)
+
+
+@pytest.fixture
+def mstub(memory_server, connect):
+    """A stub to a memory-store server (for tests that do not depend on the backend)."""
+    return connect(memory_server)
