@@ -44,6 +44,7 @@ class _Step:
     signature: tuple
     first_rank: int
     arrived: dict = field(default_factory=dict)  # rank -> {layer: Moments}
+    joined: set = field(default_factory=set)  # every rank that came, including those that gave up
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
@@ -111,6 +112,7 @@ class Rendezvous:
                 st = self._pending[key] = _Step(world_size, signature, rank)
             self._check_matches(key, st, rank, world_size, signature)
             st.arrived[rank] = moments
+            st.joined.add(rank)
             leader = len(st.arrived) == st.world_size
             if leader:
                 del self._pending[key]
@@ -181,8 +183,8 @@ class Rendezvous:
                         st.arrived.pop(rank, None)
                         if not st.arrived and self._pending.get(key) is st:
                             del self._pending[key]
-                        missing = sorted(set(range(st.world_size)) - set(st.arrived) - {rank})
-                        arrived = len(st.arrived) + 1
+                        missing = sorted(set(range(st.world_size)) - st.joined)
+                        arrived = len(st.joined)
                 if not st.done.is_set():
                     self._on_outcome("cancelled" if gone else "timed_out")
                     if gone:

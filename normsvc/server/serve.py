@@ -69,10 +69,10 @@ def resolve_device(device: str) -> str:
 
 
 class Server:
-    """A running server: ``port``, ``address``, ``store``, ``metrics``; ``stop()`` ends it."""
+    """A running server: ``port``, ``address``, ``store``, ``metrics``, ``rendezvous``; ``stop()`` ends it."""
 
     def __init__(self, grpc_server, *, port, host, store, owns_store, health_servicer, hub,
-                 metrics, metrics_port, device, tls):
+                 rendezvous, metrics, metrics_port, device, tls):
         self._server = grpc_server
         self.port = port
         self.host = host
@@ -80,6 +80,7 @@ class Server:
         self._owns_store = owns_store
         self.health = health_servicer
         self.hub = hub
+        self.rendezvous = rendezvous
         self.metrics = metrics
         self.metrics_port = metrics_port
         self.device = device
@@ -255,5 +256,5 @@ def serve(
     log.info("serving %s on %s (tls=%s, auth=%s, device=%s, store=%s)", SERVICE_NAME, target.rsplit(":", 1)[0] +
              f":{bound}", tls, "tokens" if tokens is not None else "off", device, getattr(store, "url", store))
     return Server(server, port=bound, host=host, store=store, owns_store=owns_store,
-                  health_servicer=health_servicer, hub=hub, metrics=metrics, metrics_port=bound_metrics,
+                  health_servicer=health_servicer, hub=hub, rendezvous=rendezvous, metrics=metrics, metrics_port=bound_metrics,
                   device=device, tls=tls)
