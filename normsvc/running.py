@@ -154,13 +154,17 @@ class BatchStatistics:
         return self.variance * (n / (n - 1.0))
 
 
-def batch_statistics(moments: Moments, sample_ndim: int) -> BatchStatistics:
+def batch_statistics(moments: Moments, sample_ndim: int, *, pool: bool = False) -> BatchStatistics:
     """Reduce per-unit ``moments`` over their leading ``sample_ndim`` axes.
 
     Instance and group norm produce moments per (sample, channel or group);
     the running statistics are per channel or group, so the units of one
     batch are averaged as torch's ``InstanceNorm(track_running_stats=True)``
     does: the mean of the unit means and the mean of the unit variances.
+    ``pool=True`` instead treats the whole batch as one unit (pooled
+    variance, Bessel count = all samples): RMS norm wants that, since its
+    running mean square ``variance + mean**2`` must be the batch's mean of
+    ``x**2``, spread between samples included.
     ``moments.count`` must be one scalar (every unit the same size), which is
     what the ops produce; callers validate that.
 
@@ -178,7 +182,10 @@ def batch_statistics(moments: Moments, sample_ndim: int) -> BatchStatistics:
     pooled_mean = mean.mean(axis=axes)
     within = m2.sum(axis=axes)
     between = k * ((mean - pooled_mean) ** 2).sum(axis=axes)
-    return BatchStatistics(pooled_mean, within / (k * units), k * units, k, within + between)
+    n, pooled = k * units, within + between
+    if pool:
+        return BatchStatistics(pooled_mean, pooled / n, n, n, pooled)
+    return BatchStatistics(pooled_mean, within / n, n, k, pooled)
 
 
 def initial_state(convention: str, shape: tuple = ()) -> RunningStats:

@@ -143,3 +143,14 @@ def test_running_stats_equality_compares_values():
 def test_unknown_convention():
     with pytest.raises(ValueError, match="convention"):
         apply_update(initial_state("keras", (1,)), batch_of([[1.0]]), convention="tf", momentum=0.9)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import normsvc.running
+    import normsvc.store.base
+
+    for module in (normsvc.running, normsvc.store.base):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

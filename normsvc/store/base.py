@@ -260,7 +260,7 @@ def _batch(record: Record, moments) -> BatchStatistics:
             layer=name,
             field="moments.mean",
         )
-    batch = batch_statistics(Moments(count, mean, moments.m2), sample_ndim)
+    batch = batch_statistics(Moments(count, mean, moments.m2), sample_ndim, pool=cfg.kind == "rms")
     if cfg.convention == "torch" and batch.unit_count <= 1:
         raise InvalidArgument(
             f"moments.count={batch.unit_count:g} per statistic for torch-convention layer {name!r}: "
@@ -526,7 +526,8 @@ class Layer:
     biased one for keras and cumulative layers.  Instance and group layers
     broadcast their per-channel / per-group statistics to every sample; layer
     norm uses its scalar running mean and variance for every position, rms
-    norm the running mean square ``variance + mean**2``.
+    norm the running mean square ``variance + mean**2`` (its running variance
+    pools all samples, so that this is the running mean of ``x**2``).
     """
 
     def __init__(self, store: Store, name: str):

@@ -15,8 +15,16 @@ batch      per feature, the kept ``axis`` shape        the same
 instance   (N, C)                                      (C,): averaged over N
 group      (N, G)                                      (G,): averaged over N
 layer      per position of the kept axes, any shape    (): averaged over all
-rms        per position of the kept axes, any shape    (): averaged over all
+rms        per position of the kept axes, any shape    (): pooled over all
 =========  =========================================  =====================
+
+"Averaged over N" is what torch's ``InstanceNorm(track_running_stats=True)``
+does: the batch statistic is the mean of the per-instance means and of the
+per-instance variances (unbiased with each instance's own count, for the torch
+convention).  The cumulative convention instead pools every sample of every
+instance (the population statistics of the channel, spread between instances
+included).  RMS layers pool in every convention, so that the running
+``variance + mean**2`` is the running mean of ``x**2``.
 """
 
 from __future__ import annotations

@@ -83,8 +83,8 @@ def export_stats(store, path, *, layers=None, naming: str = "keras", dtype: str 
         if known_shape(record) is None:
             continue
         sep = spec["sep"]
-        tensors[f"{name}{sep}{spec['mean']}"] = np.ascontiguousarray(s.mean, dtype=dtype)
-        tensors[f"{name}{sep}{spec['variance']}"] = np.ascontiguousarray(s.variance, dtype=dtype)
+        tensors[f"{name}{sep}{spec['mean']}"] = np.asarray(s.mean, dtype=dtype, order="C")
+        tensors[f"{name}{sep}{spec['variance']}"] = np.asarray(s.variance, dtype=dtype, order="C")
         if spec["num_batches"]:
             tensors[f"{name}{sep}{spec['num_batches']}"] = np.array(s.num_batches, dtype=np.int64)
     metadata = {_METADATA_KEY: json.dumps({"format": _FORMAT_VERSION, "naming": naming, "layers": meta})}
