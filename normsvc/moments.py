@@ -78,9 +78,7 @@ class Moments:
     def _trusted(cls, count: int, mean: np.ndarray, m2: np.ndarray) -> "Moments":
         """Wrap float64 arrays the kernels just produced, skipping validation (hot path)."""
         m = object.__new__(cls)
-        object.__setattr__(m, "count", np.float64(count))
-        object.__setattr__(m, "mean", mean)
-        object.__setattr__(m, "m2", m2)
+        m.__dict__.update(count=np.float64(count), mean=mean, m2=m2)
         return m
 
     @classmethod

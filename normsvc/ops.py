@@ -16,6 +16,15 @@ instead, skips the moments pass and returns ``(y, None)``.
 ``y`` keeps the input dtype; float16 is computed in float32, statistics are
 always float64.
 
+CUDA arrays (numba device arrays, CuPy arrays, torch CUDA tensors: anything
+with ``__cuda_array_interface__``) run on the GPU through
+:mod:`normsvc.kernels.cuda`, imported on first use: ``y`` stays on the device
+and comes back as the caller's own type (torch and CuPy: a zero-copy wrap;
+anything else: a numba device array), the statistics as host float64 arrays.
+``device="cuda"`` normalizes a host array on the GPU and returns numpy;
+``device="cpu"`` refuses CUDA arrays; ``device="auto"`` (the default) follows
+the array.
+
 Examples
 --------
 >>> import numpy as np
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,24 +57,64 @@ __all__ = [
     "instance_norm",
     "group_norm",
     "rms_norm",
+    "cuda_available",
 ]
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_DEVICES = ("auto", "cpu", "cuda")
 
 
-def _input(x) -> np.ndarray:
-    """Validate x: a non-empty float16/32/64 array of rank >= 1."""
-    if not hasattr(x, "dtype"):
+def _is_cuda_array(x) -> bool:
+    return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))
+
+
+def _cuda():
+    """The CUDA kernels, imported on first use: ``import normsvc`` never imports numba.cuda."""
+    from .kernels import cuda
+
+    return cuda
+
+
+def cuda_available() -> bool:
+    """Whether a usable CUDA GPU is present (imports numba.cuda on the first call only).
+
+    Under the numba CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) this is True.
+    """
+    try:
+        return _cuda().available()
+    except ImportError:  # numba.cuda (the numba-cuda package) missing
+        return False
+
+
+def _input(x, device="auto"):
+    """Validate x: a non-empty float16/32/64 array of rank >= 1.
+
+    Returns a numpy array (CPU path) or a ``kernels.cuda.DeviceInput`` (GPU
+    path: x is a CUDA array, or ``device="cuda"``).
+    """
+    if not isinstance(device, str) or device not in _DEVICES:
+        raise ValueError(f"device={device!r}: expected 'auto', 'cpu' or 'cuda'")
+    if _is_cuda_array(x):
+        if device == "cpu":
+            raise ValueError(
+                "x is a CUDA array but device='cpu': expected a host array (copy it to the host first) "
+                "or device='auto'/'cuda'"
+            )
+        x = _cuda().wrap(x)
+    else:
+        if not hasattr(x, "dtype"):
+            x = np.asarray(x)
+            if x.dtype.kind in "iub":
+                x = x.astype(np.float64)
         x = np.asarray(x)
-        if x.dtype.kind in "iub":
-            x = x.astype(np.float64)
-    x = np.asarray(x)
     if x.dtype not in _FLOATS:
         raise TypeError(f"x has dtype {x.dtype}: expected float16, float32 or float64")
     if x.ndim == 0:
         raise ValueError("x is a scalar: expected an array of rank >= 1")
     if x.size == 0:
         raise ValueError(f"x has shape {x.shape} with no elements: expected a non-empty array")
+    if device == "cuda" and isinstance(x, np.ndarray):
+        x = _cuda().host(x)
     return x
 
 
@@ -84,8 +134,10 @@ def _param(value, name: str, expected: tuple, what: str) -> np.ndarray:
     """A gamma/beta/mean/variance coerced to float64 of shape ``expected``.
 
     Shapes that differ from ``expected`` only by size-1 axes (e.g. torch's
-    (1, C, 1, 1)) are accepted.
+    (1, C, 1, 1)) are accepted.  CUDA arrays are copied to the host (they are small).
     """
+    if _is_cuda_array(value):
+        value = _cuda().to_host(value)
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -108,47 +160,112 @@ def _compute_view(x: np.ndarray, plan: Plan) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def _unit_tables(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
-    g, h = np.ones((rows, cols)), np.zeros((rows, cols))
-    g.flags.writeable = h.flags.writeable = False
-    return g, h
+    # private and never written: left writeable, since readonly arrays would
+    # compile a second signature of every kernel
+    return np.ones((rows, cols)), np.zeros((rows, cols))
 
 
-def _affine_tables(plan: Plan, gamma, beta, shape: tuple, what: str):
+@dataclass(frozen=True)
+class _Prepared:
+    """Everything about one (kind, shape, axis, groups) that does not depend on the data."""
+
+    plan: Plan
+    affine_shape: tuple
+    what: str  # what gamma/beta hold, for error messages
+    rms: bool
+
+
+def _axis_key(axis):
+    """A hashable form of ``axis`` for the cache (lists become tuples).
+
+    The cache compares keys with ==, and 1.0 == True == 1: only plain ints may
+    go inside a tuple key (typed=True below separates the top-level types).
+    """
+    if isinstance(axis, (list, tuple)):
+        if not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axis):
+            raise TypeError(f"axis must be an int or a list of ints, got {axis!r}")
+        return tuple(int(a) for a in axis)
+    try:
+        hash(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int or a list of ints, got {axis!r}") from None
+    return axis
+
+
+@functools.lru_cache(maxsize=2048, typed=True)
+def _prepare(kind: str, shape: tuple, axis, groups) -> _Prepared:
+    """Validate axis/groups against the shape and build the plan (cached: errors are not)."""
+    ndim = len(shape)
+    if kind in ("batch", "layer", "rms"):
+        axes = normalize_axes(axis, ndim)
+        plan = plan_for(shape, kind, axes)
+        affine = tuple(shape[a] for a in axes)
+        what = (f"one value per feature along axis {list(axes)}" if kind == "batch"
+                else f"one value per element of the normalized axes {list(axes)}")
+        return _Prepared(plan, affine, what, kind == "rms")
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int (the channel axis) for {kind} norm, got {axis!r}")
+    if ndim < 2:
+        raise ValueError(f"{kind} norm needs a batch axis and a channel axis: x has rank {ndim}, expected >= 2")
+    (ch,) = normalize_axes(axis, ndim)
+    if ch == 0:
+        raise ValueError(f"axis={axis!r} is the batch axis 0: expected the channel axis (1 .. {ndim - 1}, or -1)")
+    channels = shape[ch]
+    what = f"one value per channel along axis {ch}"
+    if kind == "instance":
+        return _Prepared(plan_for(shape, "instance", (ch,)), (channels,), what, False)
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    groups = channels if groups == -1 else int(groups)
+    if groups < 1:
+        raise ValueError(f"groups={groups}: expected a positive number of groups, or -1 for one group per channel")
+    if groups > channels:
+        raise ValueError(
+            f"groups={groups} is more than the {channels} channels along axis {axis}: expected groups <= {channels}"
+        )
+    if channels % groups:
+        raise ValueError(
+            f"groups={groups} does not divide the {channels} channels along axis {axis}: "
+            f"expected a divisor of {channels}"
+        )
+    return _Prepared(plan_for(shape, "group", (ch,), groups), (channels,), what, False)
+
+
+def _affine_tables(prep: _Prepared, gamma, beta):
+    plan = prep.plan
     _, _, C, D, _ = plan.view
     ones, zeros = _unit_tables(C, D)
+    if gamma is None and beta is None:
+        return ones, zeros
     axes = tuple(sorted(plan.affine_axes))
     tables = []
     for value, name, default in ((gamma, "gamma", ones), (beta, "beta", zeros)):
         if value is None:
             tables.append(default)
         else:
-            p = _param(value, name, shape, what)
+            p = _param(value, name, prep.affine_shape, prep.what)
             tables.append(plan.table(plan.expand(p, axes), plan.affine_axes, C, D))
     return tables
 
 
-def _run(plan: Plan, x: np.ndarray, *, epsilon, gamma, beta, affine_shape, what, rms=False,
-         mean=None, variance=None):
-    """Moments (unless given) + apply over the plan; returns (y, Moments | None)."""
+def _norm(kind: str, x, axis, groups, epsilon, gamma, beta, mean, variance, device="auto"):
+    """Validate, then moments (unless given) + apply over the plan; returns (y, Moments | None)."""
+    x = _input(x, device)
+    prep = _prepare(kind, x.shape, _axis_key(axis), groups)
+    plan = prep.plan
     eps = _epsilon(epsilon)
-    g, h = _affine_tables(plan, gamma, beta, affine_shape, what)
+    g, h = _affine_tables(prep, gamma, beta)
+    if not isinstance(x, np.ndarray):
+        return _norm_cuda(prep, x, eps, g, h, mean, variance)
     xv = _compute_view(x, plan)
     if mean is None and variance is None:
-        y, mu, m2 = cpu.normalize(xv, eps, rms, g, h)
+        y, mu, m2 = cpu.normalize(xv, eps, prep.rms, g, h)
         stats = Moments._trusted(plan.count, plan.stats_from_view(mu), plan.stats_from_view(m2))
     elif mean is None or variance is None:
         raise ValueError("pass both mean and variance (inference mode) or neither (training mode)")
     else:
-        A, _, C, _, _ = plan.view
-        axes = tuple(sorted(plan.stat_axes))
-        shape = plan.stat_shape
-        mean_p = _param(mean, "mean", shape, "one value per statistic group, or a scalar")
-        var_p = _param(variance, "variance", shape, "one value per statistic group, or a scalar")
-        if np.any(var_p < 0):
-            raise ValueError("variance has negative entries: expected variances >= 0")
-        mu = plan.table(plan.expand(mean_p, axes), plan.stat_axes, A, C)
-        var = plan.table(plan.expand(var_p, axes), plan.stat_axes, A, C)
-        if rms:
+        mu, var = _stat_tables(plan, mean, variance)
+        if prep.rms:
             p = 1.0 / np.sqrt(var + mu * mu + eps)
             q = np.zeros_like(p)
         else:
@@ -157,12 +274,38 @@ def _run(plan: Plan, x: np.ndarray, *, epsilon, gamma, beta, affine_shape, what,
         y = cpu.apply(xv, p, q, g, h)
         stats = None
     y = plan.from_view(y)
-    if y.dtype != x.dtype:
-        y = y.astype(x.dtype)
+    if x.dtype == np.float16:
+        y = y.astype(np.float16)
     return y, stats
 
 
-def moments(x, axes, *, keepdims: bool = False) -> Moments:
+def _stat_tables(plan: Plan, mean, variance):
+    """Given (inference-mode) statistics as float64 (A, C) tables over the plan's view."""
+    A, _, C, _, _ = plan.view
+    axes = tuple(sorted(plan.stat_axes))
+    shape = plan.stat_shape
+    mean_p = _param(mean, "mean", shape, "one value per statistic group, or a scalar")
+    var_p = _param(variance, "variance", shape, "one value per statistic group, or a scalar")
+    if np.any(var_p < 0):
+        raise ValueError("variance has negative entries: expected variances >= 0")
+    mu = plan.table(plan.expand(mean_p, axes), plan.stat_axes, A, C)
+    var = plan.table(plan.expand(var_p, axes), plan.stat_axes, A, C)
+    return mu, var
+
+
+def _norm_cuda(prep: _Prepared, x, eps: float, g, h, mean, variance):
+    """The GPU branch of _norm: the same plan and tables, kernels.cuda instead of kernels.cpu."""
+    plan = prep.plan
+    if mean is None and variance is None:
+        y, (mu, m2) = _cuda().normalize(x, plan, g, h, eps=eps, rms=prep.rms)
+        return y, Moments._trusted(plan.count, plan.stats_from_view(mu), plan.stats_from_view(m2))
+    if mean is None or variance is None:
+        raise ValueError("pass both mean and variance (inference mode) or neither (training mode)")
+    y, _ = _cuda().normalize(x, plan, g, h, eps=eps, rms=prep.rms, stats=_stat_tables(plan, mean, variance))
+    return y, None
+
+
+def moments(x, axes, *, keepdims: bool = False, device="auto") -> Moments:
     """Mean and (biased) variance of ``x`` over ``axes``, as ``tf.nn.moments``.
 
     Parameters
@@ -172,16 +315,21 @@ def moments(x, axes, *, keepdims: bool = False) -> Moments:
         Axes to reduce.
     keepdims : bool
         Keep the reduced axes with size 1.
+    device : "auto", "cpu" or "cuda"
+        Where to compute (see the module docstring).
 
     Returns
     -------
     Moments
         float64 statistics shaped like ``x`` without ``axes``.
     """
-    x = _input(x)
+    x = _input(x, device)
     axes = normalize_axes(axes, x.ndim, name="axes")
     plan = plan_for(x.shape, "moments", axes)
-    mu, m2 = cpu.moments(_compute_view(x, plan))
+    if isinstance(x, np.ndarray):
+        mu, m2 = cpu.moments(_compute_view(x, plan))
+    else:
+        mu, m2 = _cuda().moments(x, plan)
     m = Moments._trusted(plan.count, plan.stats_from_view(mu), plan.stats_from_view(m2))
     if keepdims:
         m = m.reshape(tuple(1 if i in axes else s for i, s in enumerate(x.shape)))
@@ -193,13 +341,13 @@ def _broadcast_plan(shape: tuple, stat: frozenset, affine: frozenset) -> Plan:
     return plan_from_roles(shape, set(stat), set(affine))
 
 
-def normalize(x, mean, variance, *, offset=None, scale=None, epsilon=1e-3) -> np.ndarray:
+def normalize(x, mean, variance, *, offset=None, scale=None, epsilon=1e-3, device="auto"):
     """``(x - mean) * rsqrt(variance + epsilon) * scale + offset`` with numpy broadcasting.
 
     The semantics of ``tf.nn.batch_normalization``: ``mean``, ``variance``,
     ``offset`` and ``scale`` broadcast against ``x`` (which keeps its shape).
     """
-    x = _input(x)
+    x = _input(x, device)
     eps = _epsilon(epsilon)
     if mean is None or variance is None:
         missing = " and ".join(n for n, v in (("mean", mean), ("variance", variance)) if v is None)
@@ -237,11 +385,14 @@ def normalize(x, mean, variance, *, offset=None, scale=None, epsilon=1e-3) -> np
     ones, zeros = _unit_tables(C, D)
     g = plan.table(arrays["scale"], plan.affine_axes, C, D) if "scale" in arrays else ones
     h = plan.table(arrays["offset"], plan.affine_axes, C, D) if "offset" in arrays else zeros
+    if not isinstance(x, np.ndarray):
+        return _cuda().normalize(x, plan, g, h, eps=eps, stats=(mu, var))[0]
     y = plan.from_view(cpu.apply(_compute_view(x, plan), p, q, g, h))
     return y.astype(x.dtype) if y.dtype != x.dtype else y
 
 
-def batch_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None):
+def batch_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None,
+               device="auto"):
     """Batch normalization (Keras ``BatchNormalization``).
 
     Statistics are taken per feature over every axis but ``axis``.
@@ -257,21 +408,20 @@ def batch_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, va
     gamma, beta : array of the kept axes' shape, optional
     mean, variance : array of the kept axes' shape, optional
         Inference mode: normalize with these (running) statistics instead.
+    device : "auto", "cpu" or "cuda"
+        Where to compute: "auto" follows x (CUDA arrays on the GPU); "cuda"
+        also moves a host array to the GPU and returns numpy.
 
     Returns
     -------
     (y, Moments)
         ``y`` like ``x``; the batch moments per feature (None in inference mode).
     """
-    x = _input(x)
-    axes = normalize_axes(axis, x.ndim)
-    plan = plan_for(x.shape, "batch", axes)
-    shape = tuple(x.shape[a] for a in axes)
-    return _run(plan, x, epsilon=epsilon, gamma=gamma, beta=beta, affine_shape=shape,
-                what=f"one value per feature along axis {list(axes)}", mean=mean, variance=variance)
+    return _norm("batch", x, axis, None, epsilon, gamma, beta, mean, variance, device)
 
 
-def layer_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None):
+def layer_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None,
+               device="auto"):
     """Layer normalization (Keras ``LayerNormalization``).
 
     Statistics are taken over the normalized ``axis`` (int or list) for each
@@ -284,42 +434,21 @@ def layer_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, va
     (y, Moments)
         Moments shaped like the kept (non-normalized) axes.
     """
-    x = _input(x)
-    axes = normalize_axes(axis, x.ndim)
-    plan = plan_for(x.shape, "layer", axes)
-    shape = tuple(x.shape[a] for a in axes)
-    return _run(plan, x, epsilon=epsilon, gamma=gamma, beta=beta, affine_shape=shape,
-                what=f"one value per element of the normalized axes {list(axes)}",
-                mean=mean, variance=variance)
+    return _norm("layer", x, axis, None, epsilon, gamma, beta, mean, variance, device)
 
 
-def rms_norm(x, *, axis=-1, epsilon=1e-6, gamma=None):
+def rms_norm(x, *, axis=-1, epsilon=1e-6, gamma=None, device="auto"):
     """RMS normalization (Keras ``RMSNormalization``): ``x * rsqrt(mean(x**2) + eps) * gamma``.
 
     ``axis`` (int or list) are the normalized axes; gamma has one value per
     normalized element.  The returned Moments are the ordinary mean and
     variance over those axes (``mean(x**2) = variance + mean**2``).
     """
-    x = _input(x)
-    axes = normalize_axes(axis, x.ndim)
-    plan = plan_for(x.shape, "rms", axes)
-    shape = tuple(x.shape[a] for a in axes)
-    return _run(plan, x, epsilon=epsilon, gamma=gamma, beta=None, affine_shape=shape,
-                what=f"one value per element of the normalized axes {list(axes)}", rms=True)
+    return _norm("rms", x, axis, None, epsilon, gamma, None, None, None, device)
 
 
-def _channel_axis(x: np.ndarray, axis, kind: str) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"axis must be an int (the channel axis) for {kind} norm, got {axis!r}")
-    if x.ndim < 2:
-        raise ValueError(f"{kind} norm needs a batch axis and a channel axis: x has rank {x.ndim}, expected >= 2")
-    (ch,) = normalize_axes(axis, x.ndim)
-    if ch == 0:
-        raise ValueError(f"axis={axis!r} is the batch axis 0: expected the channel axis (1 .. {x.ndim - 1}, or -1)")
-    return ch
-
-
-def group_norm(x, *, groups=32, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None):
+def group_norm(x, *, groups=32, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None,
+               device="auto"):
     """Group normalization (Keras ``GroupNormalization``).
 
     The channel ``axis`` is split into ``groups`` contiguous groups; statistics
@@ -337,29 +466,11 @@ def group_norm(x, *, groups=32, axis=-1, epsilon=1e-3, gamma=None, beta=None, me
     (y, Moments)
         Moments of shape (N, groups).
     """
-    x = _input(x)
-    ch = _channel_axis(x, axis, "group")
-    channels = x.shape[ch]
-    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)):
-        raise TypeError(f"groups must be an int, got {groups!r}")
-    groups = channels if groups == -1 else int(groups)
-    if groups < 1:
-        raise ValueError(f"groups={groups}: expected a positive number of groups, or -1 for one group per channel")
-    if groups > channels:
-        raise ValueError(
-            f"groups={groups} is more than the {channels} channels along axis {axis}: expected groups <= {channels}"
-        )
-    if channels % groups:
-        raise ValueError(
-            f"groups={groups} does not divide the {channels} channels along axis {axis}: "
-            f"expected a divisor of {channels}"
-        )
-    plan = plan_for(x.shape, "group", (ch,), groups)
-    return _run(plan, x, epsilon=epsilon, gamma=gamma, beta=beta, affine_shape=(channels,),
-                what=f"one value per channel along axis {ch}", mean=mean, variance=variance)
+    return _norm("group", x, axis, groups, epsilon, gamma, beta, mean, variance, device)
 
 
-def instance_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None):
+def instance_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None,
+                  device="auto"):
     """Instance normalization (tfa ``InstanceNormalization``; Keras GroupNorm with groups=-1).
 
     Statistics per sample (axis 0) and channel (``axis``), over all other axes.
@@ -369,8 +480,4 @@ def instance_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None,
     (y, Moments)
         Moments of shape (N, C).
     """
-    x = _input(x)
-    ch = _channel_axis(x, axis, "instance")
-    plan = plan_for(x.shape, "instance", (ch,))
-    return _run(plan, x, epsilon=epsilon, gamma=gamma, beta=beta, affine_shape=(x.shape[ch],),
-                what=f"one value per channel along axis {ch}", mean=mean, variance=variance)
+    return _norm("instance", x, axis, None, epsilon, gamma, beta, mean, variance, device)

@@ -93,15 +93,19 @@ class Plan:
     stat_axes: tuple
     affine_axes: tuple
 
-    @property
+    @functools.cached_property
     def count(self) -> int:
         """Elements reduced into each statistic group."""
         return self.view[1] * self.view[3] * self.view[4]
 
-    @property
+    @functools.cached_property
     def stat_shape(self) -> tuple:
         """Per-group statistics shape, in the input's axis order."""
         return tuple(self.expanded[i] for i in sorted(self.stat_axes))
+
+    @functools.cached_property
+    def _stats_in_order(self) -> bool:
+        return list(self.stat_axes) == sorted(self.stat_axes)
 
     def to_view(self, x: np.ndarray) -> np.ndarray:
         """The C-contiguous 5-D view of ``x`` (a copy only when a transpose is needed)."""
@@ -120,7 +124,7 @@ class Plan:
 
     def stats_from_view(self, s: np.ndarray) -> np.ndarray:
         """Per-(a, c) statistics -> ``stat_shape`` in the input's axis order."""
-        if list(self.stat_axes) == sorted(self.stat_axes):
+        if self._stats_in_order:
             return s.reshape(self.stat_shape)
         s = s.reshape(tuple(self.expanded[i] for i in self.stat_axes))
         # not ascontiguousarray: it turns the 0-d stats of a full reduction into shape (1,)

@@ -41,7 +41,8 @@ ROW_MODE_BELOW = 16
 TASKS_PER_THREAD = 4
 
 _FASTMATH = {"reassoc", "contract"}  # vectorised reductions; NaN/Inf still propagate
-_OPTS = dict(cache=True, nogil=True, fastmath=_FASTMATH)
+# error_model="numpy": x/0 gives inf/nan as in numpy (epsilon=0 on a constant group), no exception
+_OPTS = dict(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 
 
 @njit(**_OPTS)
