@@ -1,0 +1,170 @@
+"""Normalize and NormalizeStream; limits (RESOURCE_EXHAUSTED, and the server keeps serving)."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from server_util import decode, encode, moments_of, pb, raises_code, rich_details, stats_arrays, update_request
+
+from normsvc import ops
+from normsvc.server.limits import Limits
+from normsvc.tensor_codec import Assembler, chunks
+
+C = grpc.StatusCode
+MiB = 1 << 20
+
+
+def create(stub, name, **config):
+    return stub.CreateLayer(pb.CreateLayerRequest(name=name, config=pb.LayerConfig(**config))).layer
+
+
+def normalize(stub, layer, x, mode=pb.MODE_TRAINING, **kw):
+    return stub.Normalize(pb.NormalizeRequest(layer=layer, x=encode(x), mode=mode, **kw))
+
+
+def test_training_normalizes_with_batch_statistics_and_updates(stub, rng):
+    create(stub, "bn", momentum=0.9)
+    x = rng.normal(3, 2, (64, 8)).astype(np.float32)
+    response = normalize(stub, "bn", x)
+    y = decode(response.y, field="y")
+    want, m = ops.batch_norm(x, axis=-1, epsilon=1e-3)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    np.testing.assert_array_equal(y, want)
+    assert (response.stats.version, response.stats.num_batches) == (1, 1)
+    np.testing.assert_allclose(stats_arrays(response.stats)[0], 0.1 * m.mean, rtol=1e-12)
+
+
+def test_inference_and_no_update(stub, rng):
+    create(stub, "bn")
+    stub.UpdateStats(update_request({"bn": moments_of(rng.normal(5, 3, (256, 4)))}))
+    running = stub.GetLayer(pb.GetLayerRequest(names=["bn"])).layers[0].stats
+    mean, var = stats_arrays(running)
+    x = rng.normal(5, 3, (16, 4))
+    response = normalize(stub, "bn", x, mode=pb.MODE_INFERENCE)
+    want, _ = ops.batch_norm(x, axis=-1, epsilon=1e-3, mean=mean, variance=var)
+    np.testing.assert_array_equal(decode(response.y, field="y"), want)
+    assert not response.HasField("stats")
+    response = normalize(stub, "bn", x, update=False)
+    np.testing.assert_array_equal(decode(response.y, field="y"), ops.batch_norm(x, axis=-1, epsilon=1e-3)[0])
+    assert stub.GetLayer(pb.GetLayerRequest(names=["bn"])).layers[0].stats.version == running.version
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_output_keeps_the_dtype_and_affine_parameters_apply(mstub, rng, dtype):
+    create(mstub, "gn", kind=pb.LAYER_KIND_GROUP, groups=2)
+    x = rng.normal(size=(4, 5, 6)).astype(dtype)
+    gamma, beta = rng.normal(size=6), rng.normal(size=6)
+    response = normalize(mstub, "gn", x, gamma=encode(gamma), beta=encode(beta), update=False)
+    y = decode(response.y, field="y")
+    want, _ = ops.group_norm(x, groups=2, axis=-1, epsilon=1e-3, gamma=gamma, beta=beta)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y, want)
+
+
+def test_normalize_errors(mstub, rng):
+    create(mstub, "bn")
+    x = rng.normal(size=(8, 3)).astype(np.float32)
+    bad = x.copy()
+    bad[2, 1] = np.inf
+    with raises_code(C.INVALID_ARGUMENT, "NaN or Inf") as info:
+        normalize(mstub, "bn", bad)
+    assert rich_details(info.value)["BadRequest"].field_violations[0].field == "x.data"
+    with raises_code(C.INVALID_ARGUMENT, "mode"):
+        normalize(mstub, "bn", x, mode=pb.MODE_UNSPECIFIED)
+    with raises_code(C.INVALID_ARGUMENT, "x is missing"):
+        mstub.Normalize(pb.NormalizeRequest(layer="bn", mode=pb.MODE_TRAINING))
+    short = encode(x)
+    short.data = short.data[:-4]
+    with raises_code(C.INVALID_ARGUMENT, "has 92 bytes: expected 96"):
+        mstub.Normalize(pb.NormalizeRequest(layer="bn", x=short, mode=pb.MODE_TRAINING))
+    with raises_code(C.INVALID_ARGUMENT, "gamma"):
+        normalize(mstub, "bn", x, gamma=encode(np.ones(5)))
+    with raises_code(C.NOT_FOUND):
+        normalize(mstub, "nope", x)
+    assert mstub.GetLayer(pb.GetLayerRequest(names=["bn"])).layers[0].stats.version == 0
+    mstub.Freeze(pb.FreezeRequest(name="bn"))  # frozen: training normalizes with the running statistics
+    response = normalize(mstub, "bn", x)
+    np.testing.assert_array_equal(decode(response.y, field="y"),
+                                  ops.batch_norm(x, axis=-1, epsilon=1e-3, mean=0.0, variance=1.0)[0])
+    assert response.stats.version == 1 and response.stats.num_batches == 0
+
+
+def stream_requests(layer, x, chunk_bytes, mode=pb.MODE_TRAINING, **header):
+    yield pb.NormalizeStreamRequest(header=pb.NormalizeStreamHeader(
+        layer=layer, dtype=encode(x[:0]).dtype, shape=x.shape, mode=mode, **header))
+    for chunk in chunks(x, chunk_bytes):
+        yield pb.NormalizeStreamRequest(chunk=chunk)
+
+
+def read_stream(responses):
+    it = iter(responses)
+    first = next(it)
+    assert first.WhichOneof("part") == "result"
+    y = Assembler(first.result.dtype, first.result.shape, field="y")
+    for msg in it:
+        y.add(msg.chunk)
+    return first.result, y.array()
+
+
+def test_normalize_stream_carries_a_64_mib_tensor(memory_server, connect, rng):
+    stub = connect(memory_server)
+    create(stub, "big/ln", kind=pb.LAYER_KIND_LAYER)
+    x = rng.standard_normal((16384, 1024), dtype=np.float32)  # 64 MiB
+    assert x.nbytes == 64 * MiB
+    result, y = read_stream(stub.NormalizeStream(stream_requests("big/ln", x, 4 * MiB), timeout=120))
+    want, _ = ops.layer_norm(x, axis=-1, epsilon=1e-3)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    np.testing.assert_array_equal(y, want)
+    assert result.stats.version == 1
+
+
+def test_normalize_stream_errors(memory_server, connect, rng):
+    stub = connect(memory_server)
+    create(stub, "bn")
+    x = rng.normal(size=(64, 4))
+
+    def call(messages):
+        return read_stream(stub.NormalizeStream(iter(list(messages)), timeout=30))
+
+    header, *body = list(stream_requests("bn", x, 512))
+    with raises_code(C.INVALID_ARGUMENT, "first message must be a header"):
+        call(body)
+    with raises_code(C.INVALID_ARGUMENT, "expected 2048"):
+        call([header] + body[:-1])
+    with raises_code(C.INVALID_ARGUMENT, "more than the 2048 bytes"):
+        call([header] + body + body[:1])
+    with raises_code(C.INVALID_ARGUMENT, "expected only chunks"):
+        call([header] + body + [header])
+    with raises_code(C.NOT_FOUND):
+        call(stream_requests("nope", x, 512))
+    result, y = call([header] + body)  # and a good one after all that
+    np.testing.assert_array_equal(y, ops.batch_norm(x, axis=-1, epsilon=1e-3)[0])
+
+
+def test_limits_are_resource_exhausted_and_the_server_keeps_serving(start_server, connect, rng):
+    server = start_server(limits=Limits(max_message_mb=1, max_tensor_elements=10_000,
+                                        max_layers_per_request=3, max_layers=4))
+    stub = connect(server, options=[("grpc.max_send_message_length", 64 * MiB)])
+    create(stub, "bn")
+    with raises_code(C.RESOURCE_EXHAUSTED) as info:  # a message over 1 MiB: gRPC's own limit
+        normalize(stub, "bn", rng.normal(size=(300_000,)).astype(np.float32))
+    with raises_code(C.RESOURCE_EXHAUSTED, "at most 10000") as info:
+        normalize(stub, "bn", rng.normal(size=(200, 100)).astype(np.float32))
+    assert rich_details(info.value)["ErrorInfo"].reason == "TENSOR_TOO_LARGE"
+    big = rng.normal(size=(20_000,))
+    with raises_code(C.RESOURCE_EXHAUSTED, "at most 10000"):  # refused on the header, before any bytes
+        read_stream(stub.NormalizeStream(stream_requests("bn", big, 4096)))
+    with raises_code(C.RESOURCE_EXHAUSTED, "at most 3"):
+        stub.GetLayer(pb.GetLayerRequest(names=["bn"] * 4))
+    for name in ("a", "b", "c"):
+        create(stub, name)
+    with raises_code(C.RESOURCE_EXHAUSTED, "delete layers"):
+        create(stub, "d")
+    create(stub, "a")  # an existing layer is not a new one
+    # and it still serves
+    y = decode(normalize(stub, "bn", rng.normal(size=(16, 4))).y, field="y")
+    assert y.shape == (16, 4)
+    registry = server.metrics.registry
+    assert registry.get_sample_value("normsvc_rpc_requests_total",
+                                     {"method": "Normalize", "code": "RESOURCE_EXHAUSTED"}) >= 1
