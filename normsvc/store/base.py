@@ -17,6 +17,8 @@ contract every backend honours:
   step as the record.
 * ``insert(record)`` stores a new layer unless the name exists, and returns
   what is stored (either way), atomically.
+* A layer's config never changes after ``insert``: ``mutate`` only writes
+  statistics (a backend may skip rewriting the config).
 
 A new backend registers its URL scheme in :data:`BACKENDS` and provides
 ``from_url(url, **options)``.
@@ -24,6 +26,7 @@ A new backend registers its URL scheme in :data:`BACKENDS` and provides
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import time
@@ -97,6 +100,21 @@ def _array_bytes(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a, dtype="<f8").tobytes()
 
 
+@functools.lru_cache(maxsize=1024)
+def _config_json(config: LayerConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def _config_from_json(text: str) -> LayerConfig:
+    return LayerConfig.from_dict(json.loads(text))
+
+
+@functools.lru_cache(maxsize=64)
+def _shape_from_json(text: str) -> tuple:
+    return tuple(json.loads(text))
+
+
 def encode_record(record: Record) -> dict:
     """Flat field dict (str, bytes, int, float, None) for row- or hash-shaped backends.
 
@@ -104,7 +122,7 @@ def encode_record(record: Record) -> dict:
     """
     s = record.stats
     return {
-        "config": json.dumps(record.config.to_dict(), sort_keys=True),
+        "config": _config_json(record.config),
         "shape": json.dumps(list(s.mean.shape)),
         "mean": _array_bytes(s.mean),
         "variance": _array_bytes(s.variance),
@@ -118,7 +136,7 @@ def encode_record(record: Record) -> dict:
 
 def decode_record(name: str, fields: Mapping) -> Record:
     """Inverse of :func:`encode_record`."""
-    shape = tuple(json.loads(fields["shape"]))
+    shape = _shape_from_json(fields["shape"])
     mean = np.frombuffer(fields["mean"], dtype="<f8").astype(np.float64).reshape(shape)
     variance = np.frombuffer(fields["variance"], dtype="<f8").astype(np.float64).reshape(shape)
     stats = RunningStats(
@@ -130,7 +148,7 @@ def decode_record(name: str, fields: Mapping) -> Record:
         bool(int(fields["frozen"])),
         float(fields["updated_at"]),
     )
-    return Record(name, LayerConfig.from_dict(json.loads(fields["config"])), stats)
+    return Record(name, _config_from_json(fields["config"]), stats)
 
 
 class Backend(ABC):
@@ -200,8 +218,12 @@ def _request_id(request_id) -> str | None:
     return request_id
 
 
+def _all_finite(arr: np.ndarray) -> bool:
+    return bool(np.isfinite(arr).all())
+
+
 def _finite(arr: np.ndarray, field: str, layer: str) -> None:
-    if not np.all(np.isfinite(arr)):
+    if not _all_finite(arr):
         raise InvalidArgument(f"{field} contains NaN or Inf: expected finite values", layer=layer, field=field)
 
 
@@ -218,7 +240,7 @@ def _batch(record: Record, moments) -> BatchStatistics:
         _finite(getattr(moments, field), f"moments.{field}", name)
     count = moments.count
     if count.ndim:
-        if count.size == 0 or np.any(count != count.flat[0]):
+        if count.size == 0 or (count != count.flat[0]).any():
             raise InvalidArgument(
                 f"moments.count for layer {name!r} differs between groups: the running statistics need "
                 "one sample count per batch (a scalar)",
@@ -232,7 +254,7 @@ def _batch(record: Record, moments) -> BatchStatistics:
             layer=name,
             field="moments.count",
         )
-    if np.any(moments.m2 < 0):
+    if (moments.m2 < 0).any():
         raise InvalidArgument(
             f"moments.m2 for layer {name!r} has negative entries: expected variances >= 0",
             layer=name,
@@ -260,7 +282,9 @@ def _batch(record: Record, moments) -> BatchStatistics:
             layer=name,
             field="moments.mean",
         )
-    batch = batch_statistics(Moments(count, mean, moments.m2), sample_ndim, pool=cfg.kind == "rms")
+    if moments.count.ndim:
+        moments = Moments(count, mean, moments.m2)
+    batch = batch_statistics(moments, sample_ndim, pool=cfg.kind == "rms")
     if cfg.convention == "torch" and batch.unit_count <= 1:
         raise InvalidArgument(
             f"moments.count={batch.unit_count:g} per statistic for torch-convention layer {name!r}: "
@@ -272,7 +296,10 @@ def _batch(record: Record, moments) -> BatchStatistics:
 
 
 def _updated(record: Record, stats: RunningStats, now: float) -> Record:
-    return replace(record, stats=replace(stats, version=record.stats.version + 1, updated_at=now))
+    """``record`` with new statistics, one version on, stamped ``now``."""
+    s = stats
+    new = RunningStats(s.mean, s.variance, s.count, s.num_batches, record.stats.version + 1, s.frozen, now)
+    return Record(record.name, record.config, new)
 
 
 def _update_fn(moments, now: float) -> Callable[[Record], Record]:
@@ -289,7 +316,7 @@ def _update_fn(moments, now: float) -> Callable[[Record], Record]:
             stats = replace(stats, mean=fresh.mean, variance=fresh.variance)
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
             new = apply_update(stats, batch, convention=cfg.convention, momentum=cfg.momentum)
-        if not (np.all(np.isfinite(new.mean)) and np.all(np.isfinite(new.variance))):
+        if not (_all_finite(new.mean) and _all_finite(new.variance)):
             raise InvalidArgument(
                 f"moments for layer {record.name!r} overflow the running statistics to Inf",
                 layer=record.name,

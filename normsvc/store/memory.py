@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import replace
 from urllib.parse import parse_qsl, urlsplit
 
+from ..running import RunningStats
 from .base import REQUEST_WINDOW, Backend, Record
 from .errors import InvalidArgument, LayerNotFound
 
@@ -16,7 +16,8 @@ __all__ = ["MemoryBackend"]
 def _copy(record: Record) -> Record:
     """Records handed out own their arrays, so callers cannot edit the stored state."""
     s = record.stats
-    return replace(record, stats=replace(s, mean=s.mean.copy(), variance=s.variance.copy()))
+    stats = RunningStats(s.mean.copy(), s.variance.copy(), s.count, s.num_batches, s.version, s.frozen, s.updated_at)
+    return Record(record.name, record.config, stats)
 
 
 class MemoryBackend(Backend):
@@ -80,9 +81,10 @@ class MemoryBackend(Backend):
             for name in names:
                 if request_id is not None and self._remembered(name, request_id):
                     continue
-                new = fn(_copy(self._records[name]))
+                # fn is pure: it reads the stored arrays and returns new ones, never editing them in place
+                new = fn(self._records[name])
                 if new is not None:
-                    staged[name] = _copy(new)
+                    staged[name] = new
             # Nothing above raised: commit every layer at once.
             for name, record in staged.items():
                 self._records[name] = record

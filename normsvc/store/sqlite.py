@@ -57,7 +57,8 @@ CREATE INDEX IF NOT EXISTS request_ids_by_version ON request_ids (layer, version
 _FIELDS = ("config", "shape", "mean", "variance", "count", "num_batches", "version", "frozen", "updated_at")
 _SELECT = f"SELECT {', '.join(_FIELDS)} FROM layers WHERE name = ?"
 _INSERT = f"INSERT INTO layers (name, {', '.join(_FIELDS)}) VALUES (?{', ?' * len(_FIELDS)})"
-_UPDATE = f"UPDATE layers SET {', '.join(f + ' = ?' for f in _FIELDS)} WHERE name = ?"
+_STATS = _FIELDS[1:]  # mutate never changes the config
+_UPDATE = f"UPDATE layers SET {', '.join(f + ' = ?' for f in _STATS)} WHERE name = ?"
 _SYNCHRONOUS = ("normal", "full")
 
 # Writers of one process queue on a lock per file: SQLite's busy handler polls with
@@ -221,7 +222,7 @@ class SqliteBackend(Backend):
                 if new is None:
                     continue
                 records[name] = new
-                conn.execute(_UPDATE, (*_row(new), name))
+                conn.execute(_UPDATE, (*_row(new)[1:], name))
                 if request_id is not None:
                     version = new.stats.version
                     conn.execute("INSERT OR REPLACE INTO request_ids (layer, request_id, version) VALUES (?, ?, ?)",
