@@ -60,6 +60,8 @@ _INSERT = f"INSERT INTO layers (name, {', '.join(_FIELDS)}) VALUES (?{', ?' * le
 _STATS = _FIELDS[1:]  # mutate never changes the config
 _UPDATE = f"UPDATE layers SET {', '.join(f + ' = ?' for f in _STATS)} WHERE name = ?"
 _SYNCHRONOUS = ("normal", "full")
+#: Forgotten request ids are deleted once every this many versions of a layer.
+_PRUNE_EVERY = 32
 
 # Writers of one process queue on a lock per file: SQLite's busy handler polls with
 # sleeps of up to 100 ms, which would throttle threads that only wait for each other.
@@ -227,8 +229,10 @@ class SqliteBackend(Backend):
                     version = new.stats.version
                     conn.execute("INSERT OR REPLACE INTO request_ids (layer, request_id, version) VALUES (?, ?, ?)",
                                  (name, request_id, version))
+                if new.stats.version % _PRUNE_EVERY == 0:
+                    # Lookups ignore ids older than the window anyway; pruning in batches is cheaper.
                     conn.execute("DELETE FROM request_ids WHERE layer = ? AND version <= ?",
-                                 (name, version - window))
+                                 (name, new.stats.version - window))
             return records
 
         return self._write(body)
