@@ -112,8 +112,11 @@ class ServerProcess:
     def __init__(self, args=(), env=None, cwd=None):
         full_env = dict(os.environ)
         full_env.update(env or {})
+        # the console script next to this interpreter (as installed), else the module
+        script = os.path.join(os.path.dirname(sys.executable), "normsvc")
+        command = [script] if os.path.exists(script) else [sys.executable, "-m", "normsvc.cli"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "normsvc.cli", "serve", *args],
+            [*command, "serve", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd,
         )
         self.stderr_lines = []
