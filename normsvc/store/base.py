@@ -329,7 +329,9 @@ def _update_fn(moments, now: float) -> Callable[[Record], Record]:
 
 def _error_field(message: str, default: str = "x") -> str:
     head = message.replace("=", " ").split(" ", 1)[0]
-    return head if head in ("x", "gamma", "beta", "axis", "groups", "epsilon", "mean", "variance") else default
+    if head in ("mean", "variance"):  # the running statistics do not fit x
+        return "x"
+    return head if head in ("x", "gamma", "beta", "axis", "groups", "epsilon") else default
 
 
 class Store:
@@ -355,7 +357,7 @@ class Store:
         self.url = url
 
     @classmethod
-    def open(cls, url: str = "memory://", **options) -> "Store":
+    def open(cls, url: str, **options) -> "Store":
         """Open a store.
 
         Parameters
@@ -651,6 +653,11 @@ class Layer:
                 return y
             except FrozenLayer:
                 record = self._store._record(self.name)  # frozen meanwhile: as if it had been all along
+            except InvalidArgument as exc:
+                if exc.field == "request_id":
+                    raise
+                raise InvalidArgument(f"x {np.shape(x)} does not fit the layer: {exc}", layer=self.name,
+                                      field="x") from exc
         return self._infer(record, x, gamma, beta)
 
     # --- helpers ----------------------------------------------------------
