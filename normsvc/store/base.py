@@ -42,14 +42,7 @@ from ..moments import Moments
 from ..plan import normalize_axes
 from ..running import BatchStatistics, RunningStats, apply_update, batch_statistics, initial_state
 from .config import DEFAULT, LayerConfig, make_config, validate_name
-from .errors import (
-    FrozenLayer,
-    InvalidArgument,
-    LayerNotFound,
-    ConfigConflict,
-    NoStatistics,
-    StoreError,
-)
+from .errors import ConfigConflict, FrozenLayer, InvalidArgument, LayerNotFound, NoStatistics, StoreError
 
 __all__ = [
     "Store",
@@ -116,7 +109,7 @@ def _shape_from_json(text: str) -> tuple:
 
 
 def encode_record(record: Record) -> dict:
-    """Flat field dict (str, bytes, int, float, None) for row- or hash-shaped backends.
+    """Flat field dict (str, bytes, int, float) for row- or hash-shaped backends.
 
     Arrays travel as float64 little-endian bytes, the shape as JSON.
     """
