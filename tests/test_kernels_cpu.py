@@ -1,0 +1,178 @@
+"""The numba CPU kernels: direct checks around the serial threshold, and threads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from normsvc import ops
+from normsvc.kernels import cpu
+from reference import REFERENCES, assert_stats_close, assert_y_close
+
+THREAD_SAFE_LAYERS = ("omp", "tbb")
+AROUND = [cpu.SERIAL_BELOW - 1, cpu.SERIAL_BELOW, 4 * cpu.SERIAL_BELOW]
+
+
+def _view_shapes(size: int):
+    """[A, B, C, D, E] views of exactly ``size`` elements in each kernel branch."""
+    # size - 1 is odd, so build odd and even shapes separately
+    if size % 2:
+        return [(1, size, 1, 1, 1), (size, 1, 1, 1, 1), (1, 1, 1, 1, size)]
+    return [
+        (1, size // 64, 64, 1, 1),  # channels-last batch norm
+        (1, size // 256, 8, 1, 32),  # channels-first batch norm
+        (size // 128, 1, 1, 128, 1),  # layer norm rows
+        (4, size // 64, 4, 4, 1),  # channels-last group norm
+        (2, 1, 4, 2, size // 16),  # channels-first group norm
+        (2, 2, 2, size // 8, 1),  # long D, short rows
+    ]
+
+
+CASES = [(shape, dt) for size in AROUND for shape in _view_shapes(size) for dt in (np.float32, np.float64)]
+
+
+@pytest.mark.parametrize("shape, dtype", CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_moments_kernel_matches_numpy(shape, dtype, rng):
+    x = rng.normal(rng.uniform(-50, 50), 2.0, size=shape).astype(dtype)
+    mean, m2 = cpu.moments(x)
+    xs = x.astype(np.float64)
+    want_mean = xs.mean(axis=(1, 3, 4))
+    want_m2 = ((xs - want_mean[:, None, :, None, None]) ** 2).sum(axis=(1, 3, 4))
+    assert mean.shape == m2.shape == (shape[0], shape[2])
+    # float64 accumulation of shifted values: a few ulps of the data scale
+    # (|x| <= ~60), far tighter than any wrong grouping or chunk split
+    np.testing.assert_allclose(mean, want_mean, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(m2, want_m2, rtol=1e-9)
+
+
+@pytest.mark.parametrize("shape, dtype", CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_apply_kernel_matches_the_formula(shape, dtype, rng):
+    A, _, C, D, _ = shape
+    x = rng.normal(size=shape).astype(dtype)
+    p, q = rng.uniform(0.5, 2, size=(A, C)), rng.normal(size=(A, C))
+    g, h = rng.normal(size=(C, D)), rng.normal(size=(C, D))
+    out = np.full_like(x, np.nan)
+    y = cpu.apply(x, p, q, g, h, out=out)
+    assert y is out and y.dtype == x.dtype
+    want = (x.astype(np.float64) * p[:, None, :, None, None] + q[:, None, :, None, None]) * g[
+        None, None, :, :, None
+    ] + h[None, None, :, :, None]
+    # magnitudes are O(10): float32 output rounding is ~1e-6, float64 ~1e-15
+    atol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, want, rtol=0, atol=atol)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Names of the serial/parallel kernels called from Python, in order."""
+    calls = []
+    for name in ("_moments_parallel", "_apply_parallel", "_moments_serial", "_apply_serial"):
+        kernel = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
+    return calls
+
+
+@pytest.mark.parametrize("size", AROUND)
+def test_dispatch_switches_to_the_parallel_kernels_at_the_threshold(size, rng, kernel_calls):
+    calls = kernel_calls
+    x = rng.normal(size=(1, size, 1, 1, 1))
+    cpu.moments(x)
+    cpu.apply(x, np.ones((1, 1)), np.zeros((1, 1)), np.ones((1, 1)), np.zeros((1, 1)))
+    expected = "parallel" if size >= cpu.SERIAL_BELOW else "serial"
+    assert calls == [f"_moments_{expected}", f"_apply_{expected}"]
+
+
+def test_large_norms_run_the_parallel_kernels(rng, kernel_calls):
+    """The explicit large cases in test_ops only prove something if they run in parallel."""
+    ops.batch_norm(rng.normal(size=(32, 16, 16, 64)).astype(np.float32))
+    ops.layer_norm(rng.normal(size=(2048, 256)).astype(np.float32))
+    assert kernel_calls and all(name.endswith("_parallel") for name in kernel_calls), kernel_calls
+
+
+# ---------------------------------------------------------------------------
+# Threads
+
+
+def _thread_cases(rng):
+    """Per thread: (call, check) pairs above and below the serial threshold."""
+    small = rng.normal(1.0, 2.0, size=(8, 16, 24)).astype(np.float32)  # 3072 elements
+    big = rng.normal(-2.0, 0.5, size=(16, 32, 8, 20)).astype(np.float32)  # 81920 elements
+    gamma = rng.normal(size=20)
+    return [
+        (lambda: ops.layer_norm(small), REFERENCES["layer"](small), small),
+        (lambda: ops.batch_norm(big, gamma=gamma), REFERENCES["batch"](big, gamma=gamma), big),
+        (lambda: ops.group_norm(big, groups=4), REFERENCES["group"](big, groups=4), big),
+        (lambda: ops.instance_norm(big, axis=1), REFERENCES["instance"](big, axis=1), big),
+    ]
+
+
+def test_concurrent_calls_from_eight_threads(rng):
+    """8 threads normalize their own data at once, many times, and check every result.
+
+    numba's default workqueue threading layer aborts the whole process when
+    two threads enter a parallel region together; the kernels must run on a
+    thread-safe layer instead.
+    """
+    seeds = rng.integers(0, 2**32, size=8)
+    work = [_thread_cases(np.random.default_rng(s)) for s in seeds]
+    errors, start = [], threading.Barrier(8)
+
+    def worker(cases):
+        try:
+            start.wait(timeout=60)
+            for _ in range(12):
+                for call, ref, x in cases:
+                    y, m = call()
+                    assert_y_close(y, ref, x.dtype)
+                    assert_stats_close(m.mean, m.variance, x, ref, x.dtype)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a worker thread hung"
+    assert not errors, f"{len(errors)} threads failed, first: {errors[0]!r}"
+    assert cpu.threading_layer() in THREAD_SAFE_LAYERS
+
+
+def test_a_fresh_process_picks_a_thread_safe_layer_by_itself():
+    """Without NUMBA_THREADING_LAYER set, importing normsvc selects omp or tbb.
+
+    Runs in a subprocess so that an abort there fails this test instead of
+    killing the test run, and so that no earlier parallel call in this
+    process has already fixed the layer.
+    """
+    script = textwrap.dedent(
+        """
+        import threading
+        import numpy as np
+        import normsvc
+        from normsvc.kernels import cpu
+        x = np.random.default_rng(0).normal(size=(64, 32, 64)).astype(np.float32)
+        want = normsvc.batch_norm(x)[0]
+        bad = []
+        def work():
+            for _ in range(10):
+                if not np.array_equal(normsvc.batch_norm(x)[0], want):
+                    bad.append(1)
+        ts = [threading.Thread(target=work) for _ in range(4)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        print(cpu.threading_layer(), len(bad))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    layer, bad = done.stdout.split()
+    assert layer in THREAD_SAFE_LAYERS
+    assert bad == "0"
