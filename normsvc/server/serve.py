@@ -14,6 +14,7 @@ server reflection.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from concurrent import futures
@@ -43,25 +44,24 @@ DEVICES = ("cpu", "cuda", "auto")
 
 
 def resolve_device(device: str) -> str:
-    """``cpu``, ``cuda`` or ``auto`` -> the device the kernels run on.
+    """``cpu``, ``cuda`` or ``auto`` -> the device Normalize runs its kernels on.
 
-    ``cuda`` fails unless numba sees a GPU and normsvc has CUDA kernels;
-    ``auto`` picks cuda in that case and cpu otherwise.
+    ``cuda`` fails unless a usable GPU is present (:func:`normsvc.ops.cuda_available`)
+    and the store's ``Layer.normalize`` takes a ``device``; ``auto`` picks cuda
+    then, and cpu otherwise.
     """
     if device not in DEVICES:
         raise ValueError(f"device={device!r}: expected one of {', '.join(DEVICES)}")
     if device == "cpu":
         return "cpu"
-    reason = None
-    try:
-        from ..kernels import cuda  # noqa: F401  (CUDA kernels, when this build has them)
-        from numba import cuda as numba_cuda
+    from .. import ops
+    from ..store import Layer
 
-        if not numba_cuda.is_available():
-            reason = "numba sees no CUDA GPU"
-    except Exception as exc:  # ImportError, or numba-cuda failing to initialise
-        reason = f"CUDA kernels unavailable ({type(exc).__name__}: {exc})"
-    if reason is None:
+    if not ops.cuda_available():
+        reason = "no usable CUDA GPU (numba.cuda sees none, or numba-cuda is not installed)"
+    elif "device" not in inspect.signature(Layer.normalize).parameters:
+        reason = "the store's Layer.normalize has no device option yet"
+    else:
         return "cuda"
     if device == "cuda":
         raise ValueError(f"device='cuda': {reason}; use --device cpu or auto")
@@ -210,7 +210,7 @@ def serve(
             on_outcome=lambda outcome: metrics.allreduce_steps.labels(outcome).inc(),
         )
         servicer = NormServicer(store, limits=limits, hub=hub, rendezvous=rendezvous, metrics=metrics,
-                                watch_poll=watch_poll)
+                                watch_poll=watch_poll, device=device)
         interceptors = [MetricsInterceptor(metrics), ErrorInterceptor()]
         if tokens is not None:
             interceptors.append(AuthInterceptor(tokens))

@@ -47,13 +47,16 @@ def _required(names, field: str) -> None:
 
 class NormServicer(pb_grpc.NormServiceServicer):
     def __init__(self, store, *, limits: Limits | None = None, hub: WatchHub | None = None,
-                 rendezvous: Rendezvous | None = None, metrics=None, watch_poll: float = 2.0):
+                 rendezvous: Rendezvous | None = None, metrics=None, watch_poll: float = 2.0,
+                 device: str = "cpu"):
         self.store = store
         self.limits = limits or Limits()
         self.hub = hub or WatchHub()
         self.rendezvous = rendezvous or Rendezvous()
         self.metrics = metrics
         self.watch_poll = watch_poll
+        # Layer.normalize's device argument, passed only off the CPU (resolved by serve())
+        self._device = {} if device == "cpu" else {"device": device}
 
     # --- helpers ------------------------------------------------------------
 
@@ -195,7 +198,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
         beta = decode(beta, field="beta", max_elements=max_el) if beta is not None else None
         layer = self._layer(name)
         y = layer.normalize(x, training=training, update=update, gamma=gamma, beta=beta,
-                            request_id=request_id or None)
+                            request_id=request_id or None, **self._device)
         stats = None
         if update:
             stats = layer.stats()

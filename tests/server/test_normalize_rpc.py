@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import numpy as np
 import pytest
@@ -168,3 +170,25 @@ def test_limits_are_resource_exhausted_and_the_server_keeps_serving(start_server
     registry = server.metrics.registry
     assert registry.get_sample_value("normsvc_rpc_requests_total",
                                      {"method": "Normalize", "code": "RESOURCE_EXHAUSTED"}) >= 1
+
+
+def test_concurrent_normalize_calls_run_the_parallel_kernels_safely(memory_server, connect, rng):
+    """8 clients at once on tensors big enough for the parallel kernels (numba's default
+    threading layer would abort the process here; the kernels pick a thread-safe one)."""
+    stub = connect(memory_server)
+    create(stub, "bn")
+    xs = [rng.standard_normal((256, 1024), dtype=np.float32) + k for k in range(8)]
+    results = [None] * len(xs)
+
+    def call(k):
+        mine = connect(memory_server)
+        for _ in range(3):
+            results[k] = decode(normalize(mine, "bn", xs[k], update=False).y, field="y")
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for x, y in zip(xs, results):
+        np.testing.assert_array_equal(y, ops.batch_norm(x, axis=-1, epsilon=1e-3)[0])

@@ -188,3 +188,15 @@ def test_sigterm_with_calls_in_flight_loses_none(tmp_path, connect, rng):
         assert store.layer("ln").stats().num_batches == 1
     # calls that came after the signal were refused (never started), not failed half-way
     assert len(stop_errors) == len(acked) and set(stop_errors) <= {C.UNAVAILABLE, C.CANCELLED}, stop_errors
+
+
+def test_device_option():
+    from normsvc.server.serve import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="expected one of"):
+        resolve_device("tpu")
+    if resolve_device("auto") == "cpu":
+        with pytest.raises(ValueError, match="device='cuda'"):
+            resolve_device("cuda")
