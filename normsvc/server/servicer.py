@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import tempfile
 
 from .._proto import normsvc_pb2 as pb
 from .._proto import normsvc_pb2_grpc as pb_grpc
-from ..store.errors import LayerNotFound
+from ..store.errors import LayerNotFound, StoreError
 from ..tensor_codec import Assembler, chunks, decode, decode_moments, encode, encode_moments
 from . import convert
 from .allreduce import Rendezvous
@@ -38,6 +39,19 @@ def _unique(names, field: str) -> list:
                                   field=f"{field}[{i}]", layer=name)
         seen.add(name)
     return list(names)
+
+
+@contextlib.contextmanager
+def _field_paths(entries, field: str):
+    """Store errors name fields relative to one layer's call (``moments.mean``); give them
+    their path in the request (``updates[2].moments.mean``) for BadRequest violations."""
+    try:
+        yield
+    except StoreError as exc:
+        index = {e.layer: i for i, e in enumerate(entries)}.get(exc.layer)
+        if index is not None and (exc.field == "moments" or (exc.field or "").startswith("moments.")):
+            exc.field = f"{field}[{index}].{exc.field}"
+        raise
 
 
 def _required(names, field: str) -> None:
@@ -89,7 +103,12 @@ class NormServicer(pb_grpc.NormServiceServicer):
             self.store.layer(request.name)
         except LayerNotFound:
             self.limits.check_layer_count(len(self.store.list_layers(limit=self.limits.max_layers)))
-        layer = self.store.create_layer(request.name, **kwargs)
+        try:
+            layer = self.store.create_layer(request.name, **kwargs)
+        except StoreError as exc:
+            if exc.field and exc.field != "name":
+                exc.field = f"config.{exc.field}"
+            raise
         response = pb.CreateLayerResponse()
         convert.layer_to_pb(layer.name, layer.config, layer.stats(), response.layer)
         return response
@@ -143,7 +162,8 @@ class NormServicer(pb_grpc.NormServiceServicer):
 
     def UpdateStats(self, request, context):
         updates = self._moments(request.updates, "updates")
-        stats = self.store.update_many(updates, request_id=request.request_id or None)
+        with _field_paths(request.updates, "updates"):
+            stats = self.store.update_many(updates, request_id=request.request_id or None)
         self._published("UpdateStats", stats)
         response = pb.UpdateStatsResponse()
         for name in updates:
@@ -169,10 +189,11 @@ class NormServicer(pb_grpc.NormServiceServicer):
 
         remaining = context.time_remaining()
         timeout = None if remaining is None else remaining - DEADLINE_MARGIN
-        merged, stats = self.rendezvous.join(
-            group, step, request.rank, request.world_size, moments,
-            reduce=reduce, timeout=timeout, is_active=context.is_active, options=(update,),
-        )
+        with _field_paths(request.moments, "moments"):
+            merged, stats = self.rendezvous.join(
+                group, step, request.rank, request.world_size, moments,
+                reduce=reduce, timeout=timeout, is_active=context.is_active, options=(update,),
+            )
         response = pb.AllReduceMomentsResponse()
         for name, m in merged.items():
             encode_moments(m, response.global_moments.add(layer=name).moments)

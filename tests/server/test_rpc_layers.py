@@ -46,13 +46,13 @@ def test_create_layer_is_idempotent_and_a_clash_is_already_exists(stub):
 @pytest.mark.parametrize("name, config, field", [
     ("bad name!", {}, "name"),
     ("", {}, "name"),
-    ("bn", {"groups": 4}, "groups"),
-    ("bn", {"momentum": 1.5}, "momentum"),
-    ("bn", {"epsilon": -1.0}, "epsilon"),
+    ("bn", {"groups": 4}, "config.groups"),
+    ("bn", {"momentum": 1.5}, "config.momentum"),
+    ("bn", {"epsilon": -1.0}, "config.epsilon"),
     ("bn", {"kind": 42}, "config.kind"),
     ("bn", {"convention": 9}, "config.convention"),
     ("bn", {"convention": pb.CONVENTION_TORCH, "cumulative_average": True, "momentum": 0.1}, "config.momentum"),
-    ("bn", {"cumulative_average": True}, "momentum"),  # keras has no cumulative average
+    ("bn", {"cumulative_average": True}, "config.momentum"),  # keras has no cumulative average
 ])
 def test_create_layer_rejects_a_bad_config_with_a_field_violation(mstub, name, config, field):
     with raises_code(C.INVALID_ARGUMENT) as info:

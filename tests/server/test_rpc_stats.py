@@ -50,8 +50,9 @@ def test_update_stats_is_all_or_nothing(stub, rng):
         stub.UpdateStats(update_request({"a": good, "missing": good}))
     with raises_code(C.FAILED_PRECONDITION, "'frozen'"):
         stub.UpdateStats(update_request({"a": good, "frozen": good}))
-    with raises_code(C.INVALID_ARGUMENT, "'b'"):  # b keeps 4 features
+    with raises_code(C.INVALID_ARGUMENT, "'b'") as info:  # b keeps 4 features
         stub.UpdateStats(update_request({"a": good, "b": moments_of(rng.normal(size=(8, 3)))}))
+    assert rich_details(info.value)["BadRequest"].field_violations[0].field == "updates[1].moments.mean"
     layers = stub.GetLayer(pb.GetLayerRequest(names=["a", "b"])).layers
     assert [layer.stats.version for layer in layers] == [1, 1]
 
