@@ -197,7 +197,10 @@ def _prepare(kind: str, shape: tuple, axis, groups) -> _Prepared:
     """Validate axis/groups against the shape and build the plan (cached: errors are not)."""
     ndim = len(shape)
     if kind in ("batch", "layer", "rms"):
-        axes = normalize_axes(axis, ndim)
+        shown = list(axis) if isinstance(axis, tuple) else axis  # messages echo the caller's list
+        axes = normalize_axes(shown, ndim)
+        if not axes:
+            raise ValueError(f"axis={shown!r} names no axis: expected at least one axis of the rank-{ndim} input")
         plan = plan_for(shape, kind, axes)
         affine = tuple(shape[a] for a in axes)
         what = (f"one value per feature along axis {list(axes)}" if kind == "batch"
@@ -406,6 +409,8 @@ def batch_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, va
     epsilon : float
         Added to the variance (Keras default 1e-3; PyTorch uses 1e-5).
     gamma, beta : array of the kept axes' shape, optional
+        Laid out along the kept axes in increasing axis order (``x.shape[a]``
+        for each ``a`` in ``sorted(axis)``).
     mean, variance : array of the kept axes' shape, optional
         Inference mode: normalize with these (running) statistics instead.
     device : "auto", "cpu" or "cuda"
