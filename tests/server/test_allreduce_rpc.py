@@ -6,7 +6,6 @@ import threading
 
 import grpc
 import numpy as np
-import pytest
 from server_util import decode, entry, moments_of, pb, raises_code, rich_details, stats_arrays
 
 from normsvc.store import Store

@@ -11,7 +11,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_util import encode, make_pki, moments_of, pb, raises_code, read, update_request
 
-from normsvc._proto import normsvc_pb2_grpc as pb_grpc
 from normsvc.server.auth import TokenTable
 
 C = grpc.StatusCode

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import grpc
-import numpy as np
 import pytest
 from server_util import decode, pb, moments_of, raises_code, rich_details, stats_arrays, update_request
 

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 from safetensors.numpy import load as load_safetensors
-from server_util import decode, encode, entry, moments_of, pb, raises_code, rich_details, stats_arrays, update_request
+from server_util import entry, moments_of, pb, raises_code, rich_details, stats_arrays, update_request
 
 from normsvc import Moments
 from normsvc.store import Store

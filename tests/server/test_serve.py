@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import urllib.request
@@ -13,7 +12,7 @@ import pytest
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from server_util import ServerProcess, encode, moments_of, pb, raises_code, update_request
+from server_util import ServerProcess, moments_of, pb, raises_code, update_request
 
 from normsvc import cli, ops
 from normsvc.store import Store
