@@ -65,8 +65,9 @@ __all__ = [
 
 #: Running under the numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
 SIM = bool(config.ENABLE_CUDASIM)
-#: The simulator has no warp shuffles: reductions there go through shared memory.
-SHUFFLE = not SIM
+#: The simulator has no warp shuffles: reductions there go through shared memory
+#: (NORMSVC_CUDA_SHUFFLE=0 selects that path on a GPU too, to check it there).
+SHUFFLE = not SIM and os.environ.get("NORMSVC_CUDA_SHUFFLE", "1") != "0"
 #: Threads per block of the rows/columns kernels (a power of two).
 TPB = 64 if SIM else 256
 #: Values per thread held in registers by the fused kernel.
@@ -788,27 +789,67 @@ class _Scratch:
 
 
 _scratch = _Scratch()
+
+
+class _Results:
+    """Per-call result buffers, reused: a device float64 buffer and a pinned host twin.
+
+    A call checks a pair out and returns it after its copy to the host, so
+    concurrent calls never share one; reuse saves an allocation and makes the
+    one device-to-host copy a pinned (fast) one.
+    """
+
+    def __init__(self):
+        self.free: dict = {}
+
+    def take(self, n: int):
+        with _lock:
+            stack = self.free.get(n)
+            if stack:
+                return stack.pop()
+        return cuda.device_array(n, np.float64), cuda.pinned_array(n, np.float64)
+
+    def give(self, n: int, pair) -> None:
+        with _lock:
+            stack = self.free.setdefault(n, [])
+            if len(stack) < 4:
+                stack.append(pair)
+            if len(self.free) > 256:
+                self.free.clear()
+
+    def moments(self, n: int, pair, A: int, C: int):
+        """Copy the moments back (waits for the launches) and release the pair."""
+        dev, host_buf = pair
+        dev.copy_to_host(host_buf)
+        o = host_buf[: 2 * A * C].reshape(A, C, 2)
+        mean, m2 = o[..., 0].copy(), o[..., 1].copy()
+        self.give(n, pair)
+        return mean, m2
+
+
+_results = _Results()
 _TABLES: dict = {}
 
 
 def _tables(g: np.ndarray, h: np.ndarray, ct):
     """gamma and beta tables packed as one flat device array [g.ravel(), h.ravel()] of compute type.
 
-    Read-only host tables (the unit tables ops caches) are uploaded once.
+    Tables are never written once built (ops builds fresh ones from gamma and
+    beta, and caches the unit tables), so a device copy is reused for as long
+    as the very same host objects come back: the unit tables are uploaded
+    once per (C, D), and a call without gamma/beta makes no host-to-device
+    copy (a synchronous one would stall the launches behind it).
     """
-    key = None
-    if not g.flags.writeable and not h.flags.writeable:
-        key = (id(g), id(h), ct)
-        hit = _TABLES.get(key)
-        if hit is not None and hit[0] is g and hit[1] is h:
-            return hit[2]
+    key = (id(g), id(h), ct)
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] is g and hit[1] is h:
+        return hit[2]
     packed = np.concatenate((g.ravel(), h.ravel())).astype(ct)
     dev = cuda.to_device(packed)
-    if key is not None:
-        with _lock:
-            if len(_TABLES) > 64:
-                _TABLES.clear()
-            _TABLES[key] = (g, h, dev)
+    with _lock:
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        _TABLES[key] = (g, h, dev)
     return dev
 
 
@@ -943,7 +984,8 @@ def normalize(xin: DeviceInput, plan, g: np.ndarray, h: np.ndarray, *, eps: floa
         y, y1 = None, cuda.device_array(xin.size, xin.dtype)
     rms_i = 1 if rms else 0
     if stats is None:
-        out = cuda.device_array(5 * AC, np.float64)
+        pair = _results.take(5 * AC)
+        out = pair[0]
         path = _path(view)
         if path == "fused":
             tx = _team(B * D * E)
@@ -963,8 +1005,7 @@ def normalize(xin: DeviceInput, plan, g: np.ndarray, h: np.ndarray, *, eps: floa
         y = _finish_output(xin, plan, y1)
     if stats is not None:
         return y, None
-    o = out.copy_to_host()[: 2 * AC].reshape(A, C, 2)
-    return y, (np.ascontiguousarray(o[..., 0]), np.ascontiguousarray(o[..., 1]))
+    return y, _results.moments(5 * AC, pair, A, C)
 
 
 def moments(xin: DeviceInput, plan):
@@ -974,7 +1015,6 @@ def moments(xin: DeviceInput, plan):
     ct = _compute_dtype(xin.dtype)
     K = _kernels(ct)
     x1 = _to_view(xin, plan)
-    out = cuda.device_array(5 * A * C, np.float64)
-    _moments_pass(K, xin.dtype.char, x1, out, view, 0.0, 0)
-    o = out.copy_to_host()[: 2 * A * C].reshape(A, C, 2)
-    return np.ascontiguousarray(o[..., 0]), np.ascontiguousarray(o[..., 1])
+    pair = _results.take(5 * A * C)
+    _moments_pass(K, xin.dtype.char, x1, pair[0], view, 0.0, 0)
+    return _results.moments(5 * A * C, pair, A, C)
