@@ -7,7 +7,16 @@ Numba kernels for batch, layer, instance, group and RMS normalization
 
 from . import ops
 from .moments import Moments
-from .ops import batch_norm, group_norm, instance_norm, layer_norm, moments, normalize, rms_norm
+from .ops import (
+    batch_norm,
+    cuda_available,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    moments,
+    normalize,
+    rms_norm,
+)
 from .running import RunningStats
 from .store import (
     ConfigConflict,
@@ -32,6 +41,7 @@ __all__ = [
     "instance_norm",
     "group_norm",
     "rms_norm",
+    "cuda_available",
     "Store",
     "Layer",
     "RunningStats",
