@@ -37,7 +37,12 @@ Partial sums meet through float64 atomics, so the rows/columns paths are
 reproducible to float64 round-off, not bit for bit (the fused path is).
 
 Launches go to the legacy default stream, which orders them with work on
-PyTorch's and CuPy's default streams.
+PyTorch's and CuPy's default streams (work on other streams: synchronize
+first).  Device memory lives on numba's current device (device 0 unless
+``numba.cuda.select_device`` says otherwise): inputs on another GPU are not
+supported yet.  Each kernel compiles on first use per input dtype (about a
+second each on an H100); ``NORMSVC_CUDA_FASTLAUNCH=0`` turns off the direct
+launch path (see ``_Launcher``) if a numba-cuda upgrade breaks it.
 """
 
 from __future__ import annotations
