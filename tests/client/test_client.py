@@ -1,0 +1,508 @@
+"""normsvc.Client against real servers on loopback: in-process and ``normsvc serve`` subprocesses.
+
+The central check is that a Client is a drop-in for a Store: one scenario of
+calls runs against ``Store.open("memory://")`` and against a Client, and the
+transcripts (return values, exception classes and messages) must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+from concurrent import futures
+
+import normsvc
+from normsvc import Moments
+from normsvc._proto import normsvc_pb2 as pb
+from normsvc.client import Client, LayerStats, RemoteLayer, Retry
+from normsvc.client_errors import DeadlineExceeded, PermissionDenied, RemoteError, Unauthenticated
+from normsvc.running import RunningStats
+from normsvc.store import Store
+from normsvc.store.config import LayerConfig
+from normsvc.store.errors import (
+    ConfigConflict,
+    FrozenLayer,
+    InvalidArgument,
+    LayerNotFound,
+    NoStatistics,
+    StoreError,
+    StoreUnavailable,
+)
+from normsvc.tensor_codec import encode
+
+FAST_RETRY = Retry(attempts=4, initial_backoff=0.01, max_backoff=0.05)
+
+
+# --- Store and Client agree ----------------------------------------------------------
+
+
+def scenario(s, prefix: str, tmp_path) -> list:
+    """A tour of the Store API; returns a transcript of results and errors."""
+    rng = np.random.default_rng(7)
+    out = []
+
+    def attempt(fn, *args, **kwargs):
+        try:
+            result = fn(*args, **kwargs)
+        except StoreError as exc:
+            return ("raises", type(exc).__name__, str(exc), exc.layer)
+        return result
+
+    bn = s.create_layer(f"{prefix}/bn", convention="torch")
+    ln = s.create_layer(f"{prefix}/ln", kind="layer", axis=-1)
+    gn = s.create_layer(f"{prefix}/gn", kind="group", groups=2, axis=-1)
+    cum = s.create_layer(f"{prefix}/cum", convention="cumulative", num_features=4)
+    rms = s.create_layer(f"{prefix}/rms", kind="rms", momentum=0.5)
+    out += [bn.name, bn.config, ln.config, gn.config, cum.config, rms.config, bn.stats(), cum.stats()]
+    out.append(s.create_layer(f"{prefix}/bn", convention="torch").name)  # idempotent
+
+    x = rng.standard_normal((16, 4)).astype(np.float32) * 3 + 1
+    m = normsvc.moments(x, axes=[0])
+    out.append(bn.update(m))
+    out.append(s.update_many({f"{prefix}/bn": m, f"{prefix}/cum": m}))
+    out.append(bn.normalize(x, training=True))
+    out.append(bn.normalize(x, training=False, gamma=np.full(4, 2.0), beta=np.ones(4)))
+    out.append(bn.normalize(x.astype(np.float16), training=True, update=False))
+    out.append(ln.normalize(x, training=True, gamma=np.full(4, 0.5)))
+    out.append(ln.normalize(x, training=False))
+    out.append(rms.normalize(x.astype(np.float64), training=True))
+    out.append(rms.normalize(x, training=False))
+    img = rng.standard_normal((2, 3, 3, 4))
+    out.append(gn.normalize(img, training=True))
+    out.append(gn.normalize(img, training=False))
+    out += [bn.stats(), ln.stats(), gn.stats(), rms.stats(), cum.stats()]
+
+    out.append(bn.update(m, request_id="same-id"))
+    out.append(bn.update(m, request_id="same-id"))  # applied once
+    out.append(bn.freeze())
+    out.append(attempt(bn.update, m))
+    out.append(bn.normalize(x, training=True))  # frozen: running statistics, no update
+    out.append(bn.freeze())  # no-op
+    out.append(bn.unfreeze())
+    out.append(bn.reset())
+
+    out.append(attempt(s.layer, f"{prefix}/missing"))
+    out.append(attempt(s.create_layer, f"{prefix}/bn", convention="keras"))
+    out.append(attempt(s.create_layer, f"{prefix}/x", kind="nope"))
+    out.append(attempt(s.create_layer, f"{prefix}//bad"))
+    out.append(attempt(bn.update, normsvc.moments(rng.standard_normal((4, 3)), axes=[0])))
+    out.append(attempt(bn.update, "not moments"))
+    out.append(attempt(s.update_many, {f"{prefix}/bn": m, f"{prefix}/missing": m}))
+    out.append(bn.stats())  # the failed update_many changed nothing
+    out.append(attempt(bn.normalize, x, training="yes"))
+    out.append(attempt(bn.normalize, np.arange(8, dtype=np.int32).reshape(2, 4), training=True))
+    out.append(attempt(ln.normalize, x, training=True, gamma=np.ones(3)))
+    fresh = s.create_layer(f"{prefix}/fresh", convention="cumulative")
+    out.append(attempt(fresh.normalize, x, training=False))
+    out.append(attempt(s.delete_layer, f"{prefix}/missing"))
+
+    out.append(s.list_layers(prefix))
+    out.append(s.list_layers(prefix, after=f"{prefix}/cum", limit=2))
+    out.append(s.list_layers(f"{prefix}/b"))
+    path = tmp_path / f"{type(s).__name__}.safetensors"
+    out.append(s.export(path, naming="torch"))
+    out.append(s.export(path, layers=[f"{prefix}/bn", f"{prefix}/gn"], dtype="float32"))
+    out.append(s.import_(path, layers=[f"{prefix}/gn"]))
+    out.append(attempt(s.export, path, naming="caffe"))
+    out.append(attempt(s.import_, tmp_path / "nothing.safetensors"))
+    out.append(s.delete_layer(f"{prefix}/ln"))
+    out.append(attempt(ln.stats))
+    out.append(s.list_layers(prefix))
+    return out
+
+
+def assert_same(a, b, where="") -> None:
+    if isinstance(a, RunningStats):
+        assert isinstance(b, RunningStats), where
+        for field in ("count", "num_batches", "version", "frozen"):
+            assert getattr(a, field) == getattr(b, field), f"{where}.{field}"
+        for field in ("mean", "variance"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None) == (y is None), f"{where}.{field}"
+            if x is not None:
+                np.testing.assert_allclose(y, x, rtol=1e-12, atol=0, err_msg=f"{where}.{field}")
+        return
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and b.dtype == a.dtype and b.shape == a.shape, where
+        tol = 1e-3 if a.dtype == np.float16 else 1e-6
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol, err_msg=where)
+        return
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k}]")
+        return
+    if isinstance(a, (list, tuple)) and not isinstance(a, LayerConfig):
+        assert type(a) is type(b) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+        return
+    assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_client_is_a_drop_in_for_store(target, tmp_path):
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with Store.open("memory://") as store:
+        expected = scenario(store, prefix, tmp_path)
+    with Client(target) as client:
+        got = scenario(client, prefix, tmp_path)
+    assert len(got) == len(expected)
+    for i, (e, g) in enumerate(zip(expected, got)):
+        assert_same(e, g, f"step {i}")
+
+
+def test_handles_and_error_classes(server):
+    with Client(server.address) as client:
+        bn = client.create_layer("bn", num_features=3)
+        assert isinstance(bn, RemoteLayer) and repr(bn) == "RemoteLayer('bn')"
+        assert isinstance(client.layer("bn"), RemoteLayer)
+        with pytest.raises(LayerNotFound) as info:
+            client.layer("nope")
+        assert info.value.layer == "nope" and info.value.code == grpc.StatusCode.NOT_FOUND
+        assert isinstance(info.value, LookupError)
+        with pytest.raises(ConfigConflict):
+            client.create_layer("bn", num_features=4)
+        bn.freeze()
+        with pytest.raises(FrozenLayer) as info:
+            bn.update(Moments.from_samples(np.ones((4, 3))))
+        assert "frozen" in str(info.value)
+        with pytest.raises(InvalidArgument) as info:
+            client.update_many({"bn": Moments.from_samples(np.array([[np.nan, 1.0, 2.0]]))})
+        assert isinstance(info.value, ValueError) and info.value.field
+
+
+def test_server_validation_reaches_the_caller_with_its_field(server):
+    with Client(server.address) as client:
+        client.create_layer("bn", num_features=2)
+        with pytest.raises(InvalidArgument) as info:
+            client.layer("bn").update(Moments(np.float64(-1.0), np.zeros(2), np.zeros(2)))
+        assert info.value.field and "count" in str(info.value)
+
+
+# --- the scenarios the issue names ---------------------------------------------------
+
+
+def test_32_concurrent_clients_x_200_updates_count_exactly(server):
+    clients, updates = 32, 200
+    with Client(server.address) as admin:
+        admin.create_layer("shared", convention="cumulative", num_features=2)
+
+    def worker(rank):
+        with Client(server.address) as client:
+            layer = client.layer("shared")
+            m = Moments(np.float64(2.0), np.full(2, float(rank)), np.zeros(2))
+            for _ in range(updates):
+                layer.update(m)
+
+    with futures.ThreadPoolExecutor(clients) as pool:
+        for f in [pool.submit(worker, r) for r in range(clients)]:
+            f.result()
+    with Client(server.address) as client:
+        stats = client.layer("shared").stats()
+    assert stats.num_batches == clients * updates
+    assert stats.version == clients * updates
+    assert stats.count == 2.0 * clients * updates
+    ranks = np.arange(clients, dtype=np.float64)
+    np.testing.assert_allclose(stats.mean, np.full(2, ranks.mean()), rtol=1e-12)
+    np.testing.assert_allclose(stats.variance, np.full(2, ranks.var()), rtol=1e-9)
+
+
+def _requests(server, method) -> float:
+    value = server.metrics.registry.get_sample_value(
+        "normsvc_rpc_requests_total", {"method": method, "code": "OK"})
+    return value or 0.0
+
+
+def test_64_mib_tensor_goes_through_normalize_stream(server, rng):
+    with Client(server.address) as client:
+        bn = client.create_layer("big", convention="torch")
+        x = rng.standard_normal((1 << 16, 256), dtype=np.float32)
+        assert x.nbytes == 64 << 20
+        y = bn.normalize(x, training=True)
+        stats = bn.stats()
+    assert _requests(server, "NormalizeStream") == 1 and _requests(server, "Normalize") == 0
+    expected, m = normsvc.batch_norm(x, axis=-1, epsilon=1e-5)
+    assert y.dtype == np.float32 and y.shape == x.shape and y.flags.writeable
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    assert stats.version == 1 and stats.count == x.shape[0]
+    np.testing.assert_allclose(stats.mean, 0.1 * m.mean, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_stream_chunks_reassemble_exactly(server, rng, dtype):
+    """A small message limit forces NormalizeStream; odd sizes cross chunk boundaries."""
+    with Client(server.address) as plain, Client(server.address, max_message_bytes=100_000) as small:
+        plain.create_layer("ln", kind="layer", axis=[1, 2])
+        x = (rng.standard_normal((7, 33, 101)) * 4).astype(dtype)  # several chunks of an odd size
+        unary = plain.layer("ln").normalize(x, training=True, update=False)
+        streamed = small.layer("ln").normalize(x, training=True, update=False)
+        gamma = rng.standard_normal((33, 101))
+        with_gamma = small.layer("ln").normalize(x, training=True, update=False, gamma=gamma)
+    assert _requests(server, "NormalizeStream") == 2
+    np.testing.assert_array_equal(streamed, unary)
+    np.testing.assert_allclose(with_gamma, unary.astype(np.float64) * gamma, rtol=2e-3, atol=2e-3)
+
+
+def test_allreduce_from_4_threads_equals_the_concatenated_data(server, rng):
+    world = 4
+    data = [rng.standard_normal((8 + 3 * r, 5)) * (r + 1) + r for r in range(world)]
+    images = [rng.standard_normal((2 + r, 3, 4, 4)) - r for r in range(world)]  # channels-first
+    with Client(server.address) as client:
+        client.create_layer("sync/bn", convention="torch")
+        client.create_layer("sync/conv", axis=1)
+
+    def rank(r):
+        with Client(server.address) as client:
+            local = {"sync/bn": normsvc.moments(data[r], axes=[0]),
+                     "sync/conv": normsvc.moments(images[r], axes=[0, 2, 3])}
+            return [client.allreduce(local, step=step, rank=r, world_size=world, group="job")
+                    for step in range(2)]
+
+    with futures.ThreadPoolExecutor(world) as pool:
+        results = [step for steps in pool.map(rank, range(world)) for step in steps]
+    expected = {"sync/bn": Moments.from_samples(np.concatenate(data)),
+                "sync/conv": normsvc.moments(np.concatenate(images), axes=[0, 2, 3])}
+    for result in results:
+        for name, want in expected.items():
+            got = result.moments[name]
+            assert float(got.count) == float(want.count)
+            np.testing.assert_allclose(got.mean, want.mean, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(got.variance, want.variance, rtol=1e-11)
+            np.testing.assert_array_equal(got.mean, results[0].moments[name].mean)  # same bits on every rank
+    with Client(server.address) as client:
+        stats = client.layer("sync/bn").stats()
+    assert stats.version == 2 and stats.num_batches == 2  # one update per step, not one per rank
+    assert sorted({r.stats["sync/bn"].version for r in results}) == [1, 2]
+    np.testing.assert_allclose(stats.mean, 0.19 * expected["sync/bn"].mean, rtol=1e-9)
+
+
+def test_allreduce_missing_rank_is_a_deadline(server):
+    with Client(server.address) as client:
+        client.create_layer("lonely", num_features=2)
+        m = Moments.from_samples(np.ones((3, 2)))
+        with pytest.raises(DeadlineExceeded) as info:
+            client.allreduce({"lonely": m}, step=0, rank=0, world_size=2, timeout=0.5)
+        assert isinstance(info.value, TimeoutError)
+        assert client.layer("lonely").stats().version == 0
+
+
+def test_watch_sees_every_version(server):
+    n = 60
+    with Client(server.address) as client:
+        layer = client.create_layer("watched", num_features=3)
+        seen, started = [], threading.Event()
+
+        def follow():
+            with client.watch("watched", timeout=60) as watch:
+                for item in watch:
+                    assert isinstance(item, LayerStats) and item.layer == "watched"
+                    seen.append(item.stats.version)
+                    started.set()
+                    if item.stats.version == n:
+                        return
+
+        thread = threading.Thread(target=follow)
+        thread.start()
+        assert started.wait(30)
+        m = Moments.from_samples(np.arange(6.0).reshape(2, 3))
+        for i in range(n):
+            if i % 10 == 9:
+                layer.reset()
+            else:
+                layer.update(m)
+        thread.join(60)
+    assert not thread.is_alive()
+    assert seen == list(range(n + 1))
+
+
+def test_watch_cancel_and_deleted_layer(server):
+    with Client(server.address) as client:
+        client.create_layer("w", num_features=1)
+        watch = client.watch(["w"], skip_initial=False)
+        assert next(watch).stats.version == 0
+        watch.cancel()
+        assert list(watch) == []
+        watch = client.watch("w", skip_initial=True)
+        client.layer("w").update(Moments.from_samples(np.ones((2, 1))))
+        assert next(watch).stats.version == 1
+        client.delete_layer("w")
+        with pytest.raises(LayerNotFound):
+            next(watch)
+
+
+# --- transport: deadlines, retries, auth, TLS ------------------------------------------
+
+
+class FlakyService:
+    """A real gRPC server for NormService's UpdateStats that fails its first calls."""
+
+    def __init__(self, failures: int, code=grpc.StatusCode.UNAVAILABLE):
+        self.failures, self.code, self.request_ids = failures, code, []
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        handler = grpc.unary_unary_rpc_method_handler(
+            self._update, request_deserializer=pb.UpdateStatsRequest.FromString,
+            response_serializer=pb.UpdateStatsResponse.SerializeToString)
+        self.server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("normsvc.v1.NormService", {"UpdateStats": handler})])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _update(self, request, context):
+        self.request_ids.append(request.request_id)
+        if len(self.request_ids) <= self.failures:
+            context.abort(self.code, f"failure {len(self.request_ids)}")
+        response = pb.UpdateStatsResponse()
+        for e in request.updates:
+            s = response.stats.add(layer=e.layer).stats
+            encode(np.zeros(1), s.mean)
+            encode(np.ones(1), s.variance)
+            s.version = 1
+        return response
+
+
+@pytest.fixture
+def flaky():
+    services = []
+
+    def make(*args, **kwargs):
+        services.append(FlakyService(*args, **kwargs))
+        return services[-1]
+
+    yield make
+    for s in services:
+        s.server.stop(0)
+
+
+def test_unavailable_is_retried_with_the_same_request_id(flaky):
+    service = flaky(failures=2)
+    with Client(f"127.0.0.1:{service.port}", retry=FAST_RETRY) as client:
+        stats = client.update_many({"a": Moments.from_samples(np.ones((2, 1)))})
+    assert stats["a"].version == 1
+    assert len(service.request_ids) == 3
+    assert len(set(service.request_ids)) == 1 and service.request_ids[0]
+
+
+def test_retries_are_bounded(flaky):
+    service = flaky(failures=100)
+    with Client(f"127.0.0.1:{service.port}", retry=FAST_RETRY) as client:
+        with pytest.raises(StoreUnavailable, match="gave up after 4 attempts"):
+            client.update_many({"a": Moments.from_samples(np.ones((2, 1)))}, request_id="mine")
+    assert service.request_ids == ["mine"] * 4
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INTERNAL, grpc.StatusCode.FAILED_PRECONDITION,
+                                  grpc.StatusCode.DEADLINE_EXCEEDED])
+def test_other_codes_are_not_retried(flaky, code):
+    service = flaky(failures=1, code=code)
+    with Client(f"127.0.0.1:{service.port}", retry=FAST_RETRY) as client:
+        with pytest.raises(StoreError) as info:
+            client.update_many({"a": Moments.from_samples(np.ones((2, 1)))})
+    assert info.value.code == code and len(service.request_ids) == 1
+
+
+def test_calls_survive_a_server_restart(start_server, tmp_path):
+    url = f"sqlite:///{tmp_path / 'stats.db'}"
+    first = start_server(url)
+    port = first.port
+    retry = Retry(attempts=12, initial_backoff=0.05, max_backoff=0.5)
+    with Client(first.address, retry=retry) as client:
+        layer = client.create_layer("bn", num_features=2)
+        m = Moments.from_samples(np.ones((2, 2)))
+        layer.update(m)
+        watch = client.watch("bn", skip_initial=True)
+        first.stop(grace=0)
+        start_server(url, port=port)
+        assert layer.update(m).version == 2
+        assert next(watch).stats.version == 2  # the watch reconnected and resumed
+        watch.cancel()
+
+
+def test_unreachable_server_is_one_clear_error():
+    with Client("127.0.0.1:1", retry=Retry(attempts=2, initial_backoff=0.01)) as client:
+        with pytest.raises(StoreUnavailable) as info:
+            client.list_layers()
+    message = str(info.value)
+    assert "127.0.0.1:1" in message and "ListLayers" in message and "\n" not in message
+
+
+def test_default_deadline_applies(server):
+    with Client(server.address, timeout=0.3) as client:
+        client.create_layer("d", num_features=1)
+        with pytest.raises(DeadlineExceeded):
+            client.allreduce({"d": Moments.from_samples(np.ones((2, 1)))}, step=0, rank=0, world_size=2)
+
+
+def test_tokens(start_server, tmp_path):
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [
+        {"name": "reader", "token": "r-token", "role": "read"},
+        {"name": "writer", "token": "w-token", "role": "write", "prefixes": ["team/"]},
+    ]}))
+    server = start_server(tokens=str(tokens))
+    with Client(server.address) as anonymous, Client(server.address, token="r-token") as reader, \
+            Client(server.address, token="w-token") as writer:
+        with pytest.raises(Unauthenticated):
+            anonymous.list_layers()
+        with pytest.raises(Unauthenticated):
+            Client(server.address, token="wrong").list_layers()
+        layer = writer.create_layer("team/bn", num_features=1)
+        layer.update(Moments.from_samples(np.ones((2, 1))))
+        with pytest.raises(PermissionDenied):
+            writer.create_layer("other/bn")
+        with pytest.raises(PermissionDenied) as info:
+            reader.layer("team/bn").update(Moments.from_samples(np.ones((2, 1))))
+        assert isinstance(info.value, PermissionError)
+        assert reader.layer("team/bn").stats().version == 1
+
+
+def test_mutual_tls(start_server, tmp_path):
+    from server.server_util import make_pki
+
+    pki = make_pki(tmp_path)
+    server = start_server(tls_cert=pki["server"], tls_key=pki["server_key"], tls_client_ca=pki["ca"])
+    tls = {"root": pki["ca"], "cert": pki["client"], "key": pki["client_key"]}
+    with Client(f"localhost:{server.port}", tls=tls) as client:
+        assert client.create_layer("secure", num_features=1).stats().version == 0
+    with open(pki["ca"], "rb") as f:
+        root = f.read()
+    with Client(f"localhost:{server.port}", tls=root, retry=Retry(attempts=1), timeout=10) as client:
+        with pytest.raises(StoreError):  # no client certificate
+            client.list_layers()
+    with pytest.raises(ValueError, match="cert.*key"):
+        Client("localhost:1", tls={"root": root, "cert": pki["client"]})
+
+
+def test_bad_arguments_fail_before_any_call():
+    with Client("127.0.0.1:1", retry=Retry(attempts=1)) as client:
+        with pytest.raises(InvalidArgument):
+            client.create_layer("x", convention="nope")
+        with pytest.raises(InvalidArgument):
+            client.update_many([("x", None)])
+        with pytest.raises(InvalidArgument):
+            client.list_layers(limit=0)
+    with pytest.raises(ValueError):
+        Client("127.0.0.1:1", timeout=0)
+    with pytest.raises(ValueError):
+        Client("127.0.0.1:1", tls=42)
+
+
+def test_in_process_store_code_runs_unchanged_against_a_subprocess(process_address):
+    """What the README promises: swap Store.open(...) for Client(...) and nothing else changes."""
+    def train(store):
+        bn = store.create_layer(f"swap-{id(store)}/bn", convention="torch", momentum=None)
+        for step in range(3):
+            x = np.full((4, 2), float(step))
+            bn.update(normsvc.moments(x, axes=[0]))
+        return bn.stats().mean
+
+    with Store.open("memory://") as store:
+        local = train(store)
+    with Client(process_address) as client:
+        remote = train(client)
+    np.testing.assert_allclose(remote, local)
+    np.testing.assert_allclose(local, [1.0, 1.0])
