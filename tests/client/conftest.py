@@ -75,3 +75,19 @@ def target(request):
     if request.param == "in-process":
         return request.getfixturevalue("server").address
     return request.getfixturevalue("process_address")
+
+
+@pytest.fixture
+def flaky():
+    """Factory: ``flaky(failures, code=UNAVAILABLE)`` -> a started :class:`client_util.FlakyService`."""
+    from client_util import FlakyService
+
+    services = []
+
+    def make(*args, **kwargs):
+        services.append(FlakyService(*args, **kwargs))
+        return services[-1]
+
+    yield make
+    for service in services:
+        service.server.stop(0)
