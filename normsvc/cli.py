@@ -1,6 +1,8 @@
 """The ``normsvc`` command.
 
     normsvc serve [--host H] [--port P] [--store URL] ...
+    normsvc layers list|show|freeze|unfreeze|reset|delete [NAME...] [--target HOST:PORT]
+    normsvc export|import PATH [--naming keras|torch] [--target HOST:PORT]
 
 Every option of ``serve`` can also come from an environment variable
 (``NORMSVC_<OPTION>``, e.g. ``NORMSVC_PORT=50051``), so a container is
@@ -143,9 +145,201 @@ def _serve(args) -> int:
         signal.signal(sig, previous)
     return 0
 
+# --- client subcommands: layers list|show|freeze|unfreeze|reset|delete, export, import ---
+#
+# Each talks to a running server through normsvc.Client; errors print one line
+# on stderr and exit 1.
+
+#: Where the client subcommands connect unless --target or NORMSVC_TARGET says otherwise.
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    """--target, --token, TLS and --timeout, shared by every client subcommand."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection")
+    g.add_argument("--target", default=_env("TARGET", DEFAULT_TARGET),
+                   help=f"server address host:port (NORMSVC_TARGET, default {DEFAULT_TARGET})")
+    g.add_argument("--token", default=_env("TOKEN"), help="bearer token (NORMSVC_TOKEN)")
+    g.add_argument("--tls", action="store_true", default=bool(_env("TLS")),
+                   help="connect with TLS, trusting the system's root certificates (NORMSVC_TLS=1)")
+    g.add_argument("--ca", default=_env("CA"),
+                   help="PEM CA bundle to trust; implies TLS (NORMSVC_CA)")
+    g.add_argument("--client-cert", default=_env("CLIENT_CERT"),
+                   help="PEM client certificate, for mutual TLS (NORMSVC_CLIENT_CERT)")
+    g.add_argument("--client-key", default=_env("CLIENT_KEY"),
+                   help="PEM client key, for mutual TLS (NORMSVC_CLIENT_KEY)")
+    g.add_argument("--timeout", type=float, default=_env_float("TIMEOUT", 30.0),
+                   help="seconds each call may take, retries included (NORMSVC_TIMEOUT, default 30)")
+    return p
+
+
+def _tls(args):
+    if args.client_cert or args.client_key:
+        return {"root": args.ca, "cert": args.client_cert, "key": args.client_key}
+    if args.ca:
+        return args.ca
+    return True if args.tls else None
+
+
+def _with_client(command: str, fn):
+    """``run`` for a client subcommand: connect, call ``fn(client, args)``, report errors in one line."""
+
+    def run(args) -> int:
+        from .client import Client
+        from .store.errors import StoreError
+
+        try:
+            with Client(args.target, token=args.token, tls=_tls(args), timeout=args.timeout) as client:
+                return fn(client, args) or 0
+        except (StoreError, ValueError, OSError) as exc:
+            print(f"normsvc {command}: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _table(headers, rows, right=()) -> str:
+    """Aligned columns; the columns numbered in ``right`` (numbers) are right-aligned."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = []
+    for row in [headers, *rows]:
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _shape(stats) -> str:
+    if stats is None or stats.mean is None:
+        return "-"
+    return "x".join(str(s) for s in stats.mean.shape) or "scalar"
+
+
+def _when(stats) -> str:
+    import datetime
+
+    if stats is None or not stats.updated_at:
+        return "-"
+    t = datetime.datetime.fromtimestamp(stats.updated_at, tz=datetime.timezone.utc)
+    return t.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _layers_list(client, args) -> None:
+    infos = client.describe(prefix=args.prefix)
+    if not infos:
+        print("no layers" + (f" under prefix {args.prefix!r}" if args.prefix else ""))
+        return
+    rows = [(i.name, i.config.kind, i.config.convention, _shape(i.stats), f"{i.stats.count:g}", i.stats.num_batches,
+             i.stats.version, _yes(i.stats.frozen), _when(i.stats)) for i in infos]
+    headers = ("NAME", "KIND", "CONVENTION", "SHAPE", "COUNT", "BATCHES", "VERSION", "FROZEN", "UPDATED")
+    print(_table(headers, rows, right=(4, 5, 6)))
+
+
+def _values(array) -> str:
+    import numpy as np
+
+    if array is None:
+        return "-"
+    return np.array2string(np.asarray(array), precision=6, threshold=8, edgeitems=3, max_line_width=1 << 20)
+
+
+def _layers_show(client, args) -> None:
+    blocks = []
+    for info in client.describe(names=args.names):
+        c, s = info.config, info.stats
+        axis = list(c.axis) if isinstance(c.axis, tuple) else c.axis
+        rows = [
+            ("name", info.name), ("kind", c.kind), ("axis", axis), ("convention", c.convention),
+            ("momentum", "-" if c.momentum is None else f"{c.momentum:g}"), ("epsilon", f"{c.epsilon:g}"),
+            ("groups", "-" if c.groups is None else c.groups), ("center", _yes(c.center)), ("scale", _yes(c.scale)),
+            ("shape", _shape(s)), ("count", f"{s.count:g}"), ("batches", s.num_batches), ("version", s.version),
+            ("frozen", _yes(s.frozen)), ("updated", _when(s)), ("mean", _values(s.mean)),
+            ("variance", _values(s.variance)),
+        ]
+        width = max(len(k) for k, _ in rows)
+        blocks.append("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    print("\n\n".join(blocks))
+
+
+def _layers_state(verb: str, method: str):
+    def run(client, args) -> None:
+        for name in args.names:
+            stats = getattr(client.layer(name), method)()
+            print(f"{verb} {name} (version {stats.version})")
+
+    return run
+
+
+def _layers_delete(client, args) -> None:
+    for name in args.names:
+        client.delete_layer(name)
+        print(f"deleted {name}")
+
+
+def _add_layers(sub) -> None:
+    common = _connection_options()
+    p = sub.add_parser("layers", help="list, show, freeze, unfreeze, reset or delete layers on a server",
+                       description="Inspect and manage the layers of a running server.")
+    layers = p.add_subparsers(dest="action", metavar="ACTION")
+    layers.required = True
+    q = layers.add_parser("list", parents=[common], help="a table of the layers",
+                          description="A table of the layers (optionally under a name prefix).")
+    q.add_argument("--prefix", default="", help="only layers whose name starts with this")
+    q.set_defaults(run=_with_client("layers list", _layers_list))
+    q = layers.add_parser("show", parents=[common], help="config and running statistics of layers",
+                          description="Config and running statistics of the named layers.")
+    q.add_argument("names", nargs="+", metavar="NAME")
+    q.set_defaults(run=_with_client("layers show", _layers_show))
+    for action, verb, method, what in (
+        ("freeze", "froze", "freeze", "stop taking updates (normalize with the running statistics)"),
+        ("unfreeze", "unfroze", "unfreeze", "take updates again"),
+        ("reset", "reset", "reset", "forget the running statistics (keep the config)"),
+    ):
+        q = layers.add_parser(action, parents=[common], help=what, description=f"Layers {what}.")
+        q.add_argument("names", nargs="+", metavar="NAME")
+        q.set_defaults(run=_with_client(f"layers {action}", _layers_state(verb, method)))
+    q = layers.add_parser("delete", parents=[common], help="delete layers and their statistics",
+                          description="Delete layers and their statistics (there is no undo).")
+    q.add_argument("names", nargs="+", metavar="NAME")
+    q.set_defaults(run=_with_client("layers delete", _layers_delete))
+
+
+def _export(client, args) -> None:
+    names = client.export(args.path, layers=args.layer or None, naming=args.naming, dtype=args.dtype)
+    print(f"exported {len(names)} layer{'s' if len(names) != 1 else ''} to {args.path}")
+
+
+def _import(client, args) -> None:
+    names = client.import_(args.path, naming=args.naming, layers=args.layer or None)
+    print(f"imported {len(names)} layer{'s' if len(names) != 1 else ''} from {args.path}"
+          + (f": {', '.join(names)}" if names else ""))
+
+
+def _add_export_import(sub) -> None:
+    common = _connection_options()
+    p = sub.add_parser("export", parents=[common], help="write running statistics to a safetensors file",
+                       description="Write the server's running statistics to a local safetensors file, "
+                       "with Keras (<layer>/moving_mean) or PyTorch (<layer>.running_mean) names.")
+    p.add_argument("path", help="the file to write (replaced atomically)")
+    p.add_argument("--layer", action="append", metavar="NAME", help="only this layer (repeat for more)")
+    p.add_argument("--naming", choices=("keras", "torch"), default="keras", help="tensor names (default keras)")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="tensor type (default float64)")
+    p.set_defaults(run=_with_client("export", _export))
+    p = sub.add_parser("import", parents=[common], help="load running statistics from a safetensors file",
+                       description="Load running statistics from a local safetensors file into the server "
+                       "(missing layers are created), in one transaction.")
+    p.add_argument("path", help="the safetensors file to read")
+    p.add_argument("--layer", action="append", metavar="NAME", help="only this layer (repeat for more)")
+    p.add_argument("--naming", choices=("keras", "torch"), default="keras", help="tensor names (default keras)")
+    p.set_defaults(run=_with_client("import", _import))
+
 
 #: Subcommands: each adds its parser (and sets ``run``) on the subparsers object.
-SUBCOMMANDS = [_add_serve]
+SUBCOMMANDS = [_add_serve, _add_layers, _add_export_import]
 
 
 def build_parser() -> argparse.ArgumentParser:
