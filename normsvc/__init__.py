@@ -53,5 +53,20 @@ __all__ = [
     "FrozenLayer",
     "NoStatistics",
     "StoreUnavailable",
+    "Client",
+    "AsyncClient",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {"Client": "client", "AsyncClient": "async_client"}
+
+
+def __getattr__(name):
+    # The gRPC clients import grpc on first use, so `import normsvc` stays cheap.
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
