@@ -36,6 +36,7 @@ from .client import (
     WatchFilter,
     _Api,
     _Transport,
+    raw_methods,
 )
 
 __all__ = ["AsyncClient", "AsyncWatch"]
@@ -56,6 +57,7 @@ class AsyncClient(_Transport, _Api):
         else:
             self._channel = aio.secure_channel(target, credentials, options=options)
         self._stub = pb_grpc.NormServiceStub(self._channel)
+        self._raw = raw_methods(self._channel)
 
     def __repr__(self) -> str:
         return f"AsyncClient({self.target!r})"
@@ -79,7 +81,7 @@ class AsyncClient(_Transport, _Api):
             return done.value
 
     async def _invoke(self, call: Call):
-        method = getattr(self._stub, call.method)
+        method = self._raw[call.method] if call.raw else getattr(self._stub, call.method)
         deadline = self._deadline(call)
         for attempt in itertools.count(1):
             try:

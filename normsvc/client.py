@@ -17,8 +17,8 @@ Transport behaviour:
 
 * every call has a deadline (``timeout``, default 30 s) that covers its retries;
 * UNAVAILABLE is retried with exponential backoff and jitter (:class:`Retry`).
-  That is safe because every mutation carries a ``request_id`` (a fresh uuid
-  per call unless you pass one), which the retry reuses, and the server
+  That is safe because every mutation carries a ``request_id`` (a fresh random
+  id per call unless you pass one), which the retry reuses, and the server
   applies a request id once;
 * tensors whose request would exceed the server's message limit
   (``max_message_bytes``, the server's ``--max-message-mb``, default 64 MiB)
@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import os
 import random
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 import grpc
 import numpy as np
 
+from . import _wire
 from ._proto import normsvc_pb2 as pb
 from ._proto import normsvc_pb2_grpc as pb_grpc
 from .client_errors import from_rpc_error
@@ -55,7 +56,7 @@ from .running import RunningStats
 from .server.convert import config_kwargs, config_to_pb
 from .store.config import DEFAULT, LayerConfig, make_config
 from .store.errors import InvalidArgument
-from .tensor_codec import DTYPES, Assembler, chunks, decode, decode_moments, encode, encode_moments
+from .tensor_codec import DTYPES, Assembler, chunks, decode, decode_moments, encode
 
 __all__ = [
     "Client",
@@ -191,6 +192,16 @@ def channel_credentials(tls) -> tuple[grpc.ChannelCredentials | None, list]:
     )
 
 
+#: Methods whose requests the client serializes itself -> the response deserializer (see :mod:`._wire`).
+RAW_METHODS = {"Normalize": _wire.normalize_y}
+
+
+def raw_methods(channel) -> dict:
+    """Callables for :data:`RAW_METHODS` on a channel (sync or ``grpc.aio``): bytes in, parsed out."""
+    return {name: channel.unary_unary(f"/normsvc.v1.NormService/{name}", response_deserializer=parse)
+            for name, parse in RAW_METHODS.items()}
+
+
 #: Channel options of every client: message sizes are the server's to limit.
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
@@ -208,21 +219,39 @@ class Call:
     ``request`` is a message, or for a client-streaming call a function that
     returns a fresh iterator of messages (a retry sends them again).
     ``streaming`` calls (NormalizeStream) answer with the list of response
-    messages.  ``timeout`` DEFAULT means the client's.
+    messages.  ``raw`` calls send bytes and answer what :data:`RAW_METHODS`
+    parse (Normalize: y).  ``timeout`` DEFAULT means the client's.
     """
 
     method: str
     request: Any
     streaming: bool = False
     timeout: Any = DEFAULT
+    raw: bool = False
+
+
+# Every call builds or reads a few small float64 tensors: these two skip the
+# general codec's checks (the server validates requests, and answers float64).
+
+def _put_f64(out: pb.Tensor, array: np.ndarray) -> None:
+    out.dtype = pb.DTYPE_FLOAT64
+    out.shape.extend(array.shape)
+    out.data = array.astype("<f8", copy=False).tobytes()
+
+
+def _f64(t: pb.Tensor, field: str) -> np.ndarray:
+    """A float64 array you may modify, from a Tensor message."""
+    data, shape = t.data, tuple(t.shape)
+    if t.dtype == pb.DTYPE_FLOAT64 and len(data) == 8 * math.prod(shape):
+        return np.frombuffer(data, dtype="<f8").reshape(shape).astype(np.float64)
+    return np.array(decode(t, field=field, finite=False), dtype=np.float64)
 
 
 def stats_from_pb(msg: pb.RunningStats) -> RunningStats:
     """A RunningStats message -> :class:`RunningStats` (float64 arrays you may modify)."""
     mean = variance = None
     if msg.HasField("mean"):
-        mean = np.array(decode(msg.mean, field="stats.mean", finite=False), dtype=np.float64)
-        variance = np.array(decode(msg.variance, field="stats.variance", finite=False), dtype=np.float64)
+        mean, variance = _f64(msg.mean, "stats.mean"), _f64(msg.variance, "stats.variance")
     return RunningStats(
         mean, variance, float(msg.count), int(msg.num_batches), int(msg.version), bool(msg.frozen),
         msg.updated_at.seconds + msg.updated_at.nanos * 1e-9,
@@ -236,7 +265,7 @@ def config_from_pb(msg: pb.LayerConfig) -> LayerConfig:
 
 def new_request_id(request_id) -> str:
     """The caller's request id, or a fresh one: a retry of the call reuses it."""
-    return uuid.uuid4().hex if request_id is None else request_id
+    return os.urandom(16).hex() if request_id is None else request_id
 
 
 def _moments_pb(name: str, moments, out: pb.LayerMoments) -> None:
@@ -246,7 +275,12 @@ def _moments_pb(name: str, moments, out: pb.LayerMoments) -> None:
             layer=name, field="moments",
         )
     out.layer = name
-    encode_moments(moments, out.moments)
+    count, m2 = moments.count, moments.m2
+    msg = out.moments
+    _put_f64(msg.count, count)
+    _put_f64(msg.mean, moments.mean)
+    # Moments.variance without its errstate context: m2 / count, 0 for empty groups
+    _put_f64(msg.variance, np.divide(m2, count, out=np.zeros(m2.shape), where=count > 0))
 
 
 def _array(value, field: str, layer: str) -> np.ndarray:
@@ -273,6 +307,7 @@ def _param_pb(value, field: str, out: pb.Tensor) -> None:
 
 
 _DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
+_X_FIELD = pb.NormalizeRequest.DESCRIPTOR.fields_by_name["x"].number
 _NAMINGS = {"keras": pb.NAMING_KERAS, "torch": pb.NAMING_TORCH}
 _EXPORT_DTYPES = {"float64": pb.DTYPE_FLOAT64, "float32": pb.DTYPE_FLOAT32}
 _MODES = {True: pb.MODE_TRAINING, False: pb.MODE_INFERENCE}
@@ -405,11 +440,12 @@ class protocol:
         rid = new_request_id(request_id) if updates else (request_id or "")
         size = x.nbytes + sum(len(t.data) for t in params.values()) + _MESSAGE_OVERHEAD
         if size <= max_message_bytes:
-            request = pb.NormalizeRequest(layer=name, x=encode(x), mode=mode, request_id=rid, **params)
+            request = pb.NormalizeRequest(layer=name, mode=mode, request_id=rid, **params)
             if training:
                 request.update = bool(update)
-            response = yield Call("Normalize", request)
-            return np.array(decode(response.y, field="y", finite=False))
+            x = x.astype(x.dtype.newbyteorder("<"), copy=False)
+            raw = _wire.with_tensor(request.SerializeToString(), _X_FIELD, x, _DTYPE_CODES[x.dtype])
+            return (yield Call("Normalize", raw, raw=True))  # answers y (see _wire)
         header = pb.NormalizeStreamHeader(layer=name, dtype=_DTYPE_CODES[x.dtype.newbyteorder("<")], shape=x.shape,
                                           mode=mode, request_id=rid, **params)
         if training:
@@ -640,9 +676,9 @@ class _Api:
 # --- the blocking driver -------------------------------------------------------------
 
 
-def _metadata(token) -> tuple:
+def _metadata(token) -> tuple | None:
     if token is None:
-        return ()
+        return None
     if not isinstance(token, str) or not token or token != token.strip():
         raise ValueError("token: expected a non-empty string without surrounding spaces")
     return (("authorization", f"Bearer {token}"),)
@@ -724,6 +760,7 @@ class Client(_Transport, _Api):
         else:
             self._channel = grpc.secure_channel(target, credentials, options=options)
         self._stub = pb_grpc.NormServiceStub(self._channel)
+        self._raw = raw_methods(self._channel)
 
     def __repr__(self) -> str:
         return f"Client({self.target!r})"
@@ -747,7 +784,7 @@ class Client(_Transport, _Api):
             return done.value
 
     def _invoke(self, call: Call):
-        method = getattr(self._stub, call.method)
+        method = self._raw[call.method] if call.raw else getattr(self._stub, call.method)
         deadline = self._deadline(call)
         for attempt in itertools.count(1):
             try:
