@@ -23,9 +23,11 @@ $(call STAMP,bench): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
-## test: install the project with its test extras and run the whole suite
+## test: install the project with its test extras and run the whole suite; the CUDA
+## kernels run under numba's CUDA simulator in a second process (no GPU needed)
 test: $(call STAMP,test)
 	$(PY) -m pytest
+	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest tests/cuda
 
 ## serve: install the project and run the gRPC server on 127.0.0.1:50051, sqlite store in ./.normsvc/
 serve: $(call STAMP,serve)
