@@ -8,6 +8,7 @@ transcripts (return values, exception classes and messages) must agree.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import uuid
 from concurrent import futures
@@ -386,6 +387,7 @@ def test_tokens(start_server, tmp_path):
         assert reader.layer("team/bn").stats().version == 1
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
 def test_mutual_tls(start_server, tmp_path):
     from server.server_util import make_pki
 
