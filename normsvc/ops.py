@@ -159,10 +159,19 @@ def _compute_view(x: np.ndarray, plan: Plan) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def _unit_tables(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+def _unit_tables(rows: int, cols: int, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
     # private and never written: left writeable, since readonly arrays would
     # compile a second signature of every kernel
-    return np.ones((rows, cols)), np.zeros((rows, cols))
+    return np.ones((rows, cols), dtype), np.zeros((rows, cols), dtype)
+
+
+def _cpu_tables(g: np.ndarray, h: np.ndarray, xv: np.ndarray):
+    """gamma/beta tables in the dtype the CPU apply pass computes in (x's)."""
+    if g.dtype == xv.dtype:
+        return g, h
+    ones, zeros = _unit_tables(*g.shape)
+    return (_unit_tables(*g.shape, xv.dtype)[0] if g is ones else g.astype(xv.dtype),
+            _unit_tables(*h.shape, xv.dtype)[1] if h is zeros else h.astype(xv.dtype))
 
 
 @dataclass(frozen=True)
@@ -261,6 +270,7 @@ def _norm(kind: str, x, axis, groups, epsilon, gamma, beta, mean, variance, devi
     if not isinstance(x, np.ndarray):
         return _norm_cuda(prep, x, eps, g, h, mean, variance)
     xv = _compute_view(x, plan)
+    g, h = _cpu_tables(g, h, xv)
     if mean is None and variance is None:
         y, mu, m2 = cpu.normalize(xv, eps, prep.rms, g, h)
         stats = Moments._trusted(plan.count, plan.stats_from_view(mu), plan.stats_from_view(m2))
@@ -268,13 +278,10 @@ def _norm(kind: str, x, axis, groups, epsilon, gamma, beta, mean, variance, devi
         raise ValueError("pass both mean and variance (inference mode) or neither (training mode)")
     else:
         mu, var = _stat_tables(plan, mean, variance)
-        if prep.rms:
-            p = 1.0 / np.sqrt(var + mu * mu + eps)
-            q = np.zeros_like(p)
+        if prep.rms:  # y = x * rsqrt(mean(x^2) + eps): no centering
+            y = cpu.apply(xv, np.zeros_like(mu), 1.0 / np.sqrt(var + mu * mu + eps), g, h)
         else:
-            p = 1.0 / np.sqrt(var + eps)
-            q = -mu * p
-        y = cpu.apply(xv, p, q, g, h)
+            y = cpu.apply(xv, mu, 1.0 / np.sqrt(var + eps), g, h)
         stats = None
     y = plan.from_view(y)
     if x.dtype == np.float16:
@@ -383,14 +390,14 @@ def normalize(x, mean, variance, *, offset=None, scale=None, epsilon=1e-3, devic
     A, B, C, D, E = plan.view
     mu = plan.table(arrays["mean"], plan.stat_axes, A, C)
     var = plan.table(arrays["variance"], plan.stat_axes, A, C)
-    p = 1.0 / np.sqrt(var + eps)
-    q = -mu * p
     ones, zeros = _unit_tables(C, D)
     g = plan.table(arrays["scale"], plan.affine_axes, C, D) if "scale" in arrays else ones
     h = plan.table(arrays["offset"], plan.affine_axes, C, D) if "offset" in arrays else zeros
     if not isinstance(x, np.ndarray):
         return _cuda().normalize(x, plan, g, h, eps=eps, stats=(mu, var))[0]
-    y = plan.from_view(cpu.apply(_compute_view(x, plan), p, q, g, h))
+    xv = _compute_view(x, plan)
+    g, h = _cpu_tables(g, h, xv)
+    y = plan.from_view(cpu.apply(xv, mu, 1.0 / np.sqrt(var + eps), g, h))
     return y.astype(x.dtype) if y.dtype != x.dtype else y
 
 

@@ -55,17 +55,31 @@ def test_moments_kernel_matches_numpy(shape, dtype, rng):
 def test_apply_kernel_matches_the_formula(shape, dtype, rng):
     A, _, C, D, _ = shape
     x = rng.normal(size=shape).astype(dtype)
-    p, q = rng.uniform(0.5, 2, size=(A, C)), rng.normal(size=(A, C))
-    g, h = rng.normal(size=(C, D)), rng.normal(size=(C, D))
+    center, p = rng.normal(size=(A, C)), rng.uniform(0.5, 2, size=(A, C))
+    g, h = rng.normal(size=(C, D)).astype(dtype), rng.normal(size=(C, D)).astype(dtype)
     out = np.full_like(x, np.nan)
-    y = cpu.apply(x, p, q, g, h, out=out)
+    y = cpu.apply(x, center, p, g, h, out=out)
     assert y is out and y.dtype == x.dtype
-    want = (x.astype(np.float64) * p[:, None, :, None, None] + q[:, None, :, None, None]) * g[
+    want = (x.astype(np.float64) - center[:, None, :, None, None]) * p[:, None, :, None, None] * g[
         None, None, :, :, None
     ] + h[None, None, :, :, None]
-    # magnitudes are O(10): float32 output rounding is ~1e-6, float64 ~1e-15
+    # magnitudes are O(10) and float32 runs in float32: a few ulps, ~1e-5; float64 ~1e-15
     atol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(y, want, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e5])
+def test_apply_keeps_precision_far_from_zero(offset, rng):
+    """float32 x = offset + noise, centered on its float64 mean: y is accurate to ~ulp(x)."""
+    x = (offset + rng.normal(size=(1, 4096, 8, 1, 1))).astype(np.float32)
+    x64 = x.astype(np.float64)
+    center = x64.mean(axis=1).reshape(1, 8)
+    p = 1 / x64.std(axis=1).reshape(1, 8)
+    ones, zeros = np.ones((8, 1), np.float32), np.zeros((8, 1), np.float32)
+    y = cpu.apply(x, center, p, ones, zeros)
+    want = (x64 - center[:, None, :, None, None]) * p[:, None, :, None, None]
+    # x itself is exact; a folded x*s + t in float32 would be off by ~ulp(offset) = 1e-3 .. 1e-2
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-5)
 
 
 @pytest.fixture
@@ -83,7 +97,7 @@ def test_dispatch_switches_to_the_parallel_kernels_at_the_threshold(size, rng, k
     calls = kernel_calls
     x = rng.normal(size=(1, size, 1, 1, 1))
     cpu.moments(x)
-    cpu.apply(x, np.ones((1, 1)), np.zeros((1, 1)), np.ones((1, 1)), np.zeros((1, 1)))
+    cpu.apply(x, np.zeros((1, 1)), np.ones((1, 1)), np.ones((1, 1)), np.zeros((1, 1)))
     expected = "parallel" if size >= cpu.SERIAL_BELOW else "serial"
     assert calls == [f"_moments_{expected}", f"_apply_{expected}"]
 

@@ -4,9 +4,9 @@ Two passes cover every norm:
 
 * ``moments(x)`` with ``x`` viewed as ``[A, B, C, F]`` (F = D*E merged):
   per-(a, c) mean and m2 over b and f.
-* ``apply(x, p, q, g, h, out)`` with ``x`` viewed as ``[A, B, C, D, E]``:
-  ``out = (x * p[a, c] + q[a, c]) * g[c, d] + h[c, d]``, folded per task into
-  one scale and one shift per (c, d).
+* ``apply(x, center, p, g, h, out)`` with ``x`` viewed as ``[A, B, C, D, E]``:
+  ``out = (x - center[a, c]) * (p[a, c] * g[c, d]) + h[c, d]``, in x's dtype,
+  the center split in two so that large offsets keep their precision.
 
 Numerics: sums are shifted by the first element of each group and
 accumulated in float64, so float32 data with |mean| = 1e4 * std still gives
@@ -40,9 +40,12 @@ ROW_MODE_BELOW = 16
 #: Parallel tasks per thread: a little over-decomposition evens out the load.
 TASKS_PER_THREAD = 4
 
-_FASTMATH = {"reassoc", "contract"}  # vectorised reductions; NaN/Inf still propagate
+# Reductions may be reassociated (vectorised sums); NaN/Inf still propagate.
+# The apply pass must not be: ((x - hi) - lo) would fold into x - (hi + lo).
+_FASTMATH = {"reassoc", "contract"}
 # error_model="numpy": x/0 gives inf/nan as in numpy (epsilon=0 on a constant group), no exception
 _OPTS = dict(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
+_APPLY_OPTS = dict(_OPTS, fastmath={"contract"})
 
 
 @njit(**_OPTS)
@@ -131,17 +134,25 @@ def _shift(x):
 
 
 @njit(**_OPTS)
-def _finish(n, shift, s1, s2, eps, rms):
-    """Sum the per-task partials; return mean, m2 and the folded p, q (all (A, C)).
+def _scale(n, mu, m, eps, rms):
+    """(p, center) for ``(x - center) * p`` from a group's mean and m2.
 
-    p = rsqrt(var + eps) and q = -mean * p, or for RMS norm
-    p = rsqrt(mean(x^2) + eps) and q = 0.
+    center = mean and p = rsqrt(var + eps); for RMS norm center = 0 and
+    p = rsqrt(mean(x^2) + eps).
     """
+    if rms:
+        return 1.0 / np.sqrt(m / n + mu * mu + eps), 0.0
+    return 1.0 / np.sqrt(m / n + eps), mu
+
+
+@njit(**_OPTS)
+def _finish(n, shift, s1, s2, eps, rms):
+    """Sum the per-task partials; return (A, C) arrays mean, m2, p, center."""
     A, nb, C = s1.shape
     mean = np.empty((A, C))
     m2 = np.empty((A, C))
     p = np.empty((A, C))
-    q = np.empty((A, C))
+    center = np.empty((A, C))
     for a in range(A):
         for c in range(C):
             t1 = 0.0
@@ -150,43 +161,40 @@ def _finish(n, shift, s1, s2, eps, rms):
                 t1 += s1[a, j, c]
                 t2 += s2[a, j, c]
             mu = shift[a, c] + t1 / n
-            m = max(t2 - t1 * t1 / n, 0.0)
             mean[a, c] = mu
-            m2[a, c] = m
-            if rms:
-                p[a, c] = 1.0 / np.sqrt(m / n + mu * mu + eps)
-                q[a, c] = 0.0
-            else:
-                p[a, c] = 1.0 / np.sqrt(m / n + eps)
-                q[a, c] = -mu * p[a, c]
-    return mean, m2, p, q
+            m2[a, c] = max(t2 - t1 * t1 / n, 0.0)
+            p[a, c], center[a, c] = _scale(n, mu, m2[a, c], eps, rms)
+    return mean, m2, p, center
 
 
-@njit(**_OPTS)
-def _apply_rows(x2, y2, p, q, g, h, dims, a, b0, b1):
-    """y[a, b0:b1] = (x * p[a, c] + q[a, c]) * g[c, d] + h[c, d] over 2-D row views.
+@njit(**_APPLY_OPTS)
+def _apply_rows(x2, y2, center, p, g, h, dims, a, b0, b1):
+    """y[a, b0:b1] = (x - center[a, c]) * p[a, c] * g[c, d] + h[c, d] over 2-D row views.
 
-    The caller reshapes the 5-D view once per call to (rows, contiguous run)
-    for the layout's loop order; slicing or reshaping per row or per task
-    would cost more than the arithmetic on a short row.
+    Arithmetic runs in x's dtype (float32 vectorises twice as wide as
+    float64) with the center split into hi + lo parts: x - hi is exact for x
+    near the mean, so the |mean| >> std case keeps its precision.  g, h come
+    in x's dtype.  The caller reshapes the 5-D view once per call to (rows,
+    contiguous run) for the layout; slicing per row would cost more than
+    the arithmetic on a short row.
     """
     A, B, C, D, E = dims
+    dt = x2.dtype.type
     if E > 1:
         # channels-first: one scale and shift per (c, d), contiguous e loop; x2 is (A*B*C*D, E)
         for b in range(b0, b1):
             for c in range(C):
-                pc = p[a, c]
-                qc = q[a, c]
-                gc = g[c]
-                hc = h[c]
+                hi = dt(center[a, c])
+                lo = dt(center[a, c] - hi)
+                pc = dt(p[a, c])
                 r0 = ((a * B + b) * C + c) * D
                 for d in range(D):
-                    sk = pc * gc[d]
-                    tk = qc * gc[d] + hc[d]
+                    sk = pc * g[c, d]
+                    tk = h[c, d]
                     xe = x2[r0 + d]
                     ye = y2[r0 + d]
                     for e in range(E):
-                        ye[e] = np.float64(xe[e]) * sk + tk
+                        ye[e] = ((xe[e] - hi) - lo) * sk + tk
     elif b1 - b0 == 1:
         # one row per statistic (layer norm): vectorise over d; x2 is (A*B*C, D)
         for c in range(C):
@@ -195,25 +203,33 @@ def _apply_rows(x2, y2, p, q, g, h, dims, a, b0, b1):
             yd = y2[r]
             gc = g[c]
             hc = h[c]
-            pc = p[a, c]
-            qc = q[a, c]
+            hi = dt(center[a, c])
+            lo = dt(center[a, c] - hi)
+            pc = dt(p[a, c])
             for d in range(D):
-                yd[d] = (np.float64(xd[d]) * pc + qc) * gc[d] + hc[d]
+                yd[d] = ((xd[d] - hi) - lo) * (pc * gc[d]) + hc[d]
     else:
         # many rows share the statistics (channels-last batch/group/instance):
-        # one scale and shift per row element; x2 is (A*B, C*D)
+        # per row element one center (hi, lo), one scale, one shift; x2 is (A*B, C*D)
         CD = C * D
-        s = np.empty(CD)
-        t = np.empty(CD)
+        sh = np.empty(CD, x2.dtype)
+        sl = np.empty(CD, x2.dtype)
+        sk = np.empty(CD, x2.dtype)
+        tk = np.empty(CD, x2.dtype)
         for c in range(C):
+            hi = dt(center[a, c])
+            lo = dt(center[a, c] - hi)
+            pc = dt(p[a, c])
             for d in range(D):
-                s[c * D + d] = p[a, c] * g[c, d]
-                t[c * D + d] = q[a, c] * g[c, d] + h[c, d]
+                sh[c * D + d] = hi
+                sl[c * D + d] = lo
+                sk[c * D + d] = pc * g[c, d]
+                tk[c * D + d] = h[c, d]
         for b in range(a * B + b0, a * B + b1):
             xb = x2[b]
             yb = y2[b]
             for k in range(CD):
-                yb[k] = np.float64(xb[k]) * s[k] + t[k]
+                yb[k] = ((xb[k] - sh[k]) - sl[k]) * sk[k] + tk[k]
 
 
 @njit(**_OPTS)
@@ -228,23 +244,23 @@ def _row_view(x, nb):
 
 
 @njit(**_OPTS)
-def _apply_serial(x, p, q, g, h, nb, out):
+def _apply_serial(x, center, p, g, h, nb, out):
     B = x.shape[1]
     x2 = _row_view(x, nb)
     y2 = _row_view(out, nb)
     for k in range(x.shape[0] * nb):
         a, j = k // nb, k % nb
-        _apply_rows(x2, y2, p, q, g, h, x.shape, a, j * B // nb, (j + 1) * B // nb)
+        _apply_rows(x2, y2, center, p, g, h, x.shape, a, j * B // nb, (j + 1) * B // nb)
 
 
 @njit(parallel=True, **_OPTS)
-def _apply_parallel(x, p, q, g, h, nb, out):
+def _apply_parallel(x, center, p, g, h, nb, out):
     B = x.shape[1]
     x2 = _row_view(x, nb)
     y2 = _row_view(out, nb)
     for k in prange(x.shape[0] * nb):
         a, j = k // nb, k % nb
-        _apply_rows(x2, y2, p, q, g, h, x.shape, a, j * B // nb, (j + 1) * B // nb)
+        _apply_rows(x2, y2, center, p, g, h, x.shape, a, j * B // nb, (j + 1) * B // nb)
 
 
 def _chunks(A: int, B: int, parallel: bool) -> int:
@@ -256,7 +272,47 @@ def _chunks(A: int, B: int, parallel: bool) -> int:
 
 
 @njit(**_OPTS)
-def _normalize_serial(x, eps, rms, g, h):
+def _segment_sums(seg):
+    """Mean and m2 of one contiguous segment (shifted float64 sums)."""
+    n = np.float64(seg.shape[0])
+    k0 = np.float64(seg[0])
+    t1 = 0.0
+    t2 = 0.0
+    for f in range(seg.shape[0]):
+        v = np.float64(seg[f]) - k0
+        t1 += v
+        t2 += v * v
+    return k0 + t1 / n, max(t2 - t1 * t1 / n, 0.0)
+
+
+@njit(**_APPLY_OPTS)
+def _segment_apply(seg, ys, gc, hc, E, center, p):
+    """ys = (seg - center) * p * g[d] + h[d] for one contiguous group (d = position // E).
+
+    The arithmetic of _apply_rows: x's dtype, center split into hi + lo.
+    """
+    dt = seg.dtype.type
+    hi = dt(center)
+    lo = dt(center - hi)
+    pc = dt(p)
+    if E == 1:
+        for d in range(seg.shape[0]):
+            ys[d] = ((seg[d] - hi) - lo) * (pc * gc[d]) + hc[d]
+    else:
+        D = seg.shape[0] // E
+        xs2 = seg.reshape(D, E)
+        ys2 = ys.reshape(D, E)
+        for d in range(D):
+            sk = pc * gc[d]
+            tk = hc[d]
+            xe = xs2[d]
+            ye = ys2[d]
+            for e in range(E):
+                ye[e] = ((xe[e] - hi) - lo) * sk + tk
+
+
+@njit(**_OPTS)
+def _normalize_serial(x, eps, rms, g, h, out):
     """The whole training-mode norm in one call, for small inputs.
 
     When each statistic group is one contiguous segment (B == 1: layer norm,
@@ -265,54 +321,28 @@ def _normalize_serial(x, eps, rms, g, h):
     back to back.
     """
     A, B, C, D, E = x.shape
-    out = np.empty_like(x)
-    mean = np.empty((A, C))
-    m2 = np.empty((A, C))
     if B == 1:
-        F = D * E
-        x2 = x.reshape(A * C, F)
-        y2 = out.reshape(A * C, F)
-        n = np.float64(F)
+        x2 = x.reshape(A * C, D * E)
+        y2 = out.reshape(A * C, D * E)
+        mean = np.empty((A, C))
+        m2 = np.empty((A, C))
+        n = np.float64(D * E)
         for r in range(A * C):
             a, c = r // C, r % C
             seg = x2[r]
-            k0 = np.float64(seg[0])
-            t1 = 0.0
-            t2 = 0.0
-            for f in range(F):
-                v = np.float64(seg[f]) - k0
-                t1 += v
-                t2 += v * v
-            mu = k0 + t1 / n
-            m = max(t2 - t1 * t1 / n, 0.0)
+            mu, m = _segment_sums(seg)
             mean[a, c] = mu
             m2[a, c] = m
-            if rms:
-                pc = 1.0 / np.sqrt(m / n + mu * mu + eps)
-                qc = 0.0
-            else:
-                pc = 1.0 / np.sqrt(m / n + eps)
-                qc = -mu * pc
-            gc = g[c]
-            hc = h[c]
-            ys = y2[r]
-            if E == 1:
-                for d in range(D):
-                    ys[d] = (np.float64(seg[d]) * pc + qc) * gc[d] + hc[d]
-            else:
-                for d in range(D):
-                    sk = pc * gc[d]
-                    tk = qc * gc[d] + hc[d]
-                    for e in range(d * E, (d + 1) * E):
-                        ys[e] = np.float64(seg[e]) * sk + tk
+            p, center = _scale(n, mu, m, eps, rms)
+            _segment_apply(seg, y2[r], g[c], h[c], E, center, p)
         return out, mean, m2
     x4 = x.reshape(A, B, C, D * E)
     shift = _shift(x4)
     s1 = np.empty((A, 1, C))
     s2 = np.empty((A, 1, C))
     _moments_serial(x4, shift, 1, s1, s2)
-    mean, m2, p, q = _finish(np.float64(B * D * E), shift, s1, s2, eps, rms)
-    _apply_serial(x, p, q, g, h, 1, out)
+    mean, m2, p, center = _finish(np.float64(B * D * E), shift, s1, s2, eps, rms)
+    _apply_serial(x, center, p, g, h, 1, out)
     return out, mean, m2
 
 
@@ -339,27 +369,30 @@ def normalize(x: np.ndarray, epsilon: float, rms: bool, g: np.ndarray, h: np.nda
     """Training-mode norm of a C-contiguous x[A, B, C, D, E]: returns (y, mean, m2).
 
     Statistics per (a, c) over b, d, e; ``y = (x - mean) * rsqrt(var + eps) * g + h``
-    (RMS: ``y = x * rsqrt(mean(x^2) + eps) * g``); g, h: float64 (C, D).
+    (RMS: ``y = x * rsqrt(mean(x^2) + eps) * g``); g, h: (C, D) in x's dtype.
     """
+    # outputs come from numpy, not from inside the kernels: numpy asks for
+    # huge pages on large arrays, numba's allocator does not, and first-touch
+    # page faults on 4 KiB pages can cost more than the norm itself
     if x.size < SERIAL_BELOW:
-        return _normalize_serial(x, epsilon, rms, g, h)
+        return _normalize_serial(x, epsilon, rms, g, h, np.empty_like(x))
     A, B, C, D, E = x.shape
     shift, s1, s2 = _moments(x.reshape(A, B, C, D * E), True)
-    mean, m2, p, q = _finish(np.float64(B * D * E), shift, s1, s2, epsilon, rms)
-    return apply(x, p, q, g, h), mean, m2
+    mean, m2, p, center = _finish(np.float64(B * D * E), shift, s1, s2, epsilon, rms)
+    return apply(x, center, p, g, h), mean, m2
 
 
-def apply(x, p, q, g, h, out=None) -> np.ndarray:
-    """``out = (x * p[a, c] + q[a, c]) * g[c, d] + h[c, d]`` for a C-contiguous x[A, B, C, D, E].
+def apply(x, center, p, g, h, out=None) -> np.ndarray:
+    """``out = (x - center[a, c]) * p[a, c] * g[c, d] + h[c, d]`` for a C-contiguous x[A, B, C, D, E].
 
-    p, q: float64 (A, C); g, h: float64 (C, D).  ``out`` has x's shape and
-    dtype (allocated when None).
+    center, p: float64 (A, C); g, h: (C, D) in x's dtype.  ``out`` has x's
+    shape and dtype (allocated when None).
     """
     if out is None:
         out = np.empty_like(x)
     parallel = x.size >= SERIAL_BELOW
     nb = _chunks(x.shape[0], x.shape[1], parallel)
-    (_apply_parallel if parallel else _apply_serial)(x, p, q, g, h, nb, out)
+    (_apply_parallel if parallel else _apply_serial)(x, center, p, g, h, nb, out)
     return out
 
 
