@@ -20,3 +20,22 @@ if _TESTS not in sys.path:
 def rng(request) -> np.random.Generator:
     """A numpy Generator seeded from the test id: reproducible, different per test."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def start_server():
+    """Factory: ``start_server(store="memory://", **serve_kwargs)`` -> a real in-process
+    server on 127.0.0.1, port 0; every server is stopped at teardown."""
+    from normsvc.server import serve
+
+    servers = []
+
+    def start(store="memory://", **kwargs):
+        kwargs.setdefault("watch_poll", 0.5)
+        server = serve(store, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(grace=0)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from normsvc.server import serve
 
 
 def start_process(*args, env=None, timeout=120):
@@ -37,22 +36,6 @@ def stop_process(proc) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(timeout=30)
-
-
-@pytest.fixture
-def start_server():
-    """Factory: ``start_server(store="memory://", **serve_kwargs)`` -> Server; all stopped at teardown."""
-    servers = []
-
-    def start(store="memory://", **kwargs):
-        kwargs.setdefault("watch_poll", 0.5)
-        server = serve(store, **kwargs)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop(grace=0)
 
 
 @pytest.fixture

@@ -6,23 +6,6 @@ import grpc
 import pytest
 
 from normsvc._proto import normsvc_pb2_grpc as pb_grpc
-from normsvc.server import serve
-
-
-@pytest.fixture
-def start_server():
-    """Factory: ``start_server(store="memory://", **serve_kwargs)``; every server is stopped at teardown."""
-    servers = []
-
-    def start(store="memory://", **kwargs):
-        kwargs.setdefault("watch_poll", 0.5)
-        server = serve(store, **kwargs)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop(grace=0)
 
 
 @pytest.fixture
