@@ -157,7 +157,7 @@ def run_checks(torch, normsvc, K, quick: bool, dtypes) -> int:
     gen = torch.Generator(device="cuda").manual_seed(1234)
     out("## Correctness (float64 reference on the GPU; err = worst |error| / tolerance, must be <= 1)")
     out("")
-    out(f"| case | shape | dtype | plan | y err | mean err | var err | 2nd call | result |")
+    out("| case | shape | dtype | plan | y err | mean err | var err | 2nd call | result |")
     out("|---|---|---|---|---|---|---|---|---|")
     for name, kind, shape, kw in check_cases(quick):
         for dt in dtypes:
