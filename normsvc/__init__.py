@@ -1,8 +1,9 @@
 """normsvc: streaming statistics for normalization layers.
 
 Numba kernels for batch, layer, instance, group and RMS normalization
-(:mod:`normsvc.ops`), the :class:`Moments` value type they reduce to, and
-(in later modules) a running-statistics store and a gRPC service.
+(:mod:`normsvc.ops`), the :class:`Moments` value type they reduce to, a
+:class:`Store` of running statistics per named layer, and :class:`Client`,
+the same interface over the gRPC service (``normsvc serve``).
 """
 
 from . import ops
