@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 import os
 import random
 import tempfile
@@ -53,10 +52,10 @@ from ._proto import normsvc_pb2_grpc as pb_grpc
 from .client_errors import from_rpc_error
 from .moments import Moments
 from .running import RunningStats
-from .server.convert import config_kwargs, config_to_pb
+from .convert import config_from_pb, config_to_pb, stats_from_pb
 from .store.config import DEFAULT, LayerConfig, make_config
 from .store.errors import InvalidArgument
-from .tensor_codec import DTYPES, Assembler, chunks, decode, decode_moments, encode
+from .tensor_codec import DTYPES, Assembler, chunks, decode_moments, encode
 
 __all__ = [
     "Client",
@@ -230,37 +229,11 @@ class Call:
     raw: bool = False
 
 
-# Every call builds or reads a few small float64 tensors: these two skip the
-# general codec's checks (the server validates requests, and answers float64).
-
 def _put_f64(out: pb.Tensor, array: np.ndarray) -> None:
+    """A float64 tensor without the general codec's checks (the server validates requests)."""
     out.dtype = pb.DTYPE_FLOAT64
     out.shape.extend(array.shape)
     out.data = array.astype("<f8", copy=False).tobytes()
-
-
-def _f64(t: pb.Tensor, field: str) -> np.ndarray:
-    """A float64 array you may modify, from a Tensor message."""
-    data, shape = t.data, tuple(t.shape)
-    if t.dtype == pb.DTYPE_FLOAT64 and len(data) == 8 * math.prod(shape):
-        return np.frombuffer(data, dtype="<f8").reshape(shape).astype(np.float64)
-    return np.array(decode(t, field=field, finite=False), dtype=np.float64)
-
-
-def stats_from_pb(msg: pb.RunningStats) -> RunningStats:
-    """A RunningStats message -> :class:`RunningStats` (float64 arrays you may modify)."""
-    mean = variance = None
-    if msg.HasField("mean"):
-        mean, variance = _f64(msg.mean, "stats.mean"), _f64(msg.variance, "stats.variance")
-    return RunningStats(
-        mean, variance, float(msg.count), int(msg.num_batches), int(msg.version), bool(msg.frozen),
-        msg.updated_at.seconds + msg.updated_at.nanos * 1e-9,
-    )
-
-
-def config_from_pb(msg: pb.LayerConfig) -> LayerConfig:
-    """A resolved LayerConfig message -> :class:`LayerConfig`, equal to the server store's."""
-    return make_config(**config_kwargs(msg))
 
 
 def new_request_id(request_id) -> str:

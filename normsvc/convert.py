@@ -1,21 +1,36 @@
-"""protobuf messages <-> store values (LayerConfig, RunningStats, layers).
+"""protobuf messages <-> store values (LayerConfig, RunningStats, layers, enums).
 
-Only translation: defaults and validation belong to the store
+Shared by the server (store values -> responses, requests -> store calls) and
+the client (responses -> store values); it imports nothing from either, and
+not grpc.  Only translation: defaults and validation belong to the store
 (:func:`normsvc.store.config.make_config`), which sees an unset proto field
-as an argument left out.
+as an argument left out.  Errors are the store's ``InvalidArgument`` (the
+server maps it to INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
 
-from google.protobuf.timestamp_pb2 import Timestamp
+import math
 
-from .._proto import normsvc_pb2 as pb
-from ..running import RunningStats
-from ..store.config import LayerConfig
-from ..tensor_codec import encode
-from .errors import InvalidArgument
+import numpy as np
 
-__all__ = ["config_kwargs", "config_to_pb", "stats_to_pb", "layer_to_pb", "naming", "training", "export_dtype"]
+from ._proto import normsvc_pb2 as pb
+from .running import RunningStats
+from .store.config import LayerConfig, make_config
+from .store.errors import InvalidArgument
+from .tensor_codec import decode
+
+__all__ = [
+    "config_kwargs",
+    "config_to_pb",
+    "config_from_pb",
+    "stats_to_pb",
+    "stats_from_pb",
+    "layer_to_pb",
+    "naming",
+    "training",
+    "export_dtype",
+]
 
 KINDS = {
     pb.LAYER_KIND_BATCH: "batch",
@@ -98,19 +113,50 @@ def config_to_pb(config: LayerConfig, out: pb.LayerConfig) -> pb.LayerConfig:
     return out
 
 
+def _put_f64(array: np.ndarray, out: pb.Tensor) -> None:
+    """A float64 array into a Tensor message (the store's statistics are float64 and finite:
+    no checks of the general codec, one copy)."""
+    out.dtype = pb.DTYPE_FLOAT64
+    out.shape[:] = array.shape
+    out.data = np.asarray(array, dtype="<f8").tobytes()
+
+
+def _f64(t: pb.Tensor, field: str) -> np.ndarray:
+    """A float64 array you may modify, from a Tensor message."""
+    data, shape = t.data, tuple(t.shape)
+    if t.dtype == pb.DTYPE_FLOAT64 and len(data) == 8 * math.prod(shape):
+        return np.frombuffer(data, dtype="<f8").reshape(shape).astype(np.float64)
+    return np.array(decode(t, field=field, finite=False), dtype=np.float64)
+
+
 def stats_to_pb(stats: RunningStats, out: pb.RunningStats | None = None) -> pb.RunningStats:
     out = pb.RunningStats() if out is None else out
     if stats.mean is not None:
-        encode(stats.mean, out.mean)
-        encode(stats.variance, out.variance)
+        _put_f64(stats.mean, out.mean)
+        _put_f64(stats.variance, out.variance)
     out.count = float(stats.count)
     out.num_batches = int(stats.num_batches)
     out.version = int(stats.version)
     out.frozen = bool(stats.frozen)
-    ts = Timestamp()
-    ts.FromNanoseconds(int(round(stats.updated_at * 1e9)))
-    out.updated_at.CopyFrom(ts)
+    nanos = int(round(stats.updated_at * 1e9))
+    out.updated_at.seconds, out.updated_at.nanos = divmod(nanos, 1_000_000_000)
     return out
+
+
+def stats_from_pb(msg: pb.RunningStats) -> RunningStats:
+    """A RunningStats message -> :class:`RunningStats` (float64 arrays you may modify)."""
+    mean = variance = None
+    if msg.HasField("mean"):
+        mean, variance = _f64(msg.mean, "stats.mean"), _f64(msg.variance, "stats.variance")
+    return RunningStats(
+        mean, variance, float(msg.count), int(msg.num_batches), int(msg.version), bool(msg.frozen),
+        msg.updated_at.seconds + msg.updated_at.nanos * 1e-9,
+    )
+
+
+def config_from_pb(msg: pb.LayerConfig) -> LayerConfig:
+    """A resolved LayerConfig message -> :class:`LayerConfig`, equal to the server store's."""
+    return make_config(**config_kwargs(msg))
 
 
 def layer_to_pb(name: str, config: LayerConfig, stats: RunningStats | None, out: pb.Layer) -> pb.Layer:

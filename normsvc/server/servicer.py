@@ -19,7 +19,7 @@ from .._proto import normsvc_pb2 as pb
 from .._proto import normsvc_pb2_grpc as pb_grpc
 from ..store.errors import LayerNotFound, StoreError
 from ..tensor_codec import Assembler, chunks, decode, decode_moments, encode, encode_moments
-from . import convert
+from .. import convert
 from .allreduce import Rendezvous
 from .errors import InvalidArgument
 from .limits import Limits
