@@ -82,6 +82,13 @@ class Moments:
         return m
 
     @classmethod
+    def _checked(cls, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> "Moments":
+        """Wrap float64 arrays whose shapes the caller checked (the tensor codec), skipping validation."""
+        m = object.__new__(cls)
+        m.__dict__.update(count=count, mean=mean, m2=m2)
+        return m
+
+    @classmethod
     def from_variance(cls, count, mean, variance) -> "Moments":
         """Build from a count, a mean and the *biased* (population) variance."""
         count = _f64(count, "count")

@@ -50,7 +50,7 @@ Wu, Y., Johnson, J. (2021). Rethinking "Batch" in BatchNorm. arXiv:2105.07576
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -220,10 +220,12 @@ def apply_update(
         new_mean, new_var = merged.mean, merged.variance
     else:
         raise ValueError(f"convention={convention!r}: expected one of {', '.join(CONVENTIONS)}")
-    return replace(
-        state,
-        mean=np.asarray(new_mean, dtype=np.float64),
-        variance=np.asarray(new_var, dtype=np.float64),
-        count=state.count + batch.count,
-        num_batches=num_batches,
+    return RunningStats(
+        np.asarray(new_mean, dtype=np.float64),
+        np.asarray(new_var, dtype=np.float64),
+        state.count + batch.count,
+        num_batches,
+        state.version,
+        state.frozen,
+        state.updated_at,
     )

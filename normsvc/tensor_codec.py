@@ -32,6 +32,7 @@ __all__ = [
     "encode",
     "decode",
     "decode_header",
+    "check_finite",
     "encode_moments",
     "decode_moments",
     "chunks",
@@ -85,8 +86,8 @@ def decode_header(dtype: int, shape, *, field: str, max_elements: int | None = N
     if np_dtype is None:
         name = pb.DType.Name(dtype) if dtype in pb.DType.values() else str(dtype)
         raise TensorError(f"{field}.dtype", f"is {name}: expected one of {_NAMES}")
-    shape = tuple(int(s) for s in shape)
-    if any(s < 0 for s in shape):
+    shape = tuple(shape)  # proto int64s: Python ints already
+    if shape and min(shape) < 0:
         raise TensorError(f"{field}.shape", f"is {list(shape)}: expected sizes >= 0")
     n = math.prod(shape)
     if max_elements is not None and n > max_elements:
@@ -98,7 +99,7 @@ def decode_header(dtype: int, shape, *, field: str, max_elements: int | None = N
 
 def decode(t: pb.Tensor, *, field: str, max_elements: int | None = None,
            finite: bool = True, data=None) -> np.ndarray:
-    """The read-only numpy array a Tensor message holds.
+    """The read-only numpy array a Tensor message holds (no copy: a view of the message's bytes).
 
     Parameters
     ----------
@@ -121,10 +122,18 @@ def decode(t: pb.Tensor, *, field: str, max_elements: int | None = None,
             f"for shape {list(shape)})",
         )
     a = np.frombuffer(data, dtype=np_dtype).reshape(shape)
-    if finite and a.size and not np.isfinite(a).all():
-        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-        raise TensorError(f"{field}.data", f"has {bad} NaN or Inf values: expected finite numbers")
+    if finite:
+        check_finite(a, field)
     return a
+
+
+def check_finite(a: np.ndarray, field: str) -> None:
+    """TensorError naming ``field.data`` unless every element of ``a`` is finite."""
+    # one reduction and one scalar test; a sum of finite values that overflows is told apart below
+    if a.size and not math.isfinite(np.add.reduce(a, axis=None, dtype=np.float64)):
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            raise TensorError(f"{field}.data", f"has {bad} NaN or Inf values: expected finite numbers")
 
 
 def encode_moments(m: Moments, out: pb.Moments | None = None) -> pb.Moments:
@@ -137,13 +146,18 @@ def encode_moments(m: Moments, out: pb.Moments | None = None) -> pb.Moments:
 
 
 def decode_moments(msg: pb.Moments, *, field: str, max_elements: int | None = None) -> Moments:
-    """Validated :class:`Moments` from a message (count >= 0, variance >= 0, shapes agree)."""
+    """Validated :class:`Moments` from a message: finite, count >= 0, variance >= 0, shapes agree.
+
+    This is the one check of a pushed message: the Moments are built without
+    repeating it (the store still checks what it needs of any Moments, such as
+    a positive count and the layer's shape).
+    """
     for part in ("count", "mean", "variance"):
         if not msg.HasField(part):
             raise TensorError(f"{field}.{part}", "is missing: expected a tensor")
-    count = decode(msg.count, field=f"{field}.count", max_elements=max_elements)
+    count = decode(msg.count, field=f"{field}.count", max_elements=max_elements, finite=False)
     mean = decode(msg.mean, field=f"{field}.mean", max_elements=max_elements)
-    variance = decode(msg.variance, field=f"{field}.variance", max_elements=max_elements)
+    variance = decode(msg.variance, field=f"{field}.variance", max_elements=max_elements, finite=False)
     if variance.shape != mean.shape:
         raise TensorError(
             f"{field}.variance", f"has shape {list(variance.shape)}: expected the mean's {list(mean.shape)}"
@@ -153,11 +167,14 @@ def decode_moments(msg: pb.Moments, *, field: str, max_elements: int | None = No
             f"{field}.count",
             f"has shape {list(count.shape)}: expected a scalar or the mean's {list(mean.shape)}",
         )
-    if (count < 0).any():
-        raise TensorError(f"{field}.count", "has negative entries: expected counts >= 0")
-    if (variance < 0).any():
-        raise TensorError(f"{field}.variance", "has negative entries: expected variances >= 0")
-    return Moments.from_variance(count, mean, variance)
+    for name, a in (("count", count), ("variance", variance)):
+        # min >= 0 and max < inf: False for NaN, -x and Inf alike
+        if a.size and not (a.min() >= 0 and a.max() < math.inf):
+            check_finite(a, f"{field}.{name}")
+            what = "counts" if name == "count" else "variances"
+            raise TensorError(f"{field}.{name}", f"has negative entries: expected {what} >= 0")
+    count, mean, variance = (a if a.dtype == np.float64 else a.astype(np.float64) for a in (count, mean, variance))
+    return Moments._checked(count, mean, variance * count)
 
 
 def chunks(array: np.ndarray, size: int):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -211,13 +212,24 @@ def _request_id(request_id) -> str | None:
     return request_id
 
 
-def _all_finite(arr: np.ndarray) -> bool:
-    return bool(np.isfinite(arr).all())
+def _all_finite(*arrays: np.ndarray) -> bool:
+    """Whether every element of ``arrays`` is finite: one sum each (hot path), then
+    elementwise only when a sum is not finite (NaN/Inf, or finite values that overflow)."""
+    total = 0.0
+    for a in arrays:
+        total += float(np.add.reduce(a, axis=None))
+    if math.isfinite(total):
+        return True
+    return all(bool(np.isfinite(a).all()) for a in arrays)
 
 
-def _finite(arr: np.ndarray, field: str, layer: str) -> None:
-    if not _all_finite(arr):
-        raise InvalidArgument(f"{field} contains NaN or Inf: expected finite values", layer=layer, field=field)
+def _finite(moments: Moments, layer: str) -> None:
+    if _all_finite(moments.count, moments.mean, moments.m2):
+        return
+    for field in ("count", "mean", "m2"):
+        if not np.isfinite(getattr(moments, field)).all():
+            raise InvalidArgument(f"moments.{field} contains NaN or Inf: expected finite values",
+                                  layer=layer, field=f"moments.{field}")
 
 
 def _batch(record: Record, moments) -> BatchStatistics:
@@ -229,8 +241,7 @@ def _batch(record: Record, moments) -> BatchStatistics:
             layer=name,
             field="moments",
         )
-    for field in ("count", "mean", "m2"):
-        _finite(getattr(moments, field), f"moments.{field}", name)
+    _finite(moments, name)
     count = moments.count
     if count.ndim:
         if count.size == 0 or (count != count.flat[0]).any():
@@ -247,7 +258,7 @@ def _batch(record: Record, moments) -> BatchStatistics:
             layer=name,
             field="moments.count",
         )
-    if (moments.m2 < 0).any():
+    if moments.m2.size and np.minimum.reduce(moments.m2, axis=None) < 0:
         raise InvalidArgument(
             f"moments.m2 for layer {name!r} has negative entries: expected variances >= 0",
             layer=name,
@@ -309,7 +320,7 @@ def _update_fn(moments, now: float) -> Callable[[Record], Record]:
             stats = replace(stats, mean=fresh.mean, variance=fresh.variance)
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
             new = apply_update(stats, batch, convention=cfg.convention, momentum=cfg.momentum)
-        if not (_all_finite(new.mean) and _all_finite(new.variance)):
+        if not _all_finite(new.mean, new.variance):
             raise InvalidArgument(
                 f"moments for layer {record.name!r} overflow the running statistics to Inf",
                 layer=record.name,
