@@ -69,6 +69,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
         self.rendezvous = rendezvous or Rendezvous()
         self.metrics = metrics
         self.watch_poll = watch_poll
+        self._update_counters = {}
         # Layer.normalize's device argument, passed only off the CPU (resolved by serve())
         self._device = {} if device == "cpu" else {"device": device}
 
@@ -80,7 +81,10 @@ class NormServicer(pb_grpc.NormServiceServicer):
             self.hub.publish(name, s)
         if updates and self.metrics is not None:
             for name in stats:
-                self.metrics.layer_updates.labels(name, rpc).inc()
+                counter = self._update_counters.get((name, rpc))
+                if counter is None:  # labels() validates and locks: once per (layer, rpc)
+                    counter = self._update_counters[name, rpc] = self.metrics.layer_updates.labels(name, rpc)
+                counter.inc()
 
     def _moments(self, entries, field: str) -> dict:
         _required(entries, field)
