@@ -105,6 +105,9 @@ def _serve(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .server import serve
     from .server.limits import Limits
+    from .server.malloc import keep_large_blocks
+
+    keep_large_blocks()  # reuse Normalize's large buffers instead of page-faulting fresh ones (see the module)
 
     _sqlite_dir(args.store)
     limits = Limits(
