@@ -7,7 +7,8 @@ the transport does.  So the client writes a NormalizeRequest as the
 upb-serialized small fields followed by the ``x`` field written here (a
 message's fields may come in any order, each once), and reads ``y`` straight
 out of the received bytes.  Anything unexpected in a response falls back to
-upb.  Nothing else in normsvc needs this module.
+upb.  The server answers Normalize the same way (``NormServicer.Normalize``
+returns the response bytes with ``y`` written here).
 
 Examples
 --------
@@ -29,7 +30,7 @@ import numpy as np
 from ._proto import normsvc_pb2 as pb
 from .tensor_codec import DTYPES, decode
 
-__all__ = ["varint", "with_tensor", "normalize_y"]
+__all__ = ["varint", "with_tensor", "normalize_response", "normalize_y"]
 
 _LEN = 2  # wire type of length-delimited fields
 _VARINT = 0
@@ -115,13 +116,28 @@ def _tensor(buf: bytes, start: int, end: int) -> np.ndarray | None:
     return np.frombuffer(buf, dtype=np_dtype, count=count, offset=data[0]).reshape(shape).copy()
 
 
-def normalize_y(raw: bytes) -> np.ndarray:
-    """``y`` of a serialized NormalizeResponse (the client's response deserializer)."""
+def normalize_response(raw: bytes) -> tuple[np.ndarray, pb.Moments | None]:
+    """``y`` and ``batch_moments`` (a message, or None when absent) of a serialized NormalizeResponse.
+
+    The client's response deserializer.  The small moments are parsed by upb
+    from their own slice of the bytes; only y's bytes are read here.
+    """
     try:
-        spans = [(a, b) for number, wire, a, b in _fields(raw, 0, len(raw)) if number == 1 and wire == _LEN]
-        y = _tensor(raw, *spans[0]) if len(spans) == 1 else None
+        spans = {1: [], 2: []}
+        for number, wire, a, b in _fields(raw, 0, len(raw)):
+            if number in spans and wire == _LEN:
+                spans[number].append((a, b))
+        y = _tensor(raw, *spans[1][0]) if len(spans[1]) == 1 and len(spans[2]) <= 1 else None
     except (ValueError, IndexError):
         y = None
     if y is None:  # not the layout this module writes and reads: let upb parse it
-        y = np.array(decode(pb.NormalizeResponse.FromString(raw).y, field="y", finite=False))
-    return y
+        msg = pb.NormalizeResponse.FromString(raw)
+        y = np.array(decode(msg.y, field="y", finite=False))
+        return y, (msg.batch_moments if msg.HasField("batch_moments") else None)
+    moments = pb.Moments.FromString(raw[slice(*spans[2][0])]) if spans[2] else None
+    return y, moments
+
+
+def normalize_y(raw: bytes) -> np.ndarray:
+    """``y`` of a serialized NormalizeResponse."""
+    return normalize_response(raw)[0]

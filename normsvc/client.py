@@ -192,7 +192,7 @@ def channel_credentials(tls) -> tuple[grpc.ChannelCredentials | None, list]:
 
 
 #: Methods whose requests the client serializes itself -> the response deserializer (see :mod:`._wire`).
-RAW_METHODS = {"Normalize": _wire.normalize_y}
+RAW_METHODS = {"Normalize": _wire.normalize_response}
 
 
 def raw_methods(channel) -> dict:
@@ -399,7 +399,7 @@ class protocol:
         return stats_from_pb(response.stats)
 
     @staticmethod
-    def normalize(name, x, training, update, gamma, beta, request_id, max_message_bytes):
+    def normalize(name, x, training, update, gamma, beta, request_id, max_message_bytes, return_moments=False):
         if not isinstance(training, (bool, np.bool_)):
             raise InvalidArgument(f"training must be a bool, got {training!r}", field="training")
         x = _array(x, "x", name)
@@ -418,7 +418,10 @@ class protocol:
                 request.update = bool(update)
             x = x.astype(x.dtype.newbyteorder("<"), copy=False)
             raw = _wire.with_tensor(request.SerializeToString(), _X_FIELD, x, _DTYPE_CODES[x.dtype])
-            return (yield Call("Normalize", raw, raw=True))  # answers y (see _wire)
+            y, moments = yield Call("Normalize", raw, raw=True)  # parsed by _wire.normalize_response
+            if not return_moments:
+                return y
+            return y, (decode_moments(moments, field="batch_moments") if moments is not None else None)
         header = pb.NormalizeStreamHeader(layer=name, dtype=_DTYPE_CODES[x.dtype.newbyteorder("<")], shape=x.shape,
                                           mode=mode, request_id=rid, **params)
         if training:
@@ -437,7 +440,12 @@ class protocol:
         y = Assembler(result.dtype, result.shape, field="y")
         for message in responses[1:]:
             y.add(message.chunk)
-        return y.array(finite=False)
+        y = y.array(finite=False)
+        if not return_moments:
+            return y
+        moments = (decode_moments(result.batch_moments, field="batch_moments")
+                   if result.HasField("batch_moments") else None)
+        return y, moments
 
     @staticmethod
     def allreduce(moments, step, rank, world_size, group, update_stats, timeout):
@@ -569,13 +577,14 @@ class RemoteLayer:
         return self._client._run(protocol.set_state("ResetStats", self.name, request_id))
 
     def normalize(self, x, *, training: bool, update: bool = True, gamma=None, beta=None,
-                  request_id: str | None = None) -> np.ndarray:
+                  request_id: str | None = None, return_moments: bool = False):
         """Normalize ``x`` on the server as this layer; see :meth:`normsvc.store.Layer.normalize`.
 
+        Returns ``y``, or with ``return_moments=True`` ``(y, batch Moments or None)``.
         Tensors larger than one message go through NormalizeStream.
         """
         return self._client._run(protocol.normalize(self.name, x, training, update, gamma, beta, request_id,
-                                                    self._client.max_message_bytes))
+                                                    self._client.max_message_bytes, return_moments))
 
 
 class _Api:

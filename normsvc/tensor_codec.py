@@ -29,6 +29,7 @@ __all__ = [
     "TensorError",
     "TensorTooLarge",
     "DTYPES",
+    "DTYPE_CODES",
     "encode",
     "decode",
     "decode_header",
@@ -45,7 +46,8 @@ DTYPES = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_FLOAT64: np.dtype("<f8"),
 }
-_BY_NUMPY = {dt: code for code, dt in DTYPES.items()}
+#: little-endian numpy dtype -> proto DType
+DTYPE_CODES = {dt: code for code, dt in DTYPES.items()}
 _NAMES = ", ".join(pb.DType.Name(code) for code in DTYPES)
 
 
@@ -69,7 +71,7 @@ class TensorTooLarge(TensorError):
 def encode(array, out: pb.Tensor | None = None) -> pb.Tensor:
     """A Tensor message holding ``array`` (float16/32/64; other floats are refused)."""
     a = np.asarray(array)
-    code = _BY_NUMPY.get(a.dtype.newbyteorder("<")) if a.dtype.kind == "f" else None
+    code = DTYPE_CODES.get(a.dtype.newbyteorder("<")) if a.dtype.kind == "f" else None
     if code is None:
         raise TypeError(f"cannot encode dtype {a.dtype}: expected float16, float32 or float64")
     a = np.asarray(a, dtype=DTYPES[code], order="C")  # (ascontiguousarray would make scalars 1-D)

@@ -32,7 +32,7 @@ from .allreduce import Rendezvous
 from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from .limits import Limits
 from .metrics import Metrics
-from .servicer import NormServicer
+from .servicer import SERIALIZED_RESPONSES, NormServicer
 from .watch import WatchHub
 
 __all__ = ["serve", "Server", "SERVICE_NAME", "DEVICES", "resolve_device"]
@@ -130,6 +130,34 @@ class Server:
         self.stop(grace=0)
 
 
+class _Handlers:
+    """Stands in for a server to collect the generated code's method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = dict(handlers)
+
+
+def _serialized(response) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def _add_service(servicer: NormServicer, server) -> None:
+    """Register NormService as the generated code does, except that the methods in
+    :data:`.servicer.SERIALIZED_RESPONSES` answer bytes the servicer serialized itself."""
+    collected = _Handlers()
+    pb_grpc.add_NormServiceServicer_to_server(servicer, collected)
+    handlers = collected.handlers
+    for name in SERIALIZED_RESPONSES:
+        h = handlers[name]
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            h.unary_unary, request_deserializer=h.request_deserializer, response_serializer=_serialized)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def _read(path) -> bytes:
     return Path(path).read_bytes()
 
@@ -224,7 +252,7 @@ def serve(
             interceptors=interceptors,
             options=options,
         )
-        pb_grpc.add_NormServiceServicer_to_server(servicer, server)
+        _add_service(servicer, server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

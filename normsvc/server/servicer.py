@@ -18,14 +18,20 @@ import tempfile
 from .._proto import normsvc_pb2 as pb
 from .._proto import normsvc_pb2_grpc as pb_grpc
 from ..store.errors import LayerNotFound, StoreError
-from ..tensor_codec import Assembler, chunks, decode, decode_moments, encode, encode_moments
+from .. import _wire
+from ..tensor_codec import DTYPE_CODES, Assembler, chunks, decode, decode_moments, encode_moments
 from .. import convert
 from .allreduce import Rendezvous
 from .errors import InvalidArgument
 from .limits import Limits
 from .watch import DELETED, WatchHub, follow
 
-__all__ = ["NormServicer"]
+__all__ = ["NormServicer", "SERIALIZED_RESPONSES"]
+
+#: Methods whose servicer answers the serialized response (bytes), so that a large
+#: tensor is copied into the answer once; serve() registers them with a pass-through serializer.
+SERIALIZED_RESPONSES = ("Normalize",)
+_Y_FIELD = pb.NormalizeResponse.DESCRIPTOR.fields_by_name["y"].number
 
 #: Room AllReduceMoments leaves before the caller's deadline to answer DEADLINE_EXCEEDED itself.
 DEADLINE_MARGIN = 0.05
@@ -215,35 +221,41 @@ class NormServicer(pb_grpc.NormServiceServicer):
     # --- compute -------------------------------------------------------------
 
     def _normalize(self, name, x, mode, has_update, update, gamma, beta, request_id, rpc):
-        """Run the layer's normalize; returns (y, RunningStats or None)."""
+        """Run the layer's normalize; returns (y, batch Moments or None, RunningStats or None)."""
         training = convert.training(mode)
         update = training and (not has_update or update)
         max_el = self.limits.max_tensor_elements
         gamma = decode(gamma, field="gamma", max_elements=max_el) if gamma is not None else None
         beta = decode(beta, field="beta", max_elements=max_el) if beta is not None else None
         layer = self._layer(name)
-        y = layer.normalize(x, training=training, update=update, gamma=gamma, beta=beta,
-                            request_id=request_id or None, **self._device)
+        y, moments = layer.normalize(x, training=training, update=update, gamma=gamma, beta=beta,
+                                     request_id=request_id or None, return_moments=True, **self._device)
         stats = None
         if update:
             stats = layer.stats()
             self._published(rpc, {name: stats}, updates=not stats.frozen)
-        return y, stats
+        return y, moments, stats
 
     def Normalize(self, request, context):
+        """Answers the serialized NormalizeResponse (bytes: see :data:`SERIALIZED_RESPONSES`)."""
         if not request.HasField("x"):
             raise InvalidArgument("x is missing: expected a tensor", field="x")
         x = decode(request.x, field="x", max_elements=self.limits.max_tensor_elements)
-        y, stats = self._normalize(
+        y, moments, stats = self._normalize(
             request.layer, x, request.mode, request.HasField("update"), request.update,
             request.gamma if request.HasField("gamma") else None,
             request.beta if request.HasField("beta") else None,
             request.request_id, "Normalize",
         )
-        response = pb.NormalizeResponse(y=encode(y))
+        del x
+        response = pb.NormalizeResponse()
+        if moments is not None:
+            encode_moments(moments, response.batch_moments)
         if stats is not None:
             convert.stats_to_pb(stats, response.stats)
-        return response
+        # y's bytes go into the answer once, not three times (Tensor, message, serialization)
+        y = y.astype(y.dtype.newbyteorder("<"), copy=False)
+        return _wire.with_tensor(response.SerializeToString(), _Y_FIELD, y, DTYPE_CODES[y.dtype])
 
     def NormalizeStream(self, request_iterator, context):
         first = next(request_iterator, None)
@@ -257,7 +269,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
                                       "only chunks after the header", field="chunk")
             x.add(msg.chunk)
         x = x.array()
-        y, stats = self._normalize(
+        y, moments, stats = self._normalize(
             h.layer, x, h.mode, h.HasField("update"), h.update,
             h.gamma if h.HasField("gamma") else None,
             h.beta if h.HasField("beta") else None,
@@ -265,6 +277,8 @@ class NormServicer(pb_grpc.NormServiceServicer):
         )
         del x
         result = pb.NormalizeStreamResult(dtype=h.dtype, shape=y.shape)
+        if moments is not None:
+            encode_moments(moments, result.batch_moments)
         if stats is not None:
             convert.stats_to_pb(stats, result.stats)
         yield pb.NormalizeStreamResponse(result=result)

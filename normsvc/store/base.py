@@ -622,8 +622,14 @@ class Layer:
         return self._store._mutate([self.name], fn, request_id)[self.name].stats
 
     def normalize(self, x, *, training: bool, update: bool = True, gamma=None, beta=None,
-                  request_id: str | None = None) -> np.ndarray:
+                  request_id: str | None = None, return_moments: bool = False):
         """Normalize ``x`` as this layer; returns ``y`` (same shape and dtype as ``x``).
+
+        With ``return_moments=True`` returns ``(y, moments)``: the batch
+        :class:`~normsvc.moments.Moments` that normalized ``x`` in training
+        mode (what the ops return for this kind, pushed to the running
+        statistics unless ``update=False``), or None when the running
+        statistics did (inference mode, or a frozen layer).
 
         Parameters
         ----------
@@ -638,6 +644,8 @@ class Layer:
             created with ``scale=False`` / ``center=False``.  rms takes no beta.
         request_id : str, optional
             Makes the running update (if any) idempotent.
+        return_moments : bool
+            Also return the batch moments (None when none were used).
         """
         if not isinstance(training, (bool, np.bool_)):
             raise InvalidArgument(f"training must be a bool, got {training!r}", field="training")
@@ -651,10 +659,10 @@ class Layer:
         if training and not record.stats.frozen:
             y, moments = self._op(cfg, x, gamma, beta)
             if not update:
-                return y
+                return (y, moments) if return_moments else y
             try:
                 self.update(moments, request_id=request_id)
-                return y
+                return (y, moments) if return_moments else y
             except FrozenLayer:
                 record = self._store._record(self.name)  # frozen meanwhile: as if it had been all along
             except InvalidArgument as exc:
@@ -662,7 +670,8 @@ class Layer:
                     raise
                 raise InvalidArgument(f"x {np.shape(x)} does not fit the layer: {exc}", layer=self.name,
                                       field="x") from exc
-        return self._infer(record, x, gamma, beta)
+        y = self._infer(record, x, gamma, beta)
+        return (y, None) if return_moments else y
 
     # --- helpers ----------------------------------------------------------
 

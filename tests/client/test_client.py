@@ -200,6 +200,27 @@ def test_64_mib_tensor_goes_through_normalize_stream(server, rng):
     np.testing.assert_allclose(stats.mean, 0.1 * m.mean, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("max_message_bytes", [64 << 20, 100_000])  # unary Normalize, NormalizeStream
+def test_normalize_return_moments_mirrors_the_store(server, rng, max_message_bytes):
+    with Client(server.address, max_message_bytes=max_message_bytes) as client:
+        ln = client.create_layer("ln_moments", kind="layer", axis=-1)
+        x = rng.standard_normal((50, 300))
+        y, m = ln.normalize(x, training=True, return_moments=True)
+        want_y, want = normsvc.layer_norm(x, axis=-1, epsilon=1e-3)
+        np.testing.assert_allclose(y, want_y, rtol=1e-12, atol=1e-12)
+        assert isinstance(m, Moments)
+        np.testing.assert_allclose(m.mean, want.mean, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(m.m2, want.m2, rtol=1e-9)
+        np.testing.assert_array_equal(m.count, want.count)
+        y_inf, none = ln.normalize(x, training=False, return_moments=True)
+        assert none is None and y_inf.shape == x.shape
+        assert isinstance(ln.normalize(x, training=False), np.ndarray)
+        local = Store.open("memory://").create_layer("ln_moments", kind="layer", axis=-1)
+        y_local, m_local = local.normalize(x, training=True, return_moments=True)
+    np.testing.assert_array_equal(y, y_local)
+    np.testing.assert_allclose(m.variance, m_local.variance, rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_stream_chunks_reassemble_exactly(server, rng, dtype):
     """A small message limit forces NormalizeStream; odd sizes cross chunk boundaries."""

@@ -192,3 +192,17 @@ def test_concurrent_normalize_calls_run_the_parallel_kernels_safely(memory_serve
         t.join(120)
     for x, y in zip(xs, results):
         np.testing.assert_array_equal(y, ops.batch_norm(x, axis=-1, epsilon=1e-3)[0])
+
+
+def test_batch_moments_in_training_mode_only(stub, rng):
+    create(stub, "bn", momentum=0.9)
+    x = rng.normal(3, 2, (64, 8)).astype(np.float32)
+    m = normalize(stub, "bn", x).batch_moments
+    want = ops.moments(x, axes=[0])
+    np.testing.assert_array_equal(decode(m.mean, field="mean"), want.mean)
+    np.testing.assert_allclose(decode(m.variance, field="variance"), want.variance, rtol=1e-12)
+    np.testing.assert_array_equal(decode(m.count, field="count"), want.count)
+    assert normalize(stub, "bn", x, update=False).HasField("batch_moments")
+    assert not normalize(stub, "bn", x, mode=pb.MODE_INFERENCE).HasField("batch_moments")
+    stub.Freeze(pb.FreezeRequest(name="bn"))
+    assert not normalize(stub, "bn", x).HasField("batch_moments")

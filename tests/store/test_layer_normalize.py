@@ -179,3 +179,26 @@ def test_bad_inputs_change_nothing(store, assert_unchanged, rng):
     assert info.value.field == "gamma"
     with pytest.raises(InvalidArgument):
         layer.normalize(rng.normal(size=(4, 3)), training="yes")
+
+
+@pytest.mark.parametrize("update", [True, False])
+def test_return_moments_gives_the_batch_moments_of_the_ops(store, rng, update):
+    layer = store.create_layer("gn", kind="group", groups=2, axis=-1)
+    x = rng.normal(1.0, 2.0, size=(4, 5, 6)).astype(np.float32)
+    y, m = layer.normalize(x, training=True, update=update, return_moments=True)
+    want_y, want = ops.group_norm(x, groups=2, axis=-1, epsilon=1e-3)
+    np.testing.assert_array_equal(y, want_y)
+    for field in ("count", "mean", "m2"):
+        np.testing.assert_array_equal(getattr(m, field), getattr(want, field))
+    assert layer.stats().version == (1 if update else 0)
+
+
+def test_return_moments_is_none_without_batch_statistics(store, rng):
+    layer = store.create_layer("bn")
+    x = rng.normal(size=(8, 3))
+    y, m = layer.normalize(x, training=False, return_moments=True)
+    assert m is None and y.shape == x.shape
+    layer.freeze()
+    y2, m2 = layer.normalize(x, training=True, return_moments=True)  # frozen: running statistics
+    assert m2 is None
+    np.testing.assert_array_equal(y2, y)
