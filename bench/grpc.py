@@ -70,6 +70,12 @@ def resnet50_bn_channels() -> list[int]:
 
 
 def serve_echo() -> None:
+    # the same allocator settings `normsvc serve` takes at start-up, so the
+    # echo's large buffers are reused too and the comparison stays like for like
+    from normsvc.server.malloc import keep_large_blocks
+
+    keep_large_blocks()
+
     def echo(request, context):
         return request
 

@@ -131,8 +131,9 @@ def decode(t: pb.Tensor, *, field: str, max_elements: int | None = None,
 
 def check_finite(a: np.ndarray, field: str) -> None:
     """TensorError naming ``field.data`` unless every element of ``a`` is finite."""
-    # one reduction and one scalar test; a sum of finite values that overflows is told apart below
-    if a.size and not math.isfinite(np.add.reduce(a, axis=None, dtype=np.float64)):
+    # one reduction in a's own dtype (a float64 accumulator would convert every
+    # element) and one scalar test; a sum of finite values that overflows is told apart below
+    if a.size and not math.isfinite(np.add.reduce(a, axis=None)):
         bad = int(a.size - np.count_nonzero(np.isfinite(a)))
         if bad:
             raise TensorError(f"{field}.data", f"has {bad} NaN or Inf values: expected finite numbers")
