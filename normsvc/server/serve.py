@@ -14,7 +14,6 @@ server reflection.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from concurrent import futures
@@ -46,25 +45,20 @@ DEVICES = ("cpu", "cuda", "auto")
 def resolve_device(device: str) -> str:
     """``cpu``, ``cuda`` or ``auto`` -> the device Normalize runs its kernels on.
 
-    ``cuda`` fails unless a usable GPU is present (:func:`normsvc.ops.cuda_available`)
-    and the store's ``Layer.normalize`` takes a ``device``; ``auto`` picks cuda
-    then, and cpu otherwise.
+    ``cuda`` fails unless a usable GPU is present (:func:`normsvc.ops.cuda_available`);
+    ``auto`` picks cuda then, and cpu otherwise.
     """
     if device not in DEVICES:
         raise ValueError(f"device={device!r}: expected one of {', '.join(DEVICES)}")
     if device == "cpu":
         return "cpu"
     from .. import ops
-    from ..store import Layer
 
-    if not ops.cuda_available():
-        reason = "no usable CUDA GPU (numba.cuda sees none, or numba-cuda is not installed)"
-    elif "device" not in inspect.signature(Layer.normalize).parameters:
-        reason = "the store's Layer.normalize has no device option yet"
-    else:
+    if ops.cuda_available():
         return "cuda"
     if device == "cuda":
-        raise ValueError(f"device='cuda': {reason}; use --device cpu or auto")
+        raise ValueError("device='cuda': no usable CUDA GPU (numba.cuda sees none, or numba-cuda is "
+                         "not installed); use --device cpu or auto")
     return "cpu"
 
 

@@ -622,7 +622,7 @@ class Layer:
         return self._store._mutate([self.name], fn, request_id)[self.name].stats
 
     def normalize(self, x, *, training: bool, update: bool = True, gamma=None, beta=None,
-                  request_id: str | None = None, return_moments: bool = False):
+                  request_id: str | None = None, return_moments: bool = False, device: str = "auto"):
         """Normalize ``x`` as this layer; returns ``y`` (same shape and dtype as ``x``).
 
         With ``return_moments=True`` returns ``(y, moments)``: the batch
@@ -646,6 +646,9 @@ class Layer:
             Makes the running update (if any) idempotent.
         return_moments : bool
             Also return the batch moments (None when none were used).
+        device : {"auto", "cpu", "cuda"}
+            Where the kernels run, as in :mod:`normsvc.ops` (``"cuda"`` normalizes a
+            host array on the GPU; y comes back like x).
         """
         if not isinstance(training, (bool, np.bool_)):
             raise InvalidArgument(f"training must be a bool, got {training!r}", field="training")
@@ -657,7 +660,7 @@ class Layer:
             why = "rms norm has no offset" if cfg.kind == "rms" else "it has center=False"
             raise InvalidArgument(f"layer {self.name!r} takes no beta: {why}", layer=self.name, field="beta")
         if training and not record.stats.frozen:
-            y, moments = self._op(cfg, x, gamma, beta)
+            y, moments = self._op(cfg, x, gamma, beta, device)
             if not update:
                 return (y, moments) if return_moments else y
             try:
@@ -670,7 +673,7 @@ class Layer:
                     raise
                 raise InvalidArgument(f"x {np.shape(x)} does not fit the layer: {exc}", layer=self.name,
                                       field="x") from exc
-        y = self._infer(record, x, gamma, beta)
+        y = self._infer(record, x, gamma, beta, device)
         return (y, None) if return_moments else y
 
     # --- helpers ----------------------------------------------------------
@@ -683,19 +686,19 @@ class Layer:
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(str(exc), layer=self.name, field=_error_field(str(exc))) from exc
 
-    def _op(self, cfg: LayerConfig, x, gamma, beta):
+    def _op(self, cfg: LayerConfig, x, gamma, beta, device):
         eps = cfg.epsilon
         if cfg.kind == "batch":
-            return self._call(ops.batch_norm, x, axis=_axis_arg(cfg.axis), epsilon=eps, gamma=gamma, beta=beta)
+            return self._call(ops.batch_norm, x, axis=_axis_arg(cfg.axis), epsilon=eps, gamma=gamma, beta=beta, device=device)
         if cfg.kind == "layer":
-            return self._call(ops.layer_norm, x, axis=_axis_arg(cfg.axis), epsilon=eps, gamma=gamma, beta=beta)
+            return self._call(ops.layer_norm, x, axis=_axis_arg(cfg.axis), epsilon=eps, gamma=gamma, beta=beta, device=device)
         if cfg.kind == "rms":
-            return self._call(ops.rms_norm, x, axis=_axis_arg(cfg.axis), epsilon=eps, gamma=gamma)
+            return self._call(ops.rms_norm, x, axis=_axis_arg(cfg.axis), epsilon=eps, gamma=gamma, device=device)
         if cfg.kind == "instance":
-            return self._call(ops.instance_norm, x, axis=cfg.axis, epsilon=eps, gamma=gamma, beta=beta)
-        return self._call(ops.group_norm, x, groups=cfg.groups, axis=cfg.axis, epsilon=eps, gamma=gamma, beta=beta)
+            return self._call(ops.instance_norm, x, axis=cfg.axis, epsilon=eps, gamma=gamma, beta=beta, device=device)
+        return self._call(ops.group_norm, x, groups=cfg.groups, axis=cfg.axis, epsilon=eps, gamma=gamma, beta=beta, device=device)
 
-    def _infer(self, record: Record, x, gamma, beta) -> np.ndarray:
+    def _infer(self, record: Record, x, gamma, beta, device) -> np.ndarray:
         cfg, stats = record.config, record.stats
         if cfg.convention == "cumulative" and stats.count == 0:
             raise NoStatistics(
@@ -708,12 +711,12 @@ class Layer:
         eps = cfg.epsilon
         if cfg.kind == "batch":
             return self._call(ops.batch_norm, x, axis=_axis_arg(cfg.axis), epsilon=eps, gamma=gamma, beta=beta,
-                              mean=mean, variance=var)[0]
+                              mean=mean, variance=var, device=device)[0]
         if cfg.kind == "layer":
             return self._call(ops.layer_norm, x, axis=_axis_arg(cfg.axis), epsilon=eps, gamma=gamma, beta=beta,
-                              mean=mean, variance=var)[0]
+                              mean=mean, variance=var, device=device)[0]
         if cfg.kind == "rms":
-            return self._rms_infer(cfg, x, gamma, mean, var)
+            return self._rms_infer(cfg, x, gamma, mean, var, device)
         x_arr = x if hasattr(x, "ndim") else np.asarray(x)
         if x_arr.ndim < 2:
             raise InvalidArgument(
@@ -733,11 +736,11 @@ class Layer:
         mean, var = np.broadcast_to(mean, (n, groups)), np.broadcast_to(var, (n, groups))
         if cfg.kind == "instance":
             return self._call(ops.instance_norm, x, axis=cfg.axis, epsilon=eps, gamma=gamma, beta=beta,
-                              mean=mean, variance=var)[0]
+                              mean=mean, variance=var, device=device)[0]
         return self._call(ops.group_norm, x, groups=cfg.groups, axis=cfg.axis, epsilon=eps, gamma=gamma,
-                          beta=beta, mean=mean, variance=var)[0]
+                          beta=beta, mean=mean, variance=var, device=device)[0]
 
-    def _rms_infer(self, cfg: LayerConfig, x, gamma, mean, var) -> np.ndarray:
+    def _rms_infer(self, cfg: LayerConfig, x, gamma, mean, var, device) -> np.ndarray:
         x_arr = x if hasattr(x, "ndim") else np.asarray(x)
         if x_arr.ndim == 0:
             raise InvalidArgument("x is a scalar: expected an array of rank >= 1", layer=self.name, field="x")
@@ -756,7 +759,7 @@ class Layer:
                 )
             scale = g.reshape([x_arr.shape[i] if i in axes else 1 for i in range(x_arr.ndim)])
         mean_square = float(var + mean * mean)
-        return self._call(ops.normalize, x, 0.0, mean_square, scale=scale, epsilon=cfg.epsilon)
+        return self._call(ops.normalize, x, 0.0, mean_square, scale=scale, epsilon=cfg.epsilon, device=device)
 
 
 def _axis_arg(axis):

@@ -202,3 +202,19 @@ def test_return_moments_is_none_without_batch_statistics(store, rng):
     y2, m2 = layer.normalize(x, training=True, return_moments=True)  # frozen: running statistics
     assert m2 is None
     np.testing.assert_array_equal(y2, y)
+
+
+def test_normalize_takes_the_ops_device_argument():
+    import normsvc
+
+    store = normsvc.Store.open("memory://")
+    layer = store.create_layer("dev/bn", kind="batch", axis=-1)
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    y_cpu = layer.normalize(x, training=False, device="cpu")
+    np.testing.assert_array_equal(y_cpu, layer.normalize(x, training=False))
+    with pytest.raises(normsvc.InvalidArgument, match="device"):
+        layer.normalize(x, training=False, device="tpu")
+    if not normsvc.cuda_available():
+        with pytest.raises(RuntimeError, match="(?i)cuda"):
+            layer.normalize(x, training=True, device="cuda")
+        assert layer.stats().version == 0  # nothing applied by the failed call
