@@ -413,9 +413,9 @@ def run_timing(torch, normsvc, quick: bool) -> int:
         fn = getattr(normsvc, f"{kind}_norm")
         nbytes = x_ours.numel() * x_ours.element_size()
         dst = torch.empty_like(x_ours)
-        ours = lambda: fn(x_ours, epsilon=EPS, **kw)  # noqa: E731
-        theirs = lambda: tfn(x_torch)  # noqa: E731
-        copy = lambda: dst.copy_(x_ours)  # noqa: E731
+        ours = lambda x=x_ours: fn(x, epsilon=EPS, **kw)  # noqa: E731
+        theirs = lambda x=x_torch: tfn(x)  # noqa: E731
+        copy = lambda x=x_ours, d=dst: d.copy_(x)  # noqa: E731
         for f in (ours, theirs, copy):
             for _ in range(3):
                 f()
@@ -435,7 +435,7 @@ def run_timing(torch, normsvc, quick: bool) -> int:
         out(f"| {name} | {nbytes / 2**20:.0f} MiB | {copy_gbs:.0f} | {med['theirs'] * 1e3:.0f} | {med['ours'] * 1e3:.0f} "
             f"| {med['call'] * 1e3:.0f} | {vs_torch:.2f}x | {of_copy:.2f} | >= 1x torch, >= {frac:.2f} copy "
             f"| {'met' if ok else 'MISSED'} |")
-        del x_ours, x_torch, dst
+        del x_ours, x_torch, dst, ours, theirs, copy  # free the GPU memory before the next case
         torch.cuda.empty_cache()
     out("")
     return misses
