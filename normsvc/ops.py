@@ -165,13 +165,12 @@ def _unit_tables(rows: int, cols: int, dtype=np.float64) -> tuple[np.ndarray, np
     return np.ones((rows, cols), dtype), np.zeros((rows, cols), dtype)
 
 
-def _cpu_tables(g: np.ndarray, h: np.ndarray, xv: np.ndarray):
-    """gamma/beta tables in the dtype the CPU apply pass computes in (x's)."""
-    if g.dtype == xv.dtype:
-        return g, h
-    ones, zeros = _unit_tables(*g.shape)
-    return (_unit_tables(*g.shape, xv.dtype)[0] if g is ones else g.astype(xv.dtype),
-            _unit_tables(*h.shape, xv.dtype)[1] if h is zeros else h.astype(xv.dtype))
+def _table_dtype(x) -> np.dtype:
+    """The dtype of the gamma/beta tables: the CPU apply pass computes in x's precision
+    (float16 in float32); the CUDA kernels take float64 tables."""
+    if not isinstance(x, np.ndarray) or x.dtype == np.float64:
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -243,10 +242,10 @@ def _prepare(kind: str, shape: tuple, axis, groups) -> _Prepared:
     return _Prepared(plan_for(shape, "group", (ch,), groups), (channels,), what, False)
 
 
-def _affine_tables(prep: _Prepared, gamma, beta):
+def _affine_tables(prep: _Prepared, gamma, beta, dtype):
     plan = prep.plan
     _, _, C, D, _ = plan.view
-    ones, zeros = _unit_tables(C, D)
+    ones, zeros = _unit_tables(C, D, dtype)
     if gamma is None and beta is None:
         return ones, zeros
     axes = tuple(sorted(plan.affine_axes))
@@ -256,7 +255,7 @@ def _affine_tables(prep: _Prepared, gamma, beta):
             tables.append(default)
         else:
             p = _param(value, name, prep.affine_shape, prep.what)
-            tables.append(plan.table(plan.expand(p, axes), plan.affine_axes, C, D))
+            tables.append(plan.table(plan.expand(p, axes), plan.affine_axes, C, D).astype(dtype, copy=False))
     return tables
 
 
@@ -266,11 +265,10 @@ def _norm(kind: str, x, axis, groups, epsilon, gamma, beta, mean, variance, devi
     prep = _prepare(kind, x.shape, _axis_key(axis), groups)
     plan = prep.plan
     eps = _epsilon(epsilon)
-    g, h = _affine_tables(prep, gamma, beta)
+    g, h = _affine_tables(prep, gamma, beta, _table_dtype(x))
     if not isinstance(x, np.ndarray):
         return _norm_cuda(prep, x, eps, g, h, mean, variance)
     xv = _compute_view(x, plan)
-    g, h = _cpu_tables(g, h, xv)
     if mean is None and variance is None:
         y, mu, m2 = cpu.normalize(xv, eps, prep.rms, g, h)
         stats = Moments._trusted(plan.count, plan.stats_from_view(mu), plan.stats_from_view(m2))
@@ -390,13 +388,13 @@ def normalize(x, mean, variance, *, offset=None, scale=None, epsilon=1e-3, devic
     A, B, C, D, E = plan.view
     mu = plan.table(arrays["mean"], plan.stat_axes, A, C)
     var = plan.table(arrays["variance"], plan.stat_axes, A, C)
-    ones, zeros = _unit_tables(C, D)
-    g = plan.table(arrays["scale"], plan.affine_axes, C, D) if "scale" in arrays else ones
-    h = plan.table(arrays["offset"], plan.affine_axes, C, D) if "offset" in arrays else zeros
+    dtype = _table_dtype(x)
+    ones, zeros = _unit_tables(C, D, dtype)
+    g = plan.table(arrays["scale"], plan.affine_axes, C, D).astype(dtype, copy=False) if "scale" in arrays else ones
+    h = plan.table(arrays["offset"], plan.affine_axes, C, D).astype(dtype, copy=False) if "offset" in arrays else zeros
     if not isinstance(x, np.ndarray):
         return _cuda().normalize(x, plan, g, h, eps=eps, stats=(mu, var))[0]
     xv = _compute_view(x, plan)
-    g, h = _cpu_tables(g, h, xv)
     y = plan.from_view(cpu.apply(xv, mu, 1.0 / np.sqrt(var + eps), g, h))
     return y.astype(x.dtype) if y.dtype != x.dtype else y
 
