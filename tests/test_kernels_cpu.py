@@ -190,3 +190,59 @@ def test_a_fresh_process_picks_a_thread_safe_layer_by_itself():
     layer, bad = done.stdout.split()
     assert layer in THREAD_SAFE_LAYERS
     assert bad == "0"
+
+
+_IDLE_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, time
+    import numpy as np
+    import normsvc
+    from normsvc.kernels import cpu
+    x = np.random.default_rng(0).normal(size=(4096, 256)).astype(np.float32)
+    assert x.size >= cpu.SERIAL_BELOW  # the parallel kernels
+    for _ in range(5):
+        normsvc.batch_norm(x)
+    burnt = 0.0
+    for _ in range(20):
+        time.sleep(0.02)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        normsvc.batch_norm(x)
+        t1 = time.perf_counter()
+        time.sleep(0.03)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        # CPU beyond the call's own wall time: the workers' share of the call, then their idling
+        burnt += (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) - (t1 - t0)
+    import numba
+    print(cpu.threading_layer(), numba.get_num_threads(), burnt / 20)
+    """
+)
+
+
+def _idle_cpu(env_changes: dict) -> tuple[str, int, float]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(env_changes)
+    done = subprocess.run([sys.executable, "-c", _IDLE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    layer, threads, burnt = done.stdout.split()
+    return layer, int(threads), float(burnt)
+
+
+def test_idle_openmp_workers_do_not_keep_a_core_busy_after_a_call():
+    """libgomp's default spin (300,000 iterations) burnt ~8 ms of a core after every call here;
+    with normsvc's GOMP_SPINCOUNT the workers sleep within about 0.4 ms."""
+    layer, threads, burnt = _idle_cpu({})
+    if layer != "omp" or threads < 2:
+        pytest.skip(f"needs the OpenMP layer with 2+ threads (have {layer}, {threads} threads)")
+    assert burnt < 3e-3, f"{burnt * 1e3:.1f} ms of CPU burnt per call beyond its wall time"
+
+
+def test_the_environment_keeps_its_openmp_wait_policy():
+    script = "import os, normsvc.kernels.cpu; print(os.environ.get('GOMP_SPINCOUNT'))"
+    for env, want in (({"OMP_WAIT_POLICY": "active"}, "None"), ({"GOMP_SPINCOUNT": "5"}, "5"), ({}, "10000")):
+        base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        done = subprocess.run([sys.executable, "-c", script], env={**base, **env}, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == want, env
