@@ -53,6 +53,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from .moments import Moments
 
@@ -64,6 +65,7 @@ __all__ = [
     "batch_statistics",
     "initial_state",
     "apply_update",
+    "fold",
 ]
 
 CONVENTIONS = ("keras", "torch", "cumulative")
@@ -229,3 +231,72 @@ def apply_update(
         state.frozen,
         state.updated_at,
     )
+
+
+_CODES = {"keras": 0, "torch": 1, "cumulative": 2}
+
+
+@njit(cache=True, nogil=False, error_model="numpy")
+def _fold(mean, var, bmean, bm2, k, n0, code, m, out_mean, out_var):  # pragma: no cover - compiled
+    """apply_update for sample_ndim 0, element by element in the same operation order; False
+    as soon as an input is not finite, an m2 is negative or a result overflows."""
+    for i in range(mean.size):
+        bm, m2 = bmean[i], bm2[i]
+        if not (math.isfinite(bm) and math.isfinite(m2) and m2 >= 0.0):
+            return False
+        bv = m2 / k
+        if code == 0:
+            nm = mean[i] * m + bm * (1.0 - m)
+            nv = var[i] * m + bv * (1.0 - m)
+        elif code == 1:
+            nm = (1.0 - m) * mean[i] + m * bm
+            nv = (1.0 - m) * var[i] + m * (bv * (k / (k - 1.0)))
+        else:
+            n = n0 + k
+            wb = k / n
+            delta = bm - mean[i]
+            nm = mean[i] + delta * wb
+            nv = (var[i] * n0 + m2 + delta * delta * n0 * wb) / n
+        if not (math.isfinite(nm) and math.isfinite(nv)):
+            return False
+        out_mean[i] = nm
+        out_var[i] = nv
+    return True
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    return a if a.ndim == 1 else a.reshape(-1)
+
+
+def fold(state: RunningStats, moments: Moments, *, convention: str, momentum: float | None) -> RunningStats | None:
+    """``apply_update(state, batch_statistics(moments, 0), ...)`` in one compiled pass, or None.
+
+    The hot path of a batch-norm update: ``moments`` has a scalar count and
+    the shape of ``state``.  Gives the same numbers as :func:`apply_update`
+    (the same operations in the same order), and None, without computing the
+    rest, when the moments are not valid (a count <= 0 or not finite, a
+    count <= 1 under the torch convention, a NaN/Inf mean or m2, a negative
+    m2, another shape) or the result overflows: callers then take the
+    general path, which names the problem.
+    """
+    mean, var = state.mean, state.variance
+    count = moments.count
+    if count.ndim or moments.mean.shape != mean.shape or not mean.size:
+        return None
+    k = float(count)
+    if not (0.0 < k < math.inf) or (convention == "torch" and k <= 1.0):
+        return None
+    num_batches = state.num_batches + 1
+    if convention == "keras":
+        m = momentum
+    elif convention == "torch":
+        m = 1.0 / num_batches if momentum is None else momentum
+    else:
+        m = 0.0
+    new_mean, new_var = np.empty(mean.shape), np.empty(mean.shape)
+    ok = _fold(_flat(mean), _flat(var), _flat(moments.mean), _flat(moments.m2), k, float(state.count),
+               _CODES[convention], float(m), _flat(new_mean), _flat(new_var))
+    if not ok:
+        return None
+    return RunningStats(new_mean, new_var, state.count + k, num_batches, state.version, state.frozen,
+                        state.updated_at)

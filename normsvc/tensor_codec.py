@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit
 
 from ._proto import normsvc_pb2 as pb
 from .moments import Moments
@@ -148,6 +149,22 @@ def encode_moments(m: Moments, out: pb.Moments | None = None) -> pb.Moments:
     return msg
 
 
+@njit(cache=True, nogil=False)
+def _valid_m2(count, mean, variance, m2):  # pragma: no cover - compiled
+    """m2 = variance * count (count: one value or one per element); False unless every mean is
+    finite and every count and variance finite and >= 0."""
+    if count.size == 1 and not 0.0 <= count[0] < math.inf:
+        return False
+    per = count.size > 1
+    for i in range(mean.size):
+        c = count[i] if per else count[0]
+        v = variance[i]
+        if not (math.isfinite(mean[i]) and 0.0 <= c < math.inf and 0.0 <= v < math.inf):
+            return False
+        m2[i] = v * c
+    return True
+
+
 def decode_moments(msg: pb.Moments, *, field: str, max_elements: int | None = None) -> Moments:
     """Validated :class:`Moments` from a message: finite, count >= 0, variance >= 0, shapes agree.
 
@@ -159,7 +176,7 @@ def decode_moments(msg: pb.Moments, *, field: str, max_elements: int | None = No
         if not msg.HasField(part):
             raise TensorError(f"{field}.{part}", "is missing: expected a tensor")
     count = decode(msg.count, field=f"{field}.count", max_elements=max_elements, finite=False)
-    mean = decode(msg.mean, field=f"{field}.mean", max_elements=max_elements)
+    mean = decode(msg.mean, field=f"{field}.mean", max_elements=max_elements, finite=False)
     variance = decode(msg.variance, field=f"{field}.variance", max_elements=max_elements, finite=False)
     if variance.shape != mean.shape:
         raise TensorError(
@@ -170,6 +187,12 @@ def decode_moments(msg: pb.Moments, *, field: str, max_elements: int | None = No
             f"{field}.count",
             f"has shape {list(count.shape)}: expected a scalar or the mean's {list(mean.shape)}",
         )
+    if count.dtype == mean.dtype == variance.dtype == np.float64:
+        # the hot path: every check and m2 in one compiled pass; on failure the checks below say what is wrong
+        m2 = np.empty(mean.shape)
+        if _valid_m2(count.reshape(-1), mean.reshape(-1), variance.reshape(-1), m2.reshape(-1)):
+            return Moments._checked(count, mean, m2)
+    check_finite(mean, f"{field}.mean")
     for name, a in (("count", count), ("variance", variance)):
         # min >= 0 and max < inf: False for NaN, -x and Inf alike
         if a.size and not (a.min() >= 0 and a.max() < math.inf):

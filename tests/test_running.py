@@ -11,6 +11,7 @@ from normsvc.running import (
     RunningStats,
     apply_update,
     batch_statistics,
+    fold,
     initial_state,
 )
 
@@ -154,3 +155,62 @@ def test_docstring_examples():
     for module in (normsvc.running, normsvc.store.base):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+# --- fold: the store's compiled hot path must be apply_update, bit for bit ----------------
+
+CONVENTION_MOMENTA = [("keras", 0.99), ("keras", 0.5), ("torch", 0.1), ("torch", None), ("cumulative", None)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    case=st.sampled_from(CONVENTION_MOMENTA),
+    shape=st.sampled_from([(1,), (7,), (3, 5)]),
+    steps=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+    transposed=st.booleans(),
+)
+def test_fold_is_apply_update_bit_for_bit(case, shape, steps, seed, transposed):
+    convention, momentum = case
+    rng = np.random.default_rng(seed)
+    slow = fast = initial_state(convention, shape)
+    for _ in range(steps):
+        n = int(rng.integers(2, 40))
+        x = rng.normal(rng.normal(0, 100), rng.uniform(0.01, 10), size=(n,) + shape)
+        m = Moments.from_samples(x)
+        if transposed and len(shape) == 2:  # non-contiguous statistics arrays
+            m = Moments(m.count, np.ascontiguousarray(m.mean.T).T, np.ascontiguousarray(m.m2.T).T)
+        slow = apply_update(slow, batch_statistics(m, 0), convention=convention, momentum=momentum)
+        fast = fold(fast, m, convention=convention, momentum=momentum)
+        assert fast is not None
+        assert fast.mean.shape == shape and fast.variance.shape == shape
+        assert np.array_equal(fast.mean, slow.mean) and np.array_equal(fast.variance, slow.variance)
+        assert (fast.count, fast.num_batches, fast.version, fast.frozen) == (
+            slow.count, slow.num_batches, slow.version, slow.frozen)
+
+
+def _moments(count=4.0, mean=(1.0, 2.0), m2=(4.0, 8.0)):
+    return Moments(np.float64(count) if np.ndim(count) == 0 else np.asarray(count, float), np.asarray(mean, float),
+                   np.asarray(m2, float))
+
+
+@pytest.mark.parametrize("convention, moments", [
+    ("keras", _moments(mean=(np.nan, 2.0))),
+    ("keras", _moments(mean=(np.inf, 2.0))),
+    ("keras", _moments(m2=(4.0, np.nan))),
+    ("keras", _moments(m2=(-1e-300, 8.0))),
+    ("keras", _moments(count=0.0)),
+    ("keras", _moments(count=-4.0)),
+    ("keras", _moments(count=np.inf)),
+    ("keras", _moments(count=np.nan)),
+    ("keras", _moments(count=[4.0, 4.0])),  # one count per feature: the general path decides
+    ("keras", _moments(mean=(1.0, 2.0, 3.0), m2=(1.0, 1.0, 1.0))),  # another shape
+    ("keras", _moments(count=0.5, m2=(1.7e308, 1.0))),  # the variance overflows
+    ("torch", _moments(count=1.0)),  # no unbiased variance from one sample
+    ("cumulative", _moments(mean=(-1.7e308, 2.0))),  # the step from the running mean 1.7e308 overflows
+])
+def test_fold_declines_what_the_general_path_must_report(convention, moments):
+    state = initial_state(convention, (2,))
+    if convention == "cumulative":
+        state = RunningStats(np.array([1.7e308, 0.0]), np.ones(2), count=1.0)
+    assert fold(state, moments, convention=convention, momentum=DEFAULTS[convention][0]) is None

@@ -41,7 +41,7 @@ import numpy as np
 from .. import ops
 from ..moments import Moments
 from ..plan import normalize_axes
-from ..running import BatchStatistics, RunningStats, apply_update, batch_statistics, initial_state
+from ..running import BatchStatistics, RunningStats, apply_update, batch_statistics, fold, initial_state
 from .config import DEFAULT, LayerConfig, make_config, validate_name
 from .errors import ConfigConflict, FrozenLayer, InvalidArgument, LayerNotFound, NoStatistics, StoreError
 
@@ -308,13 +308,18 @@ def _updated(record: Record, stats: RunningStats, now: float) -> Record:
 
 def _update_fn(moments, now: float) -> Callable[[Record], Record]:
     def fn(record: Record) -> Record:
+        cfg, stats = record.config, record.stats
+        if cfg.kind == "batch" and not stats.frozen and isinstance(moments, Moments) and known_shape(record) is not None:
+            # the hot path: one compiled pass, or None and the checks below say what is wrong
+            new = fold(stats, moments, convention=cfg.convention, momentum=cfg.momentum)
+            if new is not None:
+                return _updated(record, new, now)
         batch = _batch(record, moments)
-        if record.stats.frozen:
+        if stats.frozen:
             raise FrozenLayer(
                 f"layer {record.name!r} is frozen and takes no updates: unfreeze it first",
                 layer=record.name,
             )
-        cfg, stats = record.config, record.stats
         if known_shape(record) is None:
             fresh = initial_state(cfg.convention, batch.mean.shape)
             stats = replace(stats, mean=fresh.mean, variance=fresh.variance)
