@@ -7,7 +7,7 @@ simulator tests run in a pytest process of their own:
 
 The main run (``python -m pytest``) does not even import test_cuda_sim.py
 (numba.cuda would load without the simulator); it runs test_no_gpu.py, the
-behaviour of a machine without a GPU.  On a machine with a real GPU, set
+behaviour of a machine without a GPU, and test_launcher.py (both runs).  On a machine with a real GPU, set
 NORMSVC_TEST_GPU=1 to run test_cuda_sim.py on the hardware instead.
 """
 
