@@ -3,6 +3,7 @@
     normsvc serve [--host H] [--port P] [--store URL] ...
     normsvc layers list|show|freeze|unfreeze|reset|delete [NAME...] [--target HOST:PORT]
     normsvc export|import PATH [--naming keras|torch] [--target HOST:PORT]
+    normsvc precompile
 
 Every option of ``serve`` can also come from an environment variable
 (``NORMSVC_<OPTION>``, e.g. ``NORMSVC_PORT=50051``), so a container is
@@ -341,8 +342,25 @@ def _add_export_import(sub) -> None:
     p.set_defaults(run=_with_client("import", _import))
 
 
+def _precompile(args) -> int:
+    from .precompile import precompile
+
+    seconds = precompile()
+    cache = os.environ.get("NUMBA_CACHE_DIR") or "__pycache__ beside the normsvc modules"
+    print(f"normsvc precompile: kernels and update paths compiled in {seconds:.1f} s, cached in {cache}")
+    return 0
+
+
+def _add_precompile(sub) -> None:
+    p = sub.add_parser("precompile", help="compile the CPU kernels and update paths into numba's disk cache",
+                       description="Compile every jitted path a server takes into numba's on-disk cache "
+                                   "(NUMBA_CACHE_DIR), so that the next processes load it instead of compiling "
+                                   "(container images run this at build time).")
+    p.set_defaults(run=_precompile)
+
+
 #: Subcommands: each adds its parser (and sets ``run``) on the subparsers object.
-SUBCOMMANDS = [_add_serve, _add_layers, _add_export_import]
+SUBCOMMANDS = [_add_serve, _add_layers, _add_export_import, _add_precompile]
 
 
 def build_parser() -> argparse.ArgumentParser:

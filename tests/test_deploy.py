@@ -33,6 +33,12 @@ def test_every_normsvc_variable_in_deploy_files_is_a_serve_option():
     assert not unknown, f"deploy files set variables `normsvc serve` does not read: {unknown}"
 
 
+def test_the_image_precompiles_into_its_numba_cache():
+    docker = (DEPLOY / "Dockerfile").read_text()
+    assert "NUMBA_CACHE_DIR=" in docker
+    assert "normsvc precompile" in docker  # tests/test_precompile.py: a server then compiles nothing
+
+
 def test_ports_agree_across_dockerfile_compose_and_k8s():
     docker = (DEPLOY / "Dockerfile").read_text()
     assert "EXPOSE 50051 9090" in docker
