@@ -21,15 +21,15 @@ import time
 
 import numpy as np
 
+from . import ops
+from .store import Store
+from .tensor_codec import decode_moments, encode_moments
+
 __all__ = ["precompile"]
 
 
 def precompile() -> float:
     """Run every jitted path once; returns the seconds it took."""
-    from . import ops
-    from .store import Store
-    from .tensor_codec import decode_moments, encode_moments
-
     start = time.perf_counter()
     big = np.random.default_rng(0).standard_normal((64, 8, 8, 16)).astype(np.float32)  # parallel kernels
     inputs = []
