@@ -1,6 +1,6 @@
 """GPU check and benchmark of normsvc's CUDA kernels, in one run (see shared gpu.md).
 
-    python3 bench/cuda.py [--quick] [--skip-timing]
+    python3 bench/cuda.py [--quick] [--skip-timing] [--budget SECONDS]
 
 1. Correctness on fresh random inputs of realistic sizes: every norm x layout
    x dtype against a float64 reference computed with torch on the GPU, each
@@ -20,13 +20,17 @@
    bare numba launch through the dispatcher and through normsvc's launcher.
 
 Prints a table and writes it to docs/cuda-bench-<date>-<gpu>.md (and to
-$OUT/ when that is set, so the device tool brings it back).
+$OUT/docs/ when $OUT is set, so the device tool brings it back), rewritten
+after every line so that a run cut short still leaves its results.  A case
+that fails is reported and the rest still run; after --budget seconds
+(default 480) the remaining cases are skipped and reported as such.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import io
 import os
 import pathlib
@@ -38,7 +42,17 @@ import time
 import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# `python3 bench/cuda.py` puts bench/ first on sys.path, where this very file
+# would be found as the top-level module `cuda` and shadow the `cuda` namespace
+# package (cuda.bindings, cuda.core) that numba-cuda imports: `from numba import
+# cuda` then fails with "__path__ attribute not found on 'cuda'".  Drop it.
+_HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or os.curdir).resolve() != _HERE]
 sys.path.insert(0, str(ROOT))
+# numba-cuda warns once per new launch configuration with < 128 blocks (most of the
+# check cases): hundreds of stderr lines that would push the results out of the
+# output tail a remote run brings back.  Set before numba is imported.
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 
 import numpy as np  # noqa: E402
 
@@ -47,11 +61,47 @@ STAT_RTOL = {np.float64: 1e-11, np.float32: 1e-5, np.float16: 1e-5}
 EPS = 1e-5
 
 _buf = io.StringIO()
+_report: list = []  # where the report goes (set by main; the child writes none)
+#: Seconds the whole run may take before the remaining cases are skipped (the
+#: device run is killed at 600 s, and then nothing would be written).
+BUDGET_S = 480.0
+_deadline = float("inf")
 
 
 def out(line: str = "") -> None:
     print(line, flush=True)
     _buf.write(line + "\n")
+    if _report:  # rewritten after every line: a run killed midway still leaves its rows
+        write_report()
+
+
+def err_text(exc: BaseException) -> str:
+    """An exception on one short line (numba's messages span many: they would break the tables)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split()).replace("|", "/")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def time_left() -> float:
+    return _deadline - time.monotonic()
+
+
+def write_report() -> None:
+    """Write what has been printed so far to docs/ and $OUT/docs/ (a killed run still leaves a report)."""
+    text = _buf.getvalue()
+    for path in _report:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        except OSError as exc:
+            print(f"could not write {path}: {err_text(exc)}", file=sys.stderr, flush=True)
+
+
+def free_gpu(torch) -> None:
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    except Exception:  # a sticky CUDA error: every later call reports it
+        pass
 
 
 # ----------------------------------------------------------------------------
@@ -161,20 +211,26 @@ def run_checks(torch, normsvc, K, quick: bool, dtypes) -> int:
     out("|---|---|---|---|---|---|---|---|---|")
     for name, kind, shape, kw in check_cases(quick):
         for dt in dtypes:
-            tdt = {np.float16: torch.float16, np.float32: torch.float32, np.float64: torch.float64}[dt]
-            x = (torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64) * 2 + 3).to(tdt)
-            ax = kw["axis"] % len(shape)
-            gamma = torch.rand(shape[ax], generator=gen, device="cuda", dtype=torch.float64) + 0.5
-            beta = None if kind == "rms" else torch.randn(shape[ax], generator=gen, device="cuda", dtype=torch.float64)
-            g_h = gamma.cpu().numpy()
-            b_h = None if beta is None else beta.cpu().numpy()
-            y_ref, mu_ref, v_ref, mag = reference(torch, kind, x, kw, gamma, beta)
-            fn = getattr(normsvc, f"{kind}_norm")
-            args = dict(kw, epsilon=EPS, gamma=g_h)
-            if b_h is not None:
-                args["beta"] = b_h
-            plan = K._path(view_of(kind, shape, kw))
-            try:
+            plan = "?"
+            if time_left() < 0:
+                failures += 1
+                out(f"| {name} | {shape} | {np.dtype(dt).name} | {plan} | skipped: time budget spent |||||")
+                continue
+            try:  # one failing case is reported and the rest still run
+                plan = K._path(view_of(kind, shape, kw))
+                tdt = {np.float16: torch.float16, np.float32: torch.float32, np.float64: torch.float64}[dt]
+                x = (torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64) * 2 + 3).to(tdt)
+                ax = kw["axis"] % len(shape)
+                gamma = torch.rand(shape[ax], generator=gen, device="cuda", dtype=torch.float64) + 0.5
+                beta = (None if kind == "rms"
+                        else torch.randn(shape[ax], generator=gen, device="cuda", dtype=torch.float64))
+                g_h = gamma.cpu().numpy()
+                b_h = None if beta is None else beta.cpu().numpy()
+                y_ref, mu_ref, v_ref, mag = reference(torch, kind, x, kw, gamma, beta)
+                fn = getattr(normsvc, f"{kind}_norm")
+                args = dict(kw, epsilon=EPS, gamma=g_h)
+                if b_h is not None:
+                    args["beta"] = b_h
                 res = []
                 for _ in range(2):
                     y, m = fn(x, **args)
@@ -188,13 +244,14 @@ def run_checks(torch, normsvc, K, quick: bool, dtypes) -> int:
                 ok = all(max(r) <= 1 for r in res)
                 again = "same" if res[0] == res[1] else "differs"
                 ye, me, ve = res[1]
-                out(f"| {name} | {shape} | {np.dtype(dt).name} | {plan} | {ye:.2g} | {me:.2g} | {ve:.2g} | {again} | {'ok' if ok else 'FAIL'} |")
+                out(f"| {name} | {shape} | {np.dtype(dt).name} | {plan} | {ye:.2g} | {me:.2g} | {ve:.2g} | {again} "
+                    f"| {'ok' if ok else 'FAIL'} |")
                 failures += not ok
             except Exception as exc:  # report and go on
                 failures += 1
-                out(f"| {name} | {shape} | {np.dtype(dt).name} | {plan} | error: {type(exc).__name__}: {exc} |||||")
+                out(f"| {name} | {shape} | {np.dtype(dt).name} | {plan} | error: {err_text(exc)} |||||")
                 traceback.print_exc()
-            del x, y_ref, mag
+            x = y = y_ref = mag = None  # free the GPU memory before the next case
     out("")
 
     # every plan forced wherever it applies (float32, one shape per kind/layout)
@@ -205,10 +262,20 @@ def run_checks(torch, normsvc, K, quick: bool, dtypes) -> int:
     for name, kind, shape, kw in check_cases(True):
         if name.endswith(("112", "56", "65536")):
             continue
-        x = torch.randn(shape, generator=gen, device="cuda") * 3 - 1
-        y_ref, mu_ref, v_ref, mag = reference(torch, kind, x, kw)
-        for path in ("fused", "rows", "columns"):
+        if time_left() < 0:
+            failures += 1
+            out(f"| {name} | all | skipped: time budget spent |||")
+            continue
+        try:
+            x = torch.randn(shape, generator=gen, device="cuda") * 3 - 1
+            y_ref, mu_ref, v_ref, mag = reference(torch, kind, x, kw)
             view = view_of(kind, shape, kw)
+        except Exception as exc:
+            failures += 1
+            out(f"| {name} | all | error: {err_text(exc)} |||")
+            traceback.print_exc()
+            continue
+        for path in ("fused", "rows", "columns"):
             K.FORCE_PATH = path
             try:
                 used = K._path(view)
@@ -224,9 +291,11 @@ def run_checks(torch, normsvc, K, quick: bool, dtypes) -> int:
                 out(f"| {name} | {path} | {ye:.2g} | {ve:.2g} | {'ok' if ok else 'FAIL'} |")
             except Exception as exc:
                 failures += 1
-                out(f"| {name} | {path} | error: {type(exc).__name__}: {exc} |||")
+                out(f"| {name} | {path} | error: {err_text(exc)} |||")
+                traceback.print_exc()
             finally:
                 K.FORCE_PATH = None
+        x = y = y_ref = mag = None
     out("")
 
     # |mean| = 1e4 * std in float32: the variance to 1e-5 relative
@@ -238,63 +307,105 @@ def run_checks(torch, normsvc, K, quick: bool, dtypes) -> int:
         ("layer 1024", "layer", (8192, 1024), dict(axis=-1)),
         ("group CF 56", "group", (8, 256, 56, 56), dict(axis=1, groups=32)),
     ):
-        x = (1e4 + torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64)).float()
-        _, _, v_ref, _ = reference(torch, kind, x, kw)
-        _, m = getattr(normsvc, f"{kind}_norm")(x, epsilon=EPS, **kw)
-        rel = float(((torch.as_tensor(m.variance) - v_ref.cpu()).abs() / v_ref.cpu()).max())
-        failures += not rel <= 1e-5
-        out(f"- {name}: {rel:.2g} {'ok' if rel <= 1e-5 else 'FAIL'}")
+        try:
+            x = (1e4 + torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64)).float()
+            _, _, v_ref, _ = reference(torch, kind, x, kw)
+            _, m = getattr(normsvc, f"{kind}_norm")(x, epsilon=EPS, **kw)
+            rel = float(((torch.as_tensor(m.variance) - v_ref.cpu()).abs() / v_ref.cpu()).max())
+            failures += not rel <= 1e-5
+            out(f"- {name}: {rel:.2g} {'ok' if rel <= 1e-5 else 'FAIL'}")
+        except Exception as exc:
+            failures += 1
+            out(f"- {name}: error: {err_text(exc)} FAIL")
+            traceback.print_exc()
+        x = None
     out("")
 
-    # inference mode, numba device arrays in and out
-    x = torch.randn((16, 64, 32, 32), generator=gen, device="cuda")
-    mean = np.random.default_rng(0).standard_normal(64)
-    var = np.random.default_rng(1).uniform(0.5, 2, 64)
-    y, m = normsvc.batch_norm(x, axis=1, epsilon=EPS, mean=mean, variance=var)
-    y_ref, *_ , mag = reference(torch, "batch", x, dict(axis=1), mean=torch.as_tensor(mean, device="cuda"),
-                                 var=torch.as_tensor(var, device="cuda"))
-    ye, _ = worst(y, y_ref, 1e-5 * mag)
-    failures += not (ye <= 1 and m is None)
-    out(f"- inference mode (batch CF, given statistics): y err {ye:.2g} {'ok' if ye <= 1 and m is None else 'FAIL'}")
-    xd = cuda.as_cuda_array(x)
-    y, m = normsvc.layer_norm(xd, axis=-1, epsilon=EPS)
-    y_ref, *_ , mag = reference(torch, "layer", x, dict(axis=-1))
-    ok = isinstance(y, type(xd)) and y.shape == xd.shape
-    ye, _ = worst(torch.as_tensor(y, device="cuda"), y_ref, 1e-5 * mag)
-    ok = ok and ye <= 1 and m.mean.dtype == np.float64 and isinstance(m.mean, np.ndarray)
-    failures += not ok
-    out(f"- numba device array in -> {type(y).__name__} out, host float64 moments: y err {ye:.2g} {'ok' if ok else 'FAIL'}")
-    xh = x.cpu().numpy()
-    y, m = normsvc.group_norm(xh, axis=1, groups=16, epsilon=EPS, device="cuda")
-    y_ref, *_ , mag = reference(torch, "group", x, dict(axis=1, groups=16))
-    ye, _ = worst(torch.as_tensor(y, device="cuda"), y_ref, 1e-5 * mag)
-    ok = type(y) is np.ndarray and ye <= 1
-    failures += not ok
-    out(f"- numpy array with device='cuda' -> {type(y).__name__}: y err {ye:.2g} {'ok' if ok else 'FAIL'}")
-    xcl = x.to(memory_format=torch.channels_last)
-    y, m = normsvc.batch_norm(xcl, axis=1, epsilon=EPS)
-    y_ref, *_ , mag = reference(torch, "batch", x, dict(axis=1))
-    ye, _ = worst(y, y_ref, 1e-5 * mag)
-    ok = isinstance(y, torch.Tensor) and ye <= 1
-    failures += not ok
-    out(f"- torch channels_last tensor (non-contiguous, gathered once): y err {ye:.2g} {'ok' if ok else 'FAIL'}")
+    # inference mode, numba device arrays in and out; each check on its own
+    def inference():
+        x = torch.randn((16, 64, 32, 32), generator=gen, device="cuda")
+        mean = np.random.default_rng(0).standard_normal(64)
+        var = np.random.default_rng(1).uniform(0.5, 2, 64)
+        y, m = normsvc.batch_norm(x, axis=1, epsilon=EPS, mean=mean, variance=var)
+        y_ref, *_ , mag = reference(torch, "batch", x, dict(axis=1), mean=torch.as_tensor(mean, device="cuda"),
+                                     var=torch.as_tensor(var, device="cuda"))
+        ye, _ = worst(y, y_ref, 1e-5 * mag)
+        ok = ye <= 1 and m is None
+        out(f"- inference mode (batch CF, given statistics): y err {ye:.2g} {'ok' if ok else 'FAIL'}")
+        return ok
+
+    def numba_in():
+        x = torch.randn((16, 64, 32, 32), generator=gen, device="cuda")
+        xd = cuda.as_cuda_array(x)
+        y, m = normsvc.layer_norm(xd, axis=-1, epsilon=EPS)
+        y_ref, *_ , mag = reference(torch, "layer", x, dict(axis=-1))
+        ok = isinstance(y, type(xd)) and y.shape == xd.shape
+        ye, _ = worst(torch.as_tensor(y, device="cuda"), y_ref, 1e-5 * mag)
+        ok = ok and ye <= 1 and m.mean.dtype == np.float64 and isinstance(m.mean, np.ndarray)
+        out(f"- numba device array in -> {type(y).__name__} out, host float64 moments: y err {ye:.2g} "
+            f"{'ok' if ok else 'FAIL'}")
+        return ok
+
+    def host_in():
+        x = torch.randn((16, 64, 32, 32), generator=gen, device="cuda")
+        xh = x.cpu().numpy()
+        y, m = normsvc.group_norm(xh, axis=1, groups=16, epsilon=EPS, device="cuda")
+        y_ref, *_ , mag = reference(torch, "group", x, dict(axis=1, groups=16))
+        ye, _ = worst(torch.as_tensor(y, device="cuda"), y_ref, 1e-5 * mag)
+        ok = type(y) is np.ndarray and ye <= 1
+        out(f"- numpy array with device='cuda' -> {type(y).__name__}: y err {ye:.2g} {'ok' if ok else 'FAIL'}")
+        return ok
+
+    def channels_last():
+        x = torch.randn((16, 64, 32, 32), generator=gen, device="cuda")
+        xcl = x.to(memory_format=torch.channels_last)
+        y, m = normsvc.batch_norm(xcl, axis=1, epsilon=EPS)
+        y_ref, *_ , mag = reference(torch, "batch", x, dict(axis=1))
+        ye, _ = worst(y, y_ref, 1e-5 * mag)
+        ok = isinstance(y, torch.Tensor) and ye <= 1
+        out(f"- torch channels_last tensor (non-contiguous, gathered once): y err {ye:.2g} {'ok' if ok else 'FAIL'}")
+        return ok
+
+    for label, check in (("inference mode", inference), ("numba device array in", numba_in),
+                         ("numpy array with device='cuda'", host_in), ("torch channels_last tensor", channels_last)):
+        try:
+            failures += not check()
+        except Exception as exc:
+            failures += 1
+            out(f"- {label}: error: {err_text(exc)} FAIL")
+            traceback.print_exc()
     out("")
     return failures
+
+
+def _text(data) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
 def run_no_shuffle_child() -> int:
     """The simulator's shared-memory reductions, run on the GPU in a child process."""
     env = dict(os.environ, NORMSVC_CUDA_SHUFFLE="0")
-    r = subprocess.run([sys.executable, __file__, "--child-no-shuffle"], env=env, capture_output=True, text=True)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("|", "-", "#"))]
+    timeout = max(60.0, min(300.0, time_left() - 120))  # leave time for the rest; never hang the run
     out("### Shared-memory reductions (NORMSVC_CUDA_SHUFFLE=0, the simulator's path) on the GPU")
     out("")
-    for ln in lines:
-        out(ln)
-    if r.returncode:
-        out(f"child failed (rc {r.returncode}): {r.stderr[-2000:]}")
+    try:
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-no-shuffle"], env=env,
+                           capture_output=True, text=True, timeout=timeout)
+        stdout, stderr, rc = r.stdout, r.stderr, r.returncode
+    except subprocess.TimeoutExpired as exc:
+        stdout, stderr, rc = _text(exc.stdout), _text(exc.stderr), f"killed after {timeout:.0f} s"
+    except Exception as exc:
+        stdout, stderr, rc = "", err_text(exc), "not started"
+    for ln in _text(stdout).splitlines():
+        if ln.startswith(("|", "-", "#")):
+            out(ln)
+    if rc != 0:
+        tail = " ".join(_text(stderr)[-2000:].split())
+        out(f"child failed (rc {rc}): {tail}")
     out("")
-    return 0 if r.returncode == 0 else 1
+    return 0 if rc == 0 else 1
 
 
 def run_types(torch, normsvc, K) -> int:
@@ -302,39 +413,53 @@ def run_types(torch, normsvc, K) -> int:
     failures = 0
     out("## Types and copies")
     out("")
-    x = torch.randn((64, 4096), device="cuda")
-    normsvc.layer_norm(x)  # warm up: compile, scratch, tables
-    torch.cuda.synchronize()
-    wrapped = K.wrap(x)
-    same_ptr = wrapped.arr.device_ctypes_pointer.value == x.data_ptr()
-    before = torch.cuda.memory_allocated()
-    y, _ = normsvc.layer_norm(x)
-    torch.cuda.synchronize()
-    grew = torch.cuda.memory_allocated() - before
-    ok = (isinstance(y, torch.Tensor) and y.device == x.device and y.dtype == x.dtype and same_ptr
-          and grew == y.numel() * y.element_size() and y.is_contiguous())
-    failures += not ok
-    out(f"- torch: in {type(x).__name__} -> out {type(y).__name__}; input wrapped in place: {same_ptr}; "
-        f"torch memory grew by {grew} B for a {y.numel() * y.element_size()} B result: {'ok' if ok else 'FAIL'}")
+    y = None
+    try:
+        x = torch.randn((64, 4096), device="cuda")
+        normsvc.layer_norm(x)  # warm up: compile, scratch, tables
+        torch.cuda.synchronize()
+        wrapped = K.wrap(x)
+        same_ptr = wrapped.arr.device_ctypes_pointer.value == x.data_ptr()
+        before = torch.cuda.memory_allocated()
+        y, _ = normsvc.layer_norm(x)
+        torch.cuda.synchronize()
+        grew = torch.cuda.memory_allocated() - before
+        ok = (isinstance(y, torch.Tensor) and y.device == x.device and y.dtype == x.dtype and same_ptr
+              and grew == y.numel() * y.element_size() and y.is_contiguous())
+        failures += not ok
+        out(f"- torch: in {type(x).__name__} -> out {type(y).__name__}; input wrapped in place: {same_ptr}; "
+            f"torch memory grew by {grew} B for a {y.numel() * y.element_size()} B result: {'ok' if ok else 'FAIL'}")
+    except Exception as exc:
+        failures += 1
+        out(f"- torch: error: {err_text(exc)} FAIL")
+        traceback.print_exc()
     try:
         import cupy as cp
     except Exception as exc:
-        out(f"- cupy: not importable ({exc}); skipped")
+        out(f"- cupy: not importable ({err_text(exc)}); skipped")
+        out("")
         return failures
-    xc = cp.asarray(x)
-    normsvc.layer_norm(xc)
-    cp.cuda.Device().synchronize()
-    same_ptr = K.wrap(xc).arr.device_ctypes_pointer.value == xc.data.ptr
-    pool = cp.get_default_memory_pool()
-    before = pool.used_bytes()
-    yc, _ = normsvc.layer_norm(xc)
-    cp.cuda.Device().synchronize()
-    grew = pool.used_bytes() - before
-    ok = isinstance(yc, cp.ndarray) and same_ptr and grew == yc.nbytes and yc.shape == xc.shape
-    ok = ok and bool(cp.allclose(yc, cp.asarray(y), atol=1e-6))
-    failures += not ok
-    out(f"- cupy: in {type(xc).__name__} -> out {type(yc).__name__}; input wrapped in place: {same_ptr}; "
-        f"pool grew by {grew} B for a {yc.nbytes} B result: {'ok' if ok else 'FAIL'}")
+    try:
+        if y is None:
+            raise RuntimeError("no torch result to compare with (the torch check failed)")
+        xc = cp.asarray(x)
+        normsvc.layer_norm(xc)
+        cp.cuda.Device().synchronize()
+        same_ptr = K.wrap(xc).arr.device_ctypes_pointer.value == xc.data.ptr
+        pool = cp.get_default_memory_pool()
+        before = pool.used_bytes()
+        yc, _ = normsvc.layer_norm(xc)
+        cp.cuda.Device().synchronize()
+        grew = pool.used_bytes() - before
+        ok = isinstance(yc, cp.ndarray) and same_ptr and grew == yc.nbytes and yc.shape == xc.shape
+        ok = ok and bool(cp.allclose(yc, cp.asarray(y), atol=1e-6))
+        failures += not ok
+        out(f"- cupy: in {type(xc).__name__} -> out {type(yc).__name__}; input wrapped in place: {same_ptr}; "
+            f"pool grew by {grew} B for a {yc.nbytes} B result: {'ok' if ok else 'FAIL'}")
+    except Exception as exc:
+        failures += 1
+        out(f"- cupy: error: {err_text(exc)} FAIL")
+        traceback.print_exc()
     out("")
     return failures
 
@@ -409,36 +534,50 @@ def run_timing(torch, normsvc, quick: bool) -> int:
     out("| case | bytes | copy GB/s | torch gpu us | normsvc gpu us | normsvc call us | vs torch (gpu) | of copy (gpu) | target | result |")
     out("|---|---|---|---|---|---|---|---|---|---|")
     for name, kind, frac, make, kw, tfn in bench_cases(torch):
-        x_ours, x_torch = make()
-        fn = getattr(normsvc, f"{kind}_norm")
-        nbytes = x_ours.numel() * x_ours.element_size()
-        dst = torch.empty_like(x_ours)
-        ours = lambda x=x_ours: fn(x, epsilon=EPS, **kw)  # noqa: E731
-        theirs = lambda x=x_torch: tfn(x)  # noqa: E731
-        copy = lambda x=x_ours, d=dst: d.copy_(x)  # noqa: E731
-        for f in (ours, theirs, copy):
-            for _ in range(3):
-                f()
-        torch.cuda.synchronize()
-        t = {"ours": [], "theirs": [], "copy": [], "call": []}
-        for _ in range(reps):
-            t["ours"].append(time_events(torch, ours, 1, True))
-            t["theirs"].append(time_events(torch, theirs, 1, True))
-            t["copy"].append(time_events(torch, copy, 1, True))
-            t["call"].append(time_events(torch, ours, 1, False))
-        med = {k: statistics.median(v) for k, v in t.items()}
-        copy_gbs = 2 * nbytes / med["copy"] / 1e6
-        vs_torch = med["theirs"] / med["ours"]
-        of_copy = med["copy"] / med["ours"]
-        ok = vs_torch >= 1.0 and of_copy >= frac
-        misses += not ok and "extra" not in name
-        out(f"| {name} | {nbytes / 2**20:.0f} MiB | {copy_gbs:.0f} | {med['theirs'] * 1e3:.0f} | {med['ours'] * 1e3:.0f} "
-            f"| {med['call'] * 1e3:.0f} | {vs_torch:.2f}x | {of_copy:.2f} | >= 1x torch, >= {frac:.2f} copy "
-            f"| {'met' if ok else 'MISSED'} |")
-        del x_ours, x_torch, dst, ours, theirs, copy  # free the GPU memory before the next case
-        torch.cuda.empty_cache()
+        if time_left() < 0:
+            misses += "extra" not in name
+            out(f"| {name} | skipped: time budget spent |||||||||")
+            continue
+        try:  # one failing case is reported and the rest still run
+            row, ok = _time_case(torch, normsvc, reps, name, kind, frac, make, kw, tfn)
+            misses += not ok and "extra" not in name
+            out(row)
+        except Exception as exc:
+            misses += "extra" not in name
+            out(f"| {name} | error: {err_text(exc)} |||||||||")
+            traceback.print_exc()
+        free_gpu(torch)  # the case's tensors are gone with _time_case's frame
     out("")
     return misses
+
+
+def _time_case(torch, normsvc, reps, name, kind, frac, make, kw, tfn):
+    x_ours, x_torch = make()
+    fn = getattr(normsvc, f"{kind}_norm")
+    nbytes = x_ours.numel() * x_ours.element_size()
+    dst = torch.empty_like(x_ours)
+    ours = lambda x=x_ours: fn(x, epsilon=EPS, **kw)  # noqa: E731
+    theirs = lambda x=x_torch: tfn(x)  # noqa: E731
+    copy = lambda x=x_ours, d=dst: d.copy_(x)  # noqa: E731
+    for f in (ours, theirs, copy):
+        for _ in range(3):
+            f()
+    torch.cuda.synchronize()
+    t = {"ours": [], "theirs": [], "copy": [], "call": []}
+    for _ in range(reps):
+        t["ours"].append(time_events(torch, ours, 1, True))
+        t["theirs"].append(time_events(torch, theirs, 1, True))
+        t["copy"].append(time_events(torch, copy, 1, True))
+        t["call"].append(time_events(torch, ours, 1, False))
+    med = {k: statistics.median(v) for k, v in t.items()}
+    copy_gbs = 2 * nbytes / med["copy"] / 1e6
+    vs_torch = med["theirs"] / med["ours"]
+    of_copy = med["copy"] / med["ours"]
+    ok = vs_torch >= 1.0 and of_copy >= frac
+    row = (f"| {name} | {nbytes / 2**20:.0f} MiB | {copy_gbs:.0f} | {med['theirs'] * 1e3:.0f} | {med['ours'] * 1e3:.0f} "
+           f"| {med['call'] * 1e3:.0f} | {vs_torch:.2f}x | {of_copy:.2f} | >= 1x torch, >= {frac:.2f} copy "
+           f"| {'met' if ok else 'MISSED'} |")
+    return row, ok
 
 
 def run_small(torch, normsvc, K, quick: bool) -> None:
@@ -447,14 +586,22 @@ def run_small(torch, normsvc, K, quick: bool) -> None:
 
     n = 300 if quick else 2000
     F = torch.nn.functional
-    x = torch.randn((32, 256), device="cuda")
-    xd = cuda.as_cuda_array(x)
+    out("## Small case: layer 32x256 float32, per-call wall time (median of %d calls)" % n)
+    out("")
+    try:
+        x = torch.randn((32, 256), device="cuda")
+        xd = cuda.as_cuda_array(x)
 
-    @cuda.jit
-    def empty(a):
-        pass
+        @cuda.jit
+        def empty(a):
+            pass
 
-    launcher = K._Launcher(empty)
+        launcher = K._Launcher(empty)
+    except Exception as exc:
+        out(f"- setup failed: {err_text(exc)}")
+        traceback.print_exc()
+        out("")
+        return
 
     def wall(fn):
         for _ in range(20):
@@ -481,27 +628,48 @@ def run_small(torch, normsvc, K, quick: bool) -> None:
          lambda: launcher("k", (1, 1, 1), (32, 1, 1), xd)),
         ("cuda.as_cuda_array(torch tensor)", lambda: cuda.as_cuda_array(x, sync=False)),
     ]
-    out("## Small case: layer 32x256 float32, per-call wall time (median of %d calls)" % n)
-    out("")
     out("| call | us |")
     out("|---|---|")
     for label, fn in rows:
+        if time_left() < 0:
+            out(f"| {label} | skipped: time budget spent |")
+            continue
         try:
             out(f"| {label} | {wall(fn):.1f} |")
         except Exception as exc:
-            out(f"| {label} | error: {type(exc).__name__}: {exc} |")
+            out(f"| {label} | error: {err_text(exc)} |")
+            traceback.print_exc()
     out("")
 
 
 # ----------------------------------------------------------------------------
 
 
+def _section(what: str, fn, *args) -> int:
+    """Run one section; an exception there is reported (as one failure) and the run goes on."""
+    try:
+        return fn(*args) or 0
+    except Exception as exc:
+        out(f"{what} stopped: {err_text(exc)}")
+        out("")
+        traceback.print_exc()
+        return 1
+    finally:
+        write_report()
+
+
 def main() -> int:
+    global _deadline
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--budget", type=float, default=BUDGET_S,
+                    help="seconds after which the remaining cases are skipped (default %(default)s)")
     ap.add_argument("--child-no-shuffle", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    _deadline = time.monotonic() + args.budget
+    # if something hangs anyway, say where before the device run is killed at 600 s
+    faulthandler.dump_traceback_later(args.budget + 60, exit=False)
 
     import torch
 
@@ -510,13 +678,19 @@ def main() -> int:
 
     if args.child_no_shuffle:
         assert not K.SHUFFLE
-        return run_checks(torch, normsvc, K, True, (np.float32,))
+        # an exit status, not a count (256 failures would read as success)
+        return 1 if run_checks(torch, normsvc, K, True, (np.float32,)) else 0
 
     if not torch.cuda.is_available() or not normsvc.cuda_available():
         print("no usable CUDA GPU (torch: %s, numba: %s)" % (torch.cuda.is_available(), normsvc.cuda_available()))
         return 2
     gpu = torch.cuda.get_device_name()
     today = datetime.date.today().isoformat()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+    name = f"cuda-bench-{today}-{slug}.md"
+    _report.append(ROOT / "docs" / name)
+    if os.environ.get("OUT"):
+        _report.append(pathlib.Path(os.environ["OUT"]) / "docs" / name)
     import numba
 
     try:
@@ -530,28 +704,24 @@ def main() -> int:
     out(f"torch {torch.__version__} (CUDA {torch.version.cuda}), numba {numba.__version__}, numba-cuda {ncv}, "
         f"numpy {np.__version__}, python {sys.version.split()[0]}; fast launch: {K.FAST_LAUNCH}, shuffles: {K.SHUFFLE}")
     out("")
+    write_report()
     t0 = time.time()
-    failures = run_checks(torch, normsvc, K, args.quick, (np.float16, np.float32, np.float64))
-    failures += run_no_shuffle_child()
-    failures += run_types(torch, normsvc, K)
+    failures = _section("correctness checks", run_checks, torch, normsvc, K, args.quick,
+                        (np.float16, np.float32, np.float64))
+    free_gpu(torch)
+    failures += _section("shared-memory child", run_no_shuffle_child)
+    failures += _section("types and copies", run_types, torch, normsvc, K)
+    free_gpu(torch)
     out(f"checks: {failures} failure(s), {time.time() - t0:.0f} s")
     out("")
     misses = 0
     if not args.skip_timing:
-        misses = run_timing(torch, normsvc, args.quick)
-        run_small(torch, normsvc, K, args.quick)
+        misses = _section("timing", run_timing, torch, normsvc, args.quick)
+        free_gpu(torch)
+        _section("small case", run_small, torch, normsvc, K, args.quick)
     out(f"summary: {failures} check failure(s), {misses} benchmark target(s) missed")
-
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
-    name = f"cuda-bench-{today}-{slug}.md"
-    text = _buf.getvalue()
-    (ROOT / "docs").mkdir(exist_ok=True)
-    (ROOT / "docs" / name).write_text(text)
-    if os.environ.get("OUT"):
-        dest = pathlib.Path(os.environ["OUT"]) / "docs"
-        dest.mkdir(parents=True, exist_ok=True)
-        (dest / name).write_text(text)
-    print(f"wrote docs/{name}")
+    write_report()
+    print(f"wrote docs/{name}" + (f" and $OUT/docs/{name}" if len(_report) > 1 else ""))
     return 1 if failures else 0
 
 
