@@ -365,6 +365,8 @@ def normalize(x, mean, variance, *, offset=None, scale=None, epsilon=1e-3, devic
     for name, value in named.items():
         if value is None:
             continue
+        if _is_cuda_array(value):  # small statistics: to the host, as _param does
+            value = _cuda().to_host(value)
         try:
             arr = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):

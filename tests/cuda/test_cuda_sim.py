@@ -159,6 +159,23 @@ def test_normalize_op(rng):
     assert_y_close(y.copy_to_host(), ref, np.float64)
 
 
+@pytest.mark.parametrize("kind", ["numba", "torch"])
+def test_normalize_op_takes_statistics_on_the_device(rng, kind):
+    if kind == "numba":
+        dev = cuda.to_device
+    else:  # a real GPU run (NORMSVC_TEST_GPU=1) with torch's CUDA build
+        torch = pytest.importorskip("torch")
+        if K.SIM or not torch.cuda.is_available():
+            pytest.skip("needs torch with a CUDA device")
+        dev = lambda a: torch.as_tensor(a, device="cuda")  # noqa: E731
+    x = rng.standard_normal((4, 3, 5))
+    mean, var = rng.standard_normal((3, 1)), rng.uniform(0.5, 2, (1, 5))
+    scale, offset = rng.uniform(0.5, 2, 5), rng.standard_normal((4, 1, 1))
+    y = normsvc.normalize(cuda.to_device(x), dev(mean), dev(var), scale=dev(scale), offset=dev(offset), epsilon=1e-3)
+    ref = ref_normalize(x, mean, var, offset=offset, scale=scale, epsilon=1e-3)
+    assert_y_close(y.copy_to_host(), ref, np.float64)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_host_array_on_device_cuda_returns_numpy(dtype, rng):
     x = rng.standard_normal((3, 8, 5)).astype(dtype)
