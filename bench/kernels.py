@@ -13,6 +13,9 @@ y once, as the copy does).
 
 ``--threshold`` instead times the serial and parallel kernel variants on
 growing inputs, which is how ``normsvc.kernels.cpu.SERIAL_BELOW`` was chosen.
+``--fusion`` times the one-pass kernel for contiguous groups (layer and RMS
+norm, channels-first instance and group norm, up to
+``cpu.FUSED_SEGMENT_BYTES`` per group) against the two passes it replaced.
 """
 
 from __future__ import annotations
@@ -164,15 +167,48 @@ def run_threshold(rounds: int) -> str:
     return "\n".join(lines)
 
 
+def run_fusion(rounds: int) -> str:
+    """One pass per contiguous group (normalized from cache) vs the moments pass + apply pass."""
+    rng = np.random.default_rng(0)
+    cases = [
+        ("layer 8192x1024", normsvc.layer_norm, (8192, 1024), {}),
+        ("layer 2048x8192", normsvc.layer_norm, (2048, 8192), {}),
+        ("rms 8192x1024", normsvc.rms_norm, (8192, 1024), {}),
+        ("group(32) NCHW 32x64x56x56", normsvc.group_norm, (32, 64, 56, 56), dict(axis=1, groups=32)),
+        ("instance NCHW 32x64x56x56", normsvc.instance_norm, (32, 64, 56, 56), dict(axis=1)),
+        ("layer 256x256", normsvc.layer_norm, (256, 256), {}),
+        ("instance NCHW 8x64x32x32", normsvc.instance_norm, (8, 64, 32, 32), dict(axis=1)),
+    ]
+    fused_bytes = cpu.FUSED_SEGMENT_BYTES
+    lines = ["| case | one pass ms | two passes ms | two / one |", "| --- | ---: | ---: | ---: |"]
+    try:
+        for name, fn, shape, kw in cases:
+            x = rng.standard_normal(shape, dtype=np.float32)
+            inner = max(1, int(2e6 // x.size))
+            samples = {fused_bytes: [], 0: []}
+            for _ in range(rounds):
+                for setting in samples:
+                    cpu.FUSED_SEGMENT_BYTES = setting
+                    fn(x, **kw)  # warm-up: compilation, page faults
+                    samples[setting].append(_timer(lambda a: fn(a, **kw), x, inner))
+            one, two = (statistics.median(samples[k]) * 1e3 for k in (fused_bytes, 0))
+            lines.append(f"| {name} | {one:.3f} | {two:.3f} | {two / one:.2f} |")
+    finally:
+        cpu.FUSED_SEGMENT_BYTES = fused_bytes
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case (median reported)")
     ap.add_argument("--threshold", action="store_true", help="time serial vs parallel kernels instead")
+    ap.add_argument("--fusion", action="store_true", help="time one-pass vs two-pass kernels instead")
     args = ap.parse_args(argv)
     print(f"# {datetime.date.today()} | {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, numba {cpu.numba.__version__}, numpy {np.__version__}, "
           f"torch {torch.__version__ if torch else 'absent'}, threads {cpu.numba.get_num_threads()}")
-    print(run_threshold(args.rounds) if args.threshold else run_table(args.rounds))
+    run = run_threshold if args.threshold else run_fusion if args.fusion else run_table
+    print(run(args.rounds))
     return 0
 
 

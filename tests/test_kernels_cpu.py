@@ -86,7 +86,7 @@ def test_apply_keeps_precision_far_from_zero(offset, rng):
 def kernel_calls(monkeypatch):
     """Names of the serial/parallel kernels called from Python, in order."""
     calls = []
-    for name in ("_moments_parallel", "_apply_parallel", "_moments_serial", "_apply_serial"):
+    for name in ("_moments_parallel", "_apply_parallel", "_moments_serial", "_apply_serial", "_normalize_segments"):
         kernel = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
     return calls
@@ -105,8 +105,38 @@ def test_dispatch_switches_to_the_parallel_kernels_at_the_threshold(size, rng, k
 def test_large_norms_run_the_parallel_kernels(rng, kernel_calls):
     """The explicit large cases in test_ops only prove something if they run in parallel."""
     ops.batch_norm(rng.normal(size=(32, 16, 16, 64)).astype(np.float32))
+    assert kernel_calls == ["_moments_parallel", "_apply_parallel"]
+    # contiguous groups (layer, rms, channels-first instance and group norm): the one-pass kernel
     ops.layer_norm(rng.normal(size=(2048, 256)).astype(np.float32))
-    assert kernel_calls and all(name.endswith("_parallel") for name in kernel_calls), kernel_calls
+    ops.instance_norm(rng.normal(size=(32, 64, 16, 16)).astype(np.float32), axis=1)
+    assert kernel_calls[2:] == ["_normalize_segments", "_normalize_segments"]
+
+
+@pytest.mark.parametrize("view", [
+    (64, 1, 1, 4096, 1),  # layer norm rows
+    (4, 1, 8, 4, 300),  # channels-first group norm: D channels of E positions per group
+    (16, 1, 32, 1, 100),  # channels-first instance norm
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_pass_and_two_pass_kernels_agree(view, dtype, rng, kernel_calls, monkeypatch):
+    """Contiguous groups up to FUSED_SEGMENT_BYTES take one pass; larger ones the two passes."""
+    A, B, C, D, E = view
+    x = rng.normal(rng.uniform(-50, 50), 3.0, size=view).astype(dtype)
+    g, h = rng.normal(size=(C, D)).astype(dtype), rng.normal(size=(C, D)).astype(dtype)
+    one = cpu.normalize(x, 1e-3, False, g, h)
+    monkeypatch.setattr(cpu, "FUSED_SEGMENT_BYTES", D * E * x.itemsize - 1)  # just too large now
+    two = cpu.normalize(x, 1e-3, False, g, h)
+    assert kernel_calls == ["_normalize_segments", "_moments_parallel", "_apply_parallel"]
+    xs = x.astype(np.float64)
+    mean = xs.mean(axis=(1, 3, 4))
+    m2 = ((xs - mean[:, None, :, None, None]) ** 2).sum(axis=(1, 3, 4))
+    want = (xs - mean[:, None, :, None, None]) / np.sqrt(m2 / (D * E) + 1e-3)[:, None, :, None, None]
+    want = want * g[None, None, :, :, None] + h[None, None, :, :, None]
+    atol = 1e-4 if dtype == np.float32 else 1e-10
+    for y, got_mean, got_m2 in (one, two):
+        np.testing.assert_allclose(got_mean, mean, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(got_m2, m2, rtol=1e-9)
+        np.testing.assert_allclose(y, want, rtol=0, atol=atol)
 
 
 # ---------------------------------------------------------------------------

@@ -52,6 +52,8 @@ __all__ = ["moments", "normalize", "apply", "SERIAL_BELOW", "SPIN_COUNT", "threa
 SERIAL_BELOW = 1 << 15
 #: Groups shorter than this along the contiguous axis are summed row-wise.
 ROW_MODE_BELOW = 16
+#: Contiguous groups up to this size (bytes) are normalized in one pass, from cache (see normalize).
+FUSED_SEGMENT_BYTES = 256 << 10
 #: Parallel tasks per thread: a little over-decomposition evens out the load.
 TASKS_PER_THREAD = 4
 
@@ -327,6 +329,25 @@ def _segment_apply(seg, ys, gc, hc, E, center, p):
 
 
 @njit(**_OPTS)
+def _segment(x2, y2, r, C, E, eps, rms, g, h, mean, m2):
+    """Reduce contiguous group r (row r of x2, (a, c) = divmod(r, C)), then normalize it while it is in cache."""
+    a, c = r // C, r % C
+    seg = x2[r]
+    mu, m = _segment_sums(seg)
+    mean[a, c] = mu
+    m2[a, c] = m
+    p, center = _scale(np.float64(seg.shape[0]), mu, m, eps, rms)
+    _segment_apply(seg, y2[r], g[c], h[c], E, center, p)
+
+
+@njit(parallel=True, **_OPTS)
+def _normalize_segments(x2, y2, C, E, eps, rms, g, h, mean, m2):
+    """_segment for every row of x2 (A*C contiguous groups), rows spread over the threads."""
+    for r in prange(x2.shape[0]):
+        _segment(x2, y2, r, C, E, eps, rms, g, h, mean, m2)
+
+
+@njit(**_OPTS)
 def _normalize_serial(x, eps, rms, g, h, out):
     """The whole training-mode norm in one call, for small inputs.
 
@@ -341,15 +362,8 @@ def _normalize_serial(x, eps, rms, g, h, out):
         y2 = out.reshape(A * C, D * E)
         mean = np.empty((A, C))
         m2 = np.empty((A, C))
-        n = np.float64(D * E)
         for r in range(A * C):
-            a, c = r // C, r % C
-            seg = x2[r]
-            mu, m = _segment_sums(seg)
-            mean[a, c] = mu
-            m2[a, c] = m
-            p, center = _scale(n, mu, m, eps, rms)
-            _segment_apply(seg, y2[r], g[c], h[c], E, center, p)
+            _segment(x2, y2, r, C, E, eps, rms, g, h, mean, m2)
         return out, mean, m2
     x4 = x.reshape(A, B, C, D * E)
     shift = _shift(x4)
@@ -392,6 +406,11 @@ def normalize(x: np.ndarray, epsilon: float, rms: bool, g: np.ndarray, h: np.nda
     if x.size < SERIAL_BELOW:
         return _normalize_serial(x, epsilon, rms, g, h, np.empty_like(x))
     A, B, C, D, E = x.shape
+    if B == 1 and D * E * x.itemsize <= FUSED_SEGMENT_BYTES:
+        # one pass: each contiguous group is read from memory once, normalized from cache
+        out, mean, m2 = np.empty_like(x), np.empty((A, C)), np.empty((A, C))
+        _normalize_segments(x.reshape(A * C, D * E), out.reshape(A * C, D * E), C, E, epsilon, rms, g, h, mean, m2)
+        return out, mean, m2
     shift, s1, s2 = _moments(x.reshape(A, B, C, D * E), True)
     mean, m2, p, center = _finish(np.float64(B * D * E), shift, s1, s2, epsilon, rms)
     return apply(x, center, p, g, h), mean, m2
