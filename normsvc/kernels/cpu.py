@@ -329,9 +329,9 @@ def _segment_apply(seg, ys, gc, hc, E, center, p):
 
 
 @njit(**_OPTS)
-def _segment(x2, y2, r, C, E, eps, rms, g, h, mean, m2):
-    """Reduce contiguous group r (row r of x2, (a, c) = divmod(r, C)), then normalize it while it is in cache."""
-    a, c = r // C, r % C
+def _segment(x2, y2, a, c, C, E, eps, rms, g, h, mean, m2):
+    """Reduce contiguous group (a, c) (row a * C + c of x2), then normalize it while it is in cache."""
+    r = a * C + c
     seg = x2[r]
     mu, m = _segment_sums(seg)
     mean[a, c] = mu
@@ -344,12 +344,14 @@ def _segment(x2, y2, r, C, E, eps, rms, g, h, mean, m2):
 def _normalize_segments(x2, y2, C, E, eps, rms, g, h, mean, m2):
     """_segment for every row of x2 (A*C contiguous groups), rows spread over the threads."""
     for r in prange(x2.shape[0]):
-        _segment(x2, y2, r, C, E, eps, rms, g, h, mean, m2)
+        _segment(x2, y2, r // C, r % C, C, E, eps, rms, g, h, mean, m2)
 
 
 @njit(**_OPTS)
-def _normalize_serial(x, eps, rms, g, h, out):
-    """The whole training-mode norm in one call, for small inputs.
+def _normalize_serial(x, eps, rms, g, h, out, mean, m2):
+    """The whole training-mode norm in one call, for small inputs: y into ``out``, the
+    moments into ``mean`` and ``m2`` (allocated by the caller: arrays a kernel returns
+    cost ~0.5 us each to hand back to Python, a third of a small call).
 
     When each statistic group is one contiguous segment (B == 1: layer norm,
     channels-first instance and group norm) the segment is reduced and then
@@ -360,19 +362,19 @@ def _normalize_serial(x, eps, rms, g, h, out):
     if B == 1:
         x2 = x.reshape(A * C, D * E)
         y2 = out.reshape(A * C, D * E)
-        mean = np.empty((A, C))
-        m2 = np.empty((A, C))
-        for r in range(A * C):
-            _segment(x2, y2, r, C, E, eps, rms, g, h, mean, m2)
-        return out, mean, m2
+        for a in range(A):
+            for c in range(C):
+                _segment(x2, y2, a, c, C, E, eps, rms, g, h, mean, m2)
+        return
     x4 = x.reshape(A, B, C, D * E)
     shift = _shift(x4)
     s1 = np.empty((A, 1, C))
     s2 = np.empty((A, 1, C))
     _moments_serial(x4, shift, 1, s1, s2)
-    mean, m2, p, center = _finish(np.float64(B * D * E), shift, s1, s2, eps, rms)
+    mu, mm, p, center = _finish(np.float64(B * D * E), shift, s1, s2, eps, rms)
+    mean[:, :] = mu
+    m2[:, :] = mm
     _apply_serial(x, center, p, g, h, 1, out)
-    return out, mean, m2
 
 
 def _moments(x4, parallel):
@@ -403,17 +405,18 @@ def normalize(x: np.ndarray, epsilon: float, rms: bool, g: np.ndarray, h: np.nda
     # outputs come from numpy, not from inside the kernels: numpy asks for
     # huge pages on large arrays, numba's allocator does not, and first-touch
     # page faults on 4 KiB pages can cost more than the norm itself
-    if x.size < SERIAL_BELOW:
-        return _normalize_serial(x, epsilon, rms, g, h, np.empty_like(x))
     A, B, C, D, E = x.shape
+    out, mean, m2 = np.empty_like(x), np.empty((A, C)), np.empty((A, C))
+    if x.size < SERIAL_BELOW:
+        _normalize_serial(x, epsilon, rms, g, h, out, mean, m2)
+        return out, mean, m2
     if B == 1 and D * E * x.itemsize <= FUSED_SEGMENT_BYTES:
         # one pass: each contiguous group is read from memory once, normalized from cache
-        out, mean, m2 = np.empty_like(x), np.empty((A, C)), np.empty((A, C))
         _normalize_segments(x.reshape(A * C, D * E), out.reshape(A * C, D * E), C, E, epsilon, rms, g, h, mean, m2)
         return out, mean, m2
     shift, s1, s2 = _moments(x.reshape(A, B, C, D * E), True)
     mean, m2, p, center = _finish(np.float64(B * D * E), shift, s1, s2, epsilon, rms)
-    return apply(x, center, p, g, h), mean, m2
+    return apply(x, center, p, g, h, out), mean, m2
 
 
 def apply(x, center, p, g, h, out=None) -> np.ndarray:
