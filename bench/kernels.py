@@ -178,23 +178,26 @@ def run_fusion(rounds: int) -> str:
         ("instance NCHW 32x64x56x56", normsvc.instance_norm, (32, 64, 56, 56), dict(axis=1)),
         ("layer 256x256", normsvc.layer_norm, (256, 256), {}),
         ("instance NCHW 8x64x32x32", normsvc.instance_norm, (8, 64, 32, 32), dict(axis=1)),
+        ("group(32) NHWC 32x56x56x64", normsvc.group_norm, (32, 56, 56, 64), dict(axis=-1, groups=32)),
+        ("instance NHWC 32x56x56x64", normsvc.instance_norm, (32, 56, 56, 64), dict(axis=-1)),
+        ("group(32) NHWC 8x32x32x256", normsvc.group_norm, (8, 32, 32, 256), dict(axis=-1, groups=32)),
     ]
-    fused_bytes = cpu.FUSED_SEGMENT_BYTES
+    fused = (cpu.FUSED_SEGMENT_BYTES, cpu.FUSED_SLAB_BYTES)
     lines = ["| case | one pass ms | two passes ms | two / one |", "| --- | ---: | ---: | ---: |"]
     try:
         for name, fn, shape, kw in cases:
             x = rng.standard_normal(shape, dtype=np.float32)
             inner = max(1, int(2e6 // x.size))
-            samples = {fused_bytes: [], 0: []}
+            samples = {fused: [], (0, 0): []}
             for _ in range(rounds):
                 for setting in samples:
-                    cpu.FUSED_SEGMENT_BYTES = setting
+                    cpu.FUSED_SEGMENT_BYTES, cpu.FUSED_SLAB_BYTES = setting
                     fn(x, **kw)  # warm-up: compilation, page faults
                     samples[setting].append(_timer(lambda a: fn(a, **kw), x, inner))
-            one, two = (statistics.median(samples[k]) * 1e3 for k in (fused_bytes, 0))
+            one, two = (statistics.median(samples[k]) * 1e3 for k in (fused, (0, 0)))
             lines.append(f"| {name} | {one:.3f} | {two:.3f} | {two / one:.2f} |")
     finally:
-        cpu.FUSED_SEGMENT_BYTES = fused_bytes
+        cpu.FUSED_SEGMENT_BYTES, cpu.FUSED_SLAB_BYTES = fused
     return "\n".join(lines)
 
 

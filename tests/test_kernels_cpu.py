@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 
+import numba
 import numpy as np
 import pytest
 
@@ -86,7 +87,8 @@ def test_apply_keeps_precision_far_from_zero(offset, rng):
 def kernel_calls(monkeypatch):
     """Names of the serial/parallel kernels called from Python, in order."""
     calls = []
-    for name in ("_moments_parallel", "_apply_parallel", "_moments_serial", "_apply_serial", "_normalize_segments"):
+    for name in ("_moments_parallel", "_apply_parallel", "_moments_serial", "_apply_serial", "_normalize_segments",
+                 "_normalize_slabs"):
         kernel = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
     return calls
@@ -110,27 +112,44 @@ def test_large_norms_run_the_parallel_kernels(rng, kernel_calls):
     ops.layer_norm(rng.normal(size=(2048, 256)).astype(np.float32))
     ops.instance_norm(rng.normal(size=(32, 64, 16, 16)).astype(np.float32), axis=1)
     assert kernel_calls[2:] == ["_normalize_segments", "_normalize_segments"]
+    # channels-last with several samples per thread: the moments and apply passes per sample
+    ops.instance_norm(rng.normal(size=(32, 16, 16, 64)).astype(np.float32), axis=-1)
+    assert kernel_calls[4:] == ["_normalize_slabs"]
 
 
-@pytest.mark.parametrize("view", [
-    (64, 1, 1, 4096, 1),  # layer norm rows
-    (4, 1, 8, 4, 300),  # channels-first group norm: D channels of E positions per group
-    (16, 1, 32, 1, 100),  # channels-first instance norm
+@pytest.mark.parametrize("view, kernel, knob", [
+    ((64, 1, 1, 4096, 1), "_normalize_segments", "FUSED_SEGMENT_BYTES"),  # layer norm rows
+    ((4, 1, 8, 4, 300), "_normalize_segments", "FUSED_SEGMENT_BYTES"),  # channels-first group norm
+    ((16, 1, 32, 1, 100), "_normalize_segments", "FUSED_SEGMENT_BYTES"),  # channels-first instance norm
+    ((8, 64, 16, 4, 1), "_normalize_slabs", "FUSED_SLAB_BYTES"),  # channels-last group norm (row mode)
+    ((8, 64, 2, 32, 1), "_normalize_slabs", "FUSED_SLAB_BYTES"),  # channels-last, long groups (D >= 16)
+    ((8, 128, 32, 1, 1), "_normalize_slabs", "FUSED_SLAB_BYTES"),  # channels-last instance norm
 ])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_one_pass_and_two_pass_kernels_agree(view, dtype, rng, kernel_calls, monkeypatch):
-    """Contiguous groups up to FUSED_SEGMENT_BYTES take one pass; larger ones the two passes."""
+def test_one_pass_and_two_pass_kernels_agree(view, kernel, knob, dtype, rng, kernel_calls, monkeypatch):
+    """Groups up to the knob's size take the fused kernel; larger ones the two passes."""
+    A, B, C, D, E = view
+    threads = numba.get_num_threads()
+    numba.set_num_threads(min(2, threads))  # the slab kernel wants 2 samples per thread: A = 8 is enough
+    try:
+        _check_one_and_two_pass(view, kernel, knob, dtype, rng, kernel_calls, monkeypatch)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def _check_one_and_two_pass(view, kernel, knob, dtype, rng, kernel_calls, monkeypatch):
     A, B, C, D, E = view
     x = rng.normal(rng.uniform(-50, 50), 3.0, size=view).astype(dtype)
     g, h = rng.normal(size=(C, D)).astype(dtype), rng.normal(size=(C, D)).astype(dtype)
     one = cpu.normalize(x, 1e-3, False, g, h)
-    monkeypatch.setattr(cpu, "FUSED_SEGMENT_BYTES", D * E * x.itemsize - 1)  # just too large now
+    per_unit = (D * E if kernel == "_normalize_segments" else B * C * D) * x.itemsize
+    monkeypatch.setattr(cpu, knob, per_unit - 1)  # just too large now
     two = cpu.normalize(x, 1e-3, False, g, h)
-    assert kernel_calls == ["_normalize_segments", "_moments_parallel", "_apply_parallel"]
+    assert kernel_calls == [kernel, "_moments_parallel", "_apply_parallel"]
     xs = x.astype(np.float64)
     mean = xs.mean(axis=(1, 3, 4))
     m2 = ((xs - mean[:, None, :, None, None]) ** 2).sum(axis=(1, 3, 4))
-    want = (xs - mean[:, None, :, None, None]) / np.sqrt(m2 / (D * E) + 1e-3)[:, None, :, None, None]
+    want = (xs - mean[:, None, :, None, None]) / np.sqrt(m2 / (B * D * E) + 1e-3)[:, None, :, None, None]
     want = want * g[None, None, :, :, None] + h[None, None, :, :, None]
     atol = 1e-4 if dtype == np.float32 else 1e-10
     for y, got_mean, got_m2 in (one, two):

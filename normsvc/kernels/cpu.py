@@ -54,6 +54,9 @@ SERIAL_BELOW = 1 << 15
 ROW_MODE_BELOW = 16
 #: Contiguous groups up to this size (bytes) are normalized in one pass, from cache (see normalize).
 FUSED_SEGMENT_BYTES = 256 << 10
+#: Channels-last slabs (one a's [B, C*D]) up to this size (bytes) take the moments and apply
+#: passes back to back per a, from cache (see normalize).
+FUSED_SLAB_BYTES = 4 << 20
 #: Parallel tasks per thread: a little over-decomposition evens out the load.
 TASKS_PER_THREAD = 4
 
@@ -347,6 +350,28 @@ def _normalize_segments(x2, y2, C, E, eps, rms, g, h, mean, m2):
         _segment(x2, y2, r // C, r % C, C, E, eps, rms, g, h, mean, m2)
 
 
+@njit(parallel=True, **_OPTS)
+def _normalize_slabs(x, shift, eps, rms, g, h, out, mean, m2, center, p):
+    """Channels-last groups (E == 1): for each a, the moments pass and then the apply pass over
+    its [B, C*D] slab while the slab is still in cache; the a's spread over the threads."""
+    A, B, C, D, _ = x.shape
+    x4 = x.reshape(A, B, C, D)
+    xm = _group_view(x4)
+    xa = x.reshape(A * B, C * D)
+    ya = out.reshape(A * B, C * D)
+    n = np.float64(B * D)
+    for a in prange(A):
+        s1 = np.empty(C)
+        s2 = np.empty(C)
+        _moments_rows(xm, shift, x4.shape, a, 0, B, s1, s2)
+        for c in range(C):
+            mu = shift[a, c] + s1[c] / n
+            mean[a, c] = mu
+            m2[a, c] = max(s2[c] - s1[c] * s1[c] / n, 0.0)
+            p[a, c], center[a, c] = _scale(n, mu, m2[a, c], eps, rms)
+        _apply_rows(xa, ya, center, p, g, h, x.shape, a, 0, B)
+
+
 @njit(**_OPTS)
 def _normalize_serial(x, eps, rms, g, h, out, mean, m2):
     """The whole training-mode norm in one call, for small inputs: y into ``out``, the
@@ -413,6 +438,11 @@ def normalize(x: np.ndarray, epsilon: float, rms: bool, g: np.ndarray, h: np.nda
     if B == 1 and D * E * x.itemsize <= FUSED_SEGMENT_BYTES:
         # one pass: each contiguous group is read from memory once, normalized from cache
         _normalize_segments(x.reshape(A * C, D * E), out.reshape(A * C, D * E), C, E, epsilon, rms, g, h, mean, m2)
+        return out, mean, m2
+    if E == 1 and B > 1 and A >= 2 * numba.get_num_threads() and B * C * D * x.itemsize <= FUSED_SLAB_BYTES:
+        # channels-last with enough samples: one parallel pass over the samples, each read from cache twice
+        shift = _shift(x.reshape(A, B, C, D))
+        _normalize_slabs(x, shift, epsilon, rms, g, h, out, mean, m2, np.empty((A, C)), np.empty((A, C)))
         return out, mean, m2
     shift, s1, s2 = _moments(x.reshape(A, B, C, D * E), True)
     mean, m2, p, center = _finish(np.float64(B * D * E), shift, s1, s2, epsilon, rms)
