@@ -8,6 +8,14 @@ Two passes cover every norm:
   ``out = (x - center[a, c]) * (p[a, c] * g[c, d]) + h[c, d]``, in x's dtype,
   the center split in two so that large offsets keep their precision.
 
+Training mode runs the two passes back to back, except where a group can
+be read from memory once: contiguous groups (layer and RMS norm,
+channels-first instance and group norm) up to ``FUSED_SEGMENT_BYTES`` are
+reduced and normalized in one pass while in cache (``_normalize_segments``),
+and channels-last instance and group norm with enough samples run both
+passes per sample, from cache (``_normalize_slabs``); small inputs take one
+serial call (``_normalize_serial``).
+
 Numerics: sums are shifted by the first element of each group and
 accumulated in float64, so float32 data with |mean| = 1e4 * std still gives
 the variance to ~1e-7 relative; partial sums from parallel tasks share the
