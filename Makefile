@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-$(1)
 
-.PHONY: test bench bench-store serve proto golden clean
+.PHONY: test bench bench-store bench-grpc bench-cuda serve proto golden clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +37,27 @@ serve: $(call STAMP,serve)
 bench: $(call STAMP,bench)
 	$(PY) bench/kernels.py
 
+## bench-store: running-statistics updates per second against a bare SQLite write
+bench-store: $(call STAMP,bench)
+	$(PY) bench/store.py
+
+## bench-grpc: the gRPC service against a bare gRPC echo of the same payload
+bench-grpc: $(call STAMP,bench)
+	$(PY) bench/grpc.py
+
+## bench-cuda: the CUDA kernels against torch and a device copy (needs an NVIDIA GPU and the cuda extra)
+bench-cuda: $(call STAMP,bench)
+	$(PY) bench/cuda.py
+
+## proto: regenerate normsvc/_proto/ from protos/ (the committed stubs; a test checks they match)
+proto: $(call STAMP,test)
+	$(PY) scripts/gen_proto.py
+
+## golden: regenerate tests/golden/ from Keras 3 and PyTorch in their own venv (.venv-golden)
+golden:
+	$(PYTHON) -m venv .venv-golden
+	.venv-golden/bin/pip install -q torch==2.13.0 'keras>=3.10,<4' numpy
+	KERAS_BACKEND=torch .venv-golden/bin/python scripts/make_golden.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-golden build *.egg-info .pytest_cache .hypothesis

@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     import normsvc
     from normsvc._proto import normsvc_pb2 as pb
     from normsvc.client import Client
-    from normsvc.tensor_codec import encode, encode_moments
+    from normsvc.wire.tensors import encode, encode_moments
 
     echo_proc, echo_address = start([sys.executable, os.path.abspath(__file__), "--serve-echo"])
     svc_proc, svc_address = start([sys.executable, "-m", "normsvc.cli", "serve", "--port", "0",

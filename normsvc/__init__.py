@@ -6,7 +6,29 @@ Numba kernels for batch, layer, instance, group and RMS normalization
 the same interface over the gRPC service (``normsvc serve``).
 """
 
-from . import ops
+from . import errors, ops
+from .errors import (
+    AlreadyExists,
+    Cancelled,
+    ConfigConflict,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FrozenLayer,
+    Internal,
+    InvalidArgument,
+    InvalidTensor,
+    InvalidType,
+    LayerNotFound,
+    NormsvcError,
+    NoStatistics,
+    PermissionDenied,
+    ResourceExhausted,
+    StoreError,
+    StoreUnavailable,
+    TensorTooLarge,
+    Unauthenticated,
+    Unavailable,
+)
 from .moments import Moments
 from .ops import (
     batch_norm,
@@ -19,18 +41,7 @@ from .ops import (
     rms_norm,
 )
 from .running import RunningStats
-from .store import (
-    ConfigConflict,
-    FailedPrecondition,
-    FrozenLayer,
-    InvalidArgument,
-    Layer,
-    LayerNotFound,
-    NoStatistics,
-    Store,
-    StoreError,
-    StoreUnavailable,
-)
+from .store import Layer, Store
 
 __all__ = [
     "Moments",
@@ -46,20 +57,33 @@ __all__ = [
     "Store",
     "Layer",
     "RunningStats",
+    "errors",
+    "NormsvcError",
     "StoreError",
     "InvalidArgument",
+    "InvalidType",
+    "InvalidTensor",
     "LayerNotFound",
+    "AlreadyExists",
     "ConfigConflict",
     "FailedPrecondition",
     "FrozenLayer",
     "NoStatistics",
+    "ResourceExhausted",
+    "TensorTooLarge",
+    "Unauthenticated",
+    "PermissionDenied",
+    "DeadlineExceeded",
+    "Cancelled",
+    "Unavailable",
     "StoreUnavailable",
+    "Internal",
     "Client",
     "AsyncClient",
 ]
 __version__ = "0.1.0"
 
-_LAZY = {"Client": "client", "AsyncClient": "async_client"}
+_LAZY = {"Client": "client", "AsyncClient": "client"}
 
 
 def __getattr__(name):

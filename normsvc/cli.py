@@ -191,12 +191,12 @@ def _with_client(command: str, fn):
 
     def run(args) -> int:
         from .client import Client
-        from .store.errors import StoreError
+        from .errors import NormsvcError
 
         try:
             with Client(args.target, token=args.token, tls=_tls(args), timeout=args.timeout) as client:
                 return fn(client, args) or 0
-        except (StoreError, ValueError, OSError) as exc:
+        except (NormsvcError, OSError) as exc:
             print(f"normsvc {command}: {' '.join(str(exc).split())}", file=sys.stderr)
             return 1
 
@@ -237,10 +237,11 @@ def _layers_list(client, args) -> None:
     if not infos:
         print("no layers" + (f" under prefix {args.prefix!r}" if args.prefix else ""))
         return
-    rows = [(i.name, i.config.kind, i.config.convention, _shape(i.stats), f"{i.stats.count:g}", i.stats.num_batches,
-             i.stats.version, _yes(i.stats.frozen), _when(i.stats)) for i in infos]
-    headers = ("NAME", "KIND", "CONVENTION", "SHAPE", "COUNT", "BATCHES", "VERSION", "FROZEN", "UPDATED")
-    print(_table(headers, rows, right=(4, 5, 6)))
+    rows = [(i.name, i.config.kind, i.config.convention, f"{i.config.epsilon:g}", _shape(i.stats),
+             f"{i.stats.count:g}", i.stats.num_batches, i.stats.version, _yes(i.stats.frozen), _when(i.stats))
+            for i in infos]
+    headers = ("NAME", "KIND", "CONVENTION", "EPSILON", "SHAPE", "COUNT", "BATCHES", "VERSION", "FROZEN", "UPDATED")
+    print(_table(headers, rows, right=(3, 5, 6, 7)))
 
 
 def _values(array) -> str:
@@ -251,6 +252,16 @@ def _values(array) -> str:
     return np.array2string(np.asarray(array), precision=6, threshold=8, edgeitems=3, max_line_width=1 << 20)
 
 
+def _epsilon(config) -> str:
+    """The resolved epsilon, saying when it is the convention's default (cumulative's 1e-3 surprises RL users)."""
+    from .running import DEFAULTS
+
+    text = f"{config.epsilon:g}"
+    if config.epsilon == DEFAULTS[config.convention][1]:
+        text += f" (the {config.convention} convention's default)"
+    return text
+
+
 def _layers_show(client, args) -> None:
     blocks = []
     for info in client.describe(names=args.names):
@@ -258,7 +269,7 @@ def _layers_show(client, args) -> None:
         axis = list(c.axis) if isinstance(c.axis, tuple) else c.axis
         rows = [
             ("name", info.name), ("kind", c.kind), ("axis", axis), ("convention", c.convention),
-            ("momentum", "-" if c.momentum is None else f"{c.momentum:g}"), ("epsilon", f"{c.epsilon:g}"),
+            ("momentum", "-" if c.momentum is None else f"{c.momentum:g}"), ("epsilon", _epsilon(c)),
             ("groups", "-" if c.groups is None else c.groups), ("center", _yes(c.center)), ("scale", _yes(c.scale)),
             ("shape", _shape(s)), ("count", f"{s.count:g}"), ("batches", s.num_batches), ("version", s.version),
             ("frozen", _yes(s.frozen)), ("updated", _when(s)), ("mean", _values(s.mean)),

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InvalidArgument, InvalidType
+
 __all__ = ["Moments"]
 
 
@@ -37,7 +39,7 @@ def _f64(value, name: str) -> np.ndarray:
     try:
         return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"Moments.{name} must be numeric, got {value!r}") from exc
+        raise InvalidType(f"Moments.{name} must be numeric, got {value!r}") from exc
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,11 +67,11 @@ class Moments:
         except ValueError:
             fits = False
         if not fits:
-            raise ValueError(
+            raise InvalidArgument(
                 f"Moments.count shape {count.shape} does not broadcast to mean shape {mean.shape}"
             )
         if m2.shape != mean.shape:
-            raise ValueError(f"Moments.m2 shape {m2.shape} must equal mean shape {mean.shape}")
+            raise InvalidArgument(f"Moments.m2 shape {m2.shape} must equal mean shape {mean.shape}")
         object.__setattr__(self, "count", count)
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "m2", m2)
@@ -122,9 +124,9 @@ class Moments:
     def merge(self, other: "Moments") -> "Moments":
         """Combine two disjoint sets of samples (Chan et al.); exact and associative."""
         if not isinstance(other, Moments):
-            raise TypeError(f"can only merge Moments with Moments, got {type(other).__name__}")
+            raise InvalidType(f"can only merge Moments with Moments, got {type(other).__name__}")
         if other.mean.shape != self.mean.shape:
-            raise ValueError(
+            raise InvalidArgument(
                 f"cannot merge Moments of shape {self.mean.shape} with shape {other.mean.shape}"
             )
         na, nb = self.count, other.count

@@ -45,11 +45,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InvalidArgument, InvalidType
 from .kernels import cpu
 from .moments import Moments
-from .plan import Plan, normalize_axes, plan_for, plan_from_roles
+from . import norms
+from .plan import Plan, normalize_axes, plan_for, plan_for_moments, plan_from_roles
 
 __all__ = [
+    "norm",
     "moments",
     "normalize",
     "batch_norm",
@@ -62,6 +65,14 @@ __all__ = [
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _DEVICES = ("auto", "cpu", "cuda")
+
+
+def _detached(x):
+    """A torch tensor that requires grad, detached (no gradient flows through the ops);
+    anything else as it is.  Duck-typed: ``import normsvc`` never imports torch."""
+    if getattr(x, "requires_grad", False) and callable(getattr(x, "detach", None)):
+        return x.detach()
+    return x
 
 
 def _is_cuda_array(x) -> bool:
@@ -93,26 +104,31 @@ def _input(x, device="auto"):
     path: x is a CUDA array, or ``device="cuda"``).
     """
     if not isinstance(device, str) or device not in _DEVICES:
-        raise ValueError(f"device={device!r}: expected 'auto', 'cpu' or 'cuda'")
+        raise InvalidArgument(f"device={device!r}: expected 'auto', 'cpu' or 'cuda'", field="device")
+    x = _detached(x)
     if _is_cuda_array(x):
         if device == "cpu":
-            raise ValueError(
+            raise InvalidArgument(
                 "x is a CUDA array but device='cpu': expected a host array (copy it to the host first) "
-                "or device='auto'/'cuda'"
+                "or device='auto'/'cuda'",
+                field="x",
             )
         x = _cuda().wrap(x)
     else:
-        if not hasattr(x, "dtype"):
+        try:
+            if not hasattr(x, "dtype"):
+                x = np.asarray(x)
+                if x.dtype.kind in "iub":
+                    x = x.astype(np.float64)
             x = np.asarray(x)
-            if x.dtype.kind in "iub":
-                x = x.astype(np.float64)
-        x = np.asarray(x)
+        except (TypeError, ValueError):  # ragged lists, objects numpy cannot read
+            raise InvalidType(f"x must be a numeric array, got {type(x).__name__}", field="x") from None
     if x.dtype not in _FLOATS:
-        raise TypeError(f"x has dtype {x.dtype}: expected float16, float32 or float64")
+        raise InvalidType(f"x has dtype {x.dtype}: expected float16, float32 or float64", field="x")
     if x.ndim == 0:
-        raise ValueError("x is a scalar: expected an array of rank >= 1")
+        raise InvalidArgument("x is a scalar: expected an array of rank >= 1", field="x")
     if x.size == 0:
-        raise ValueError(f"x has shape {x.shape} with no elements: expected a non-empty array")
+        raise InvalidArgument(f"x has shape {x.shape} with no elements: expected a non-empty array", field="x")
     if device == "cuda" and isinstance(x, np.ndarray):
         x = _cuda().host(x)
     return x
@@ -120,34 +136,36 @@ def _input(x, device="auto"):
 
 def _epsilon(epsilon) -> float:
     if isinstance(epsilon, (str, bytes, bool)):  # float("1e-3") would parse, float(True) is 1.0
-        raise TypeError(f"epsilon must be a number, got {epsilon!r}")
+        raise InvalidType(f"epsilon must be a number, got {epsilon!r}", field="epsilon")
     try:
         eps = float(epsilon)
     except (TypeError, ValueError):
-        raise TypeError(f"epsilon must be a number, got {epsilon!r}") from None
+        raise InvalidType(f"epsilon must be a number, got {epsilon!r}", field="epsilon") from None
     if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"epsilon={epsilon!r}: expected a finite number >= 0")
+        raise InvalidArgument(f"epsilon={epsilon!r}: expected a finite number >= 0", field="epsilon")
     return eps
 
 
-def _param(value, name: str, expected: tuple, what: str) -> np.ndarray:
+def _param(value, name: str, expected: tuple, what: str, *, scalar: bool = False) -> np.ndarray:
     """A gamma/beta/mean/variance coerced to float64 of shape ``expected``.
 
     Shapes that differ from ``expected`` only by size-1 axes (e.g. torch's
-    (1, C, 1, 1)) are accepted.  CUDA arrays are copied to the host (they are small).
+    (1, C, 1, 1)) are accepted, and with ``scalar`` a single number or the
+    trailing axes alone (running statistics, shared by every sample).  CUDA arrays are copied to the host (they are small).
     """
+    value = _detached(value)
     if _is_cuda_array(value):
         value = _cuda().to_host(value)
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a numeric array, got {type(value).__name__}") from None
-    if arr.ndim == 0 and what.endswith("or a scalar"):
-        return np.broadcast_to(arr, expected)
+        raise InvalidType(f"{name} must be a numeric array, got {type(value).__name__}", field=name) from None
+    if scalar and arr.shape == expected[len(expected) - arr.ndim:]:
+        return np.broadcast_to(arr, expected)  # a scalar, or trailing axes shared by every sample
     if arr.shape != expected:
         squeeze = tuple(s for s in arr.shape if s != 1)
         if squeeze != tuple(s for s in expected if s != 1) or arr.size != math.prod(expected):
-            raise ValueError(f"{name} has shape {arr.shape}: expected {expected} ({what})")
+            raise InvalidArgument(f"{name} has shape {arr.shape}: expected {expected} ({what})", field=name)
         arr = arr.reshape(expected)
     return arr
 
@@ -191,55 +209,68 @@ def _axis_key(axis):
     """
     if isinstance(axis, (list, tuple)):
         if not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axis):
-            raise TypeError(f"axis must be an int or a list of ints, got {axis!r}")
+            raise InvalidType(f"axis must be an int or a list of ints, got {axis!r}", field="axis")
         return tuple(int(a) for a in axis)
     try:
         hash(axis)
     except TypeError:
-        raise TypeError(f"axis must be an int or a list of ints, got {axis!r}") from None
+        raise InvalidType(f"axis must be an int or a list of ints, got {axis!r}", field="axis") from None
     return axis
 
 
 @functools.lru_cache(maxsize=2048, typed=True)
 def _prepare(kind: str, shape: tuple, axis, groups) -> _Prepared:
     """Validate axis/groups against the shape and build the plan (cached: errors are not)."""
+    entry = norms.norm(kind)
     ndim = len(shape)
-    if kind in ("batch", "layer", "rms"):
+    if entry.axis_role != "channel":
         shown = list(axis) if isinstance(axis, tuple) else axis  # messages echo the caller's list
         axes = normalize_axes(shown, ndim)
         if not axes:
-            raise ValueError(f"axis={shown!r} names no axis: expected at least one axis of the rank-{ndim} input")
-        plan = plan_for(shape, kind, axes)
-        affine = tuple(shape[a] for a in axes)
-        what = (f"one value per feature along axis {list(axes)}" if kind == "batch"
-                else f"one value per element of the normalized axes {list(axes)}")
-        return _Prepared(plan, affine, what, kind == "rms")
+            raise InvalidArgument(
+                f"axis={shown!r} names no axis: expected at least one axis of the rank-{ndim} input", field="axis")
+        what = entry.affine.format(axes=list(axes))
+        return _Prepared(plan_for(shape, kind, axes), tuple(shape[a] for a in axes), what, not entry.centered)
+    ch = _channel_axis(kind, axis, ndim)
+    channels = shape[ch]
+    what = entry.affine.format(axes=ch)
+    groups = _groups(groups, channels, axis) if entry.grouped else None
+    return _Prepared(plan_for(shape, kind, (ch,), groups), (channels,), what, not entry.centered)
+
+
+def _channel_axis(kind: str, axis, ndim: int) -> int:
+    """The validated, non-negative channel axis of an instance or group norm."""
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"axis must be an int (the channel axis) for {kind} norm, got {axis!r}")
+        raise InvalidType(f"axis must be an int (the channel axis) for {kind} norm, got {axis!r}", field="axis")
     if ndim < 2:
-        raise ValueError(f"{kind} norm needs a batch axis and a channel axis: x has rank {ndim}, expected >= 2")
+        raise InvalidArgument(
+            f"{kind} norm needs a batch axis and a channel axis: x has rank {ndim}, expected >= 2", field="x")
     (ch,) = normalize_axes(axis, ndim)
     if ch == 0:
-        raise ValueError(f"axis={axis!r} is the batch axis 0: expected the channel axis (1 .. {ndim - 1}, or -1)")
-    channels = shape[ch]
-    what = f"one value per channel along axis {ch}"
-    if kind == "instance":
-        return _Prepared(plan_for(shape, "instance", (ch,)), (channels,), what, False)
+        raise InvalidArgument(
+            f"axis={axis!r} is the batch axis 0: expected the channel axis (1 .. {ndim - 1}, or -1)", field="axis")
+    return ch
+
+
+def _groups(groups, channels: int, axis) -> int:
+    """``groups`` resolved (-1: one per channel) and checked against the channel count."""
     if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)):
-        raise TypeError(f"groups must be an int, got {groups!r}")
+        raise InvalidType(f"groups must be an int, got {groups!r}", field="groups")
     groups = channels if groups == -1 else int(groups)
     if groups < 1:
-        raise ValueError(f"groups={groups}: expected a positive number of groups, or -1 for one group per channel")
+        raise InvalidArgument(
+            f"groups={groups}: expected a positive number of groups, or -1 for one group per channel",
+            field="groups")
     if groups > channels:
-        raise ValueError(
-            f"groups={groups} is more than the {channels} channels along axis {axis}: expected groups <= {channels}"
-        )
+        raise InvalidArgument(
+            f"groups={groups} is more than the {channels} channels along axis {axis}: expected groups <= {channels}",
+            field="groups")
     if channels % groups:
-        raise ValueError(
+        raise InvalidArgument(
             f"groups={groups} does not divide the {channels} channels along axis {axis}: "
-            f"expected a divisor of {channels}"
-        )
-    return _Prepared(plan_for(shape, "group", (ch,), groups), (channels,), what, False)
+            f"expected a divisor of {channels}",
+            field="groups")
+    return groups
 
 
 def _affine_tables(prep: _Prepared, gamma, beta, dtype):
@@ -273,7 +304,7 @@ def _norm(kind: str, x, axis, groups, epsilon, gamma, beta, mean, variance, devi
         y, mu, m2 = cpu.normalize(xv, eps, prep.rms, g, h)
         stats = Moments._trusted(plan.count, plan.stats_from_view(mu), plan.stats_from_view(m2))
     elif mean is None or variance is None:
-        raise ValueError("pass both mean and variance (inference mode) or neither (training mode)")
+        raise InvalidArgument("pass both mean and variance (inference mode) or neither (training mode)")
     else:
         mu, var = _stat_tables(plan, mean, variance)
         if prep.rms:  # y = x * rsqrt(mean(x^2) + eps): no centering
@@ -292,10 +323,10 @@ def _stat_tables(plan: Plan, mean, variance):
     A, _, C, _, _ = plan.view
     axes = tuple(sorted(plan.stat_axes))
     shape = plan.stat_shape
-    mean_p = _param(mean, "mean", shape, "one value per statistic group, or a scalar")
-    var_p = _param(variance, "variance", shape, "one value per statistic group, or a scalar")
+    mean_p = _param(mean, "mean", shape, "one value per statistic group, a scalar, or one per group shared by all samples", scalar=True)
+    var_p = _param(variance, "variance", shape, "one value per statistic group, a scalar, or one per group shared by all samples", scalar=True)
     if np.any(var_p < 0):
-        raise ValueError("variance has negative entries: expected variances >= 0")
+        raise InvalidArgument("variance has negative entries: expected variances >= 0", field="variance")
     mu = plan.table(plan.expand(mean_p, axes), plan.stat_axes, A, C)
     var = plan.table(plan.expand(var_p, axes), plan.stat_axes, A, C)
     return mu, var
@@ -308,7 +339,7 @@ def _norm_cuda(prep: _Prepared, x, eps: float, g, h, mean, variance):
         y, (mu, m2) = _cuda().normalize(x, plan, g, h, eps=eps, rms=prep.rms)
         return y, Moments._trusted(plan.count, plan.stats_from_view(mu), plan.stats_from_view(m2))
     if mean is None or variance is None:
-        raise ValueError("pass both mean and variance (inference mode) or neither (training mode)")
+        raise InvalidArgument("pass both mean and variance (inference mode) or neither (training mode)")
     y, _ = _cuda().normalize(x, plan, g, h, eps=eps, rms=prep.rms, stats=_stat_tables(plan, mean, variance))
     return y, None
 
@@ -333,7 +364,7 @@ def moments(x, axes, *, keepdims: bool = False, device="auto") -> Moments:
     """
     x = _input(x, device)
     axes = normalize_axes(axes, x.ndim, name="axes")
-    plan = plan_for(x.shape, "moments", axes)
+    plan = plan_for_moments(x.shape, tuple(axes))
     if isinstance(x, np.ndarray):
         mu, m2 = cpu.moments(_compute_view(x, plan))
     else:
@@ -359,31 +390,32 @@ def normalize(x, mean, variance, *, offset=None, scale=None, epsilon=1e-3, devic
     eps = _epsilon(epsilon)
     if mean is None or variance is None:
         missing = " and ".join(n for n, v in (("mean", mean), ("variance", variance)) if v is None)
-        raise ValueError(f"normalize got None for {missing}: expected arrays for both mean and variance")
+        raise InvalidArgument(f"normalize got None for {missing}: expected arrays for both mean and variance")
     named = {"mean": mean, "variance": variance, "offset": offset, "scale": scale}
     arrays, varies = {}, {}
     for name, value in named.items():
         if value is None:
             continue
+        value = _detached(value)
         if _is_cuda_array(value):  # small statistics: to the host, as _param does
             value = _cuda().to_host(value)
         try:
             arr = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
-            raise TypeError(f"{name} must be a numeric array, got {type(value).__name__}") from None
+            raise InvalidType(f"{name} must be a numeric array, got {type(value).__name__}", field=name) from None
         if arr.ndim > x.ndim:
-            raise ValueError(f"{name} has shape {arr.shape}: expected at most {x.ndim} dims to broadcast to x {x.shape}")
+            raise InvalidArgument(f"{name} has shape {arr.shape}: expected at most {x.ndim} dims to broadcast to x {x.shape}", field=name)
         try:
             fits = np.broadcast_shapes(arr.shape, x.shape) == x.shape
         except ValueError:
             fits = False
         if not fits:
-            raise ValueError(f"{name} has shape {arr.shape}: expected a shape that broadcasts to x {x.shape}")
+            raise InvalidArgument(f"{name} has shape {arr.shape}: expected a shape that broadcasts to x {x.shape}", field=name)
         pad = (1,) * (x.ndim - arr.ndim) + arr.shape
         varies[name] = {i for i, s in enumerate(pad) if s != 1}
         arrays[name] = np.broadcast_to(arr, x.shape)
     if np.any(arrays["variance"] < 0):
-        raise ValueError("variance has negative entries: expected variances >= 0")
+        raise InvalidArgument("variance has negative entries: expected variances >= 0", field="variance")
     stat = frozenset(varies["mean"] | varies["variance"])
     affine = frozenset(varies.get("scale", set()) | varies.get("offset", set()))
     plan = _broadcast_plan(x.shape, stat, affine)
@@ -399,6 +431,31 @@ def normalize(x, mean, variance, *, offset=None, scale=None, epsilon=1e-3, devic
     xv = _compute_view(x, plan)
     y = plan.from_view(cpu.apply(xv, mu, 1.0 / np.sqrt(var + eps), g, h))
     return y.astype(x.dtype) if y.dtype != x.dtype else y
+
+
+def norm(kind: str, x, *, axis=-1, groups=None, epsilon=1e-3, gamma=None, beta=None, mean=None,
+         variance=None, device="auto"):
+    """Any norm of :data:`normsvc.norms.NORMS` by name: what the named functions below call.
+
+    ``kind`` is "batch", "layer", "instance", "group" or "rms"; ``axis`` means
+    what that kind's function says.  ``groups`` is group norm's (default
+    32) and must be left out for the others; rms norm takes no ``beta``.
+    ``mean``/``variance`` (inference mode) may be one value per statistic
+    group, a scalar, or, for instance and group norm, one value per channel
+    or group shared by every sample (a layer's running statistics).
+
+    Returns
+    -------
+    (y, Moments or None)
+    """
+    entry = norms.norm(kind)
+    if entry.grouped:
+        groups = norms.DEFAULT_GROUPS if groups is None else groups
+    elif groups is not None:
+        raise InvalidArgument(f"groups={groups!r} is only meaningful for group norm, not {kind!r}", field="groups")
+    if beta is not None and not entry.centered:
+        raise InvalidArgument(f"{kind} norm has no offset: pass no beta", field="beta")
+    return _norm(kind, x, axis, groups, epsilon, gamma, beta, mean, variance, device)
 
 
 def batch_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None,

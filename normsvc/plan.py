@@ -41,9 +41,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Plan", "KINDS", "normalize_axes", "plan_for", "plan_from_roles"]
+from .errors import InvalidArgument, InvalidType
+from .norms import KINDS, norm
 
-KINDS = ("batch", "layer", "instance", "group", "rms")
+__all__ = ["Plan", "KINDS", "normalize_axes", "plan_for", "plan_for_moments", "plan_from_roles"]
+
 MAX_RANK = 8
 
 _SLOTS = {"A": (0,), "R": (1, 4), "C": (2,), "D": (3,)}
@@ -60,19 +62,20 @@ def normalize_axes(axis, ndim: int, *, name: str = "axis") -> tuple[int, ...]:
     try:
         items = list(items)
     except TypeError:
-        raise TypeError(f"{name} must be an int or a list of ints, got {axis!r}") from None
+        raise InvalidType(f"{name} must be an int or a list of ints, got {axis!r}", field=name) from None
     out = []
     for a in items:
         if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
-            raise TypeError(f"{name} must be an int or a list of ints, got {axis!r}")
+            raise InvalidType(f"{name} must be an int or a list of ints, got {axis!r}", field=name)
         if not -ndim <= a < ndim:
-            raise ValueError(
+            raise InvalidArgument(
                 f"{name}={axis!r} is out of range for an input of rank {ndim}: "
-                f"expected values in [{-ndim}, {ndim - 1}]"
+                f"expected values in [{-ndim}, {ndim - 1}]",
+                field=name,
             )
         out.append(int(a) % ndim)
     if len(set(out)) != len(out):
-        raise ValueError(f"{name}={axis!r} names the same axis twice for an input of rank {ndim}")
+        raise InvalidArgument(f"{name}={axis!r} names the same axis twice for an input of rank {ndim}", field=name)
     return tuple(sorted(out))
 
 
@@ -199,23 +202,14 @@ def _assign(roles: list, live: list) -> dict | None:
 def plan_for(shape: tuple, kind: str, axis, groups: int | None = None) -> Plan:
     """The plan of a named norm (``axis`` already validated and non-negative).
 
-    batch: ``axis`` are the kept feature axes.  layer/rms: ``axis`` are the
-    normalized axes.  instance/group: ``axis`` is the channel axis and axis 0
-    the batch axis; ``groups`` has already been resolved and validated.
-    moments: ``axis`` are the reduced axes, no affine parameters.
+    What ``axis`` means depends on the kind (see :mod:`normsvc.norms`);
+    ``groups`` has already been resolved and validated.
     """
-    ndim = len(shape)
-    axes = set(axis)
-    if kind == "batch":
-        return plan_from_roles(shape, axes, axes)
-    if kind in ("layer", "rms"):
-        return plan_from_roles(shape, set(range(ndim)) - axes, axes)
-    if kind == "instance":
-        (ch,) = axis
-        return plan_from_roles(shape, {0, ch}, {ch})
-    if kind == "group":
-        (ch,) = axis
-        return plan_from_roles(shape, {0, ch}, {ch, ch + 1}, split=(ch, groups))
-    if kind == "moments":
-        return plan_from_roles(shape, set(range(ndim)) - axes, set())
-    raise ValueError(f"kind={kind!r} is not a norm: expected one of {', '.join(KINDS)}")
+    stat, affine, split = norm(kind).roles(len(shape), tuple(axis), groups)
+    return plan_from_roles(shape, stat, affine, split=split)
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_for_moments(shape: tuple, axes: tuple) -> Plan:
+    """The plan of :func:`normsvc.ops.moments`: reduce ``axes``, no affine parameters."""
+    return plan_from_roles(shape, set(range(len(shape))) - set(axes), set())

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import ops
 from .store import Store
-from .tensor_codec import decode_moments, encode_moments
+from .wire.tensors import decode_moments, encode_moments
 
 __all__ = ["precompile"]
 

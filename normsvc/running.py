@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from .errors import InvalidArgument
 from .moments import Moments
 
 __all__ = [
@@ -221,7 +222,7 @@ def apply_update(
         )
         new_mean, new_var = merged.mean, merged.variance
     else:
-        raise ValueError(f"convention={convention!r}: expected one of {', '.join(CONVENTIONS)}")
+        raise InvalidArgument(f"convention={convention!r}: expected one of {', '.join(CONVENTIONS)}")
     return RunningStats(
         np.asarray(new_mean, dtype=np.float64),
         np.asarray(new_var, dtype=np.float64),

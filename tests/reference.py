@@ -1,7 +1,8 @@
 """Float64 numpy references for the five norms, written from the Keras formulas.
 
-Nothing here imports normsvc: these are the independent answers the tests
-compare against.  Every function upcasts ``x`` to float64 first (float16 and
+Nothing here calls normsvc's kernels: these are the independent answers the
+tests compare against (the moments are :func:`normsvc.testing.reference_moments`,
+plain numpy, which users may reuse in their own tests).  Every function upcasts ``x`` to float64 first (float16 and
 float32 values are exact in float64), reduces with numpy's two-pass
 ``mean``/``var`` and returns a :class:`Ref` ``(y, mean, variance, magnitude)``
 with the statistics in the per-group shape documented by normsvc.ops:
@@ -21,6 +22,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+
+from normsvc.testing import reference_moments
 
 __all__ = [
     "Ref",
@@ -76,8 +79,11 @@ def _along(values, axes: list[int], ndim: int) -> np.ndarray:
 def ref_moments(x, axes, keepdims=False):
     """tf.nn.moments: mean and biased variance over ``axes``."""
     x = np.asarray(x, dtype=np.float64)
-    red = tuple(axes_list(axes, x.ndim))
-    return x.mean(axis=red, keepdims=keepdims), x.var(axis=red, keepdims=keepdims)
+    red = axes_list(axes, x.ndim)
+    m = reference_moments(x, red)
+    if keepdims:
+        return np.expand_dims(m.mean, red), np.expand_dims(m.variance, red)
+    return m.mean, m.variance
 
 
 def ref_normalize(x, mean, variance, offset=None, scale=None, epsilon=1e-3) -> Ref:

@@ -542,3 +542,19 @@ def test_validation_is_not_skipped_by_a_cached_valid_call():
     for bad in (2.0, np.float32(2)):
         with pytest.raises(TypeError, match=r"groups must be an int, got"):
             ops.group_norm(x, groups=bad, axis=2)
+
+
+def test_torch_tensors_that_require_grad_are_taken_as_they_are():
+    # no gradient flows through the ops: a tensor that requires grad is read detached, without a copy by the caller
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(np.random.default_rng(5).normal(2.0, 3.0, size=(16, 3))).requires_grad_(True)
+    x = t.detach().numpy()
+    m = normsvc.moments(t, axes=[0])
+    np.testing.assert_allclose(m.mean, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(m.variance, x.var(axis=0), rtol=1e-12)
+    gamma = torch.full((3,), 2.0, dtype=torch.float64, requires_grad=True)
+    y, _ = normsvc.batch_norm(t, axis=-1, epsilon=1e-3, gamma=gamma)
+    np.testing.assert_allclose(y, 2.0 * (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3), rtol=1e-10)
+    mean, var = t.mean(0), t.var(0, unbiased=False)  # statistics that require grad, too
+    np.testing.assert_allclose(normsvc.normalize(t, mean, var, epsilon=0.0), (x - x.mean(0)) / x.std(0), rtol=1e-10)
+    assert t.requires_grad and t.grad is None

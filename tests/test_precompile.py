@@ -13,7 +13,8 @@ SERVER_WORK = textwrap.dedent(
     from normsvc import Client
     from normsvc.server import serve
     from normsvc.kernels import cpu
-    from normsvc import running, tensor_codec
+    from normsvc import running
+    from normsvc.wire import tensors as tensor_codec
     from numba.core.registry import CPUDispatcher
 
     server = serve("sqlite:///" + {db!r}, host="127.0.0.1", port=0)

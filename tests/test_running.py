@@ -150,9 +150,9 @@ def test_docstring_examples():
     import doctest
 
     import normsvc.running
-    import normsvc.store.base
+    import normsvc.store.store
 
-    for module in (normsvc.running, normsvc.store.base):
+    for module in (normsvc.running, normsvc.store.store):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
 

@@ -140,7 +140,8 @@ class NormServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResetStats(self, request, context):
-        """Forgets a layer's running statistics (keeps its config).
+        """Forgets a layer's running statistics: back to the convention's starting
+        values (keeps its config, learned shape and frozen flag).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,15 +157,22 @@ class NormServiceServicer:
     def AllReduceMoments(self, request, context):
         """Synchronized batch statistics: world_size ranks meet at (group, step);
         each gets the merged moments, and the running statistics take one
-        update per step. A missing rank fails the others with DEADLINE_EXCEEDED;
-        a duplicate rank is ALREADY_EXISTS.
+        update per step. A rank waits for the others until its call's deadline
+        (the server answers DEADLINE_EXCEEDED itself just before it), or, for a
+        call without a deadline or with a longer one, the server's maximum wait
+        (300 s unless configured otherwise); then it fails with
+        DEADLINE_EXCEEDED and withdraws its moments. A rank that joins a step
+        twice, or a step that completed, is ALREADY_EXISTS (reason
+        DUPLICATE_RANK).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchLayer(self, request, context):
-        """Streams every new version of the layers' running statistics.
+        """Streams every new version of the layers' running statistics. Ends with
+        NOT_FOUND when a watched layer is deleted, UNAVAILABLE when the server
+        shuts down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +180,8 @@ class NormServiceServicer:
 
     def Normalize(self, request, context):
         """Normalizes a tensor with the layer's config (batch or running statistics).
+        Training mode on a frozen layer normalizes with the running statistics
+        and answers neither batch_moments nor stats.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,7 +195,8 @@ class NormServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Freeze(self, request, context):
-        """Freezes a layer: updates fail with FAILED_PRECONDITION until Unfreeze.
+        """Freezes a layer: updates fail with FAILED_PRECONDITION until Unfreeze,
+        and Normalize in training mode uses the running statistics.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

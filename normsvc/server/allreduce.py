@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..moments import Moments
-from .errors import AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument
+from ..errors import AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument
 
 __all__ = ["Rendezvous"]
 
@@ -48,6 +48,15 @@ class _Step:
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
+
+
+def _shapes(layers) -> str:
+    """``(('a', (2,)), ('b', ()))`` -> ``'a' [2], 'b' []``: a message's words, not a Python repr."""
+    return ", ".join(f"{name!r} {list(shape)}" for name, shape in layers) or "none"
+
+
+def _listed(options) -> str:
+    return ", ".join(str(o).lower() if isinstance(o, bool) else str(o) for o in options)
 
 
 def _describe(key) -> str:
@@ -148,9 +157,10 @@ class Rendezvous:
         if signature != st.signature:
             (layers, options), (want_layers, want_options) = signature, st.signature
             if layers == want_layers:
-                what, got, want, where = "options", options, want_options, "update_stats"
+                what, got, want = "options", f"update_stats={_listed(options)}", f"update_stats={_listed(want_options)}"
+                where = "update_stats"
             else:
-                what, got, want, where = "layers and shapes", dict(layers), dict(want_layers), "moments"
+                what, got, want, where = "layers and shapes", _shapes(layers), _shapes(want_layers), "moments"
             raise InvalidArgument(
                 f"{_describe(key)}: rank {rank} sent {what} {got}, rank {st.first_rank} sent {want}: "
                 "expected the same from every rank",

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._proto import normsvc_pb2 as pb
-from .errors import InvalidArgument, PermissionDenied, Unauthenticated
+from ..errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 __all__ = ["ROLES", "Principal", "TokenTable", "RULES", "authorize"]
 
@@ -70,22 +70,22 @@ class TokenTable:
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"tokens file {path}: not JSON ({exc})") from None
+            raise InvalidArgument(f"tokens file {path}: not JSON ({exc})") from None
         entries = doc.get("tokens") if isinstance(doc, dict) else None
         if not isinstance(entries, list):
-            raise ValueError(f'tokens file {path}: expected {{"tokens": [{{"token": ..., "role": ...}}, ...]}}')
+            raise InvalidArgument(f'tokens file {path}: expected {{"tokens": [{{"token": ..., "role": ...}}, ...]}}')
         principals = {}
         for i, e in enumerate(entries):
             where = f"tokens file {path}, entry {i}"
             if not isinstance(e, dict) or not isinstance(e.get("token"), str) or not e["token"]:
-                raise ValueError(f"{where}: expected an object with a non-empty string 'token'")
+                raise InvalidArgument(f"{where}: expected an object with a non-empty string 'token'")
             if e.get("role") not in ROLES:
-                raise ValueError(f"{where}: role {e.get('role')!r}, expected one of {', '.join(ROLES)}")
+                raise InvalidArgument(f"{where}: role {e.get('role')!r}, expected one of {', '.join(ROLES)}")
             prefixes = e.get("prefixes", [""])
             if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes) or not prefixes:
-                raise ValueError(f"{where}: 'prefixes' must be a non-empty list of strings")
+                raise InvalidArgument(f"{where}: 'prefixes' must be a non-empty list of strings")
             if e["token"] in principals:
-                raise ValueError(f"{where}: the same token appears twice")
+                raise InvalidArgument(f"{where}: the same token appears twice")
             principals[e["token"]] = Principal(str(e.get("name", f"token{i}")), e["role"], tuple(prefixes))
         return cls(principals)
 

@@ -3,8 +3,9 @@
 * :class:`MetricsInterceptor` counts every call by method and final status
   code and times it (streams: until their last message).
 * :class:`ErrorInterceptor` turns any exception from the layers below into a
-  status with rich details, through :func:`.errors.to_status` (the one place
-  that maps exceptions to codes).
+  status with rich details, through :func:`normsvc.wire.status.to_status` (the one place
+  that maps exceptions to codes); a request that did not parse
+  (:mod:`.decoding`) becomes INVALID_ARGUMENT here, before auth sees it.
 * :class:`AuthInterceptor` checks the bearer token and the token's role and
   layer prefixes against the request (:mod:`.auth`); health and reflection
   stay open.
@@ -23,7 +24,8 @@ import time
 import grpc
 
 from . import auth
-from .errors import abort
+from ..wire.status import abort
+from .decoding import checked, raise_if_undecodable
 
 __all__ = ["MetricsInterceptor", "ErrorInterceptor", "AuthInterceptor", "wrap_handler"]
 
@@ -133,13 +135,20 @@ def _aborted(context) -> bool:
     return code is not None and code != grpc.StatusCode.OK
 
 
+def _parsed(request):
+    raise_if_undecodable(request)
+    return request
+
+
 class ErrorInterceptor(_Cached):
     def _wrap(self, handler, method: str):
+        prepare = checked if handler.request_streaming else _parsed
+
         def decorate(behaviour, streaming):
             if streaming:
                 def wrapper(request, context):
                     try:
-                        yield from behaviour(request, context)
+                        yield from behaviour(prepare(request), context)
                     except GeneratorExit:
                         raise
                     except Exception as exc:
@@ -149,7 +158,7 @@ class ErrorInterceptor(_Cached):
             else:
                 def wrapper(request, context):
                     try:
-                        return behaviour(request, context)
+                        return behaviour(prepare(request), context)
                     except Exception as exc:
                         if _aborted(context):
                             raise

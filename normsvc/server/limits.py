@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ResourceExhausted
+from ..errors import ResourceExhausted
 
 __all__ = ["Limits"]
 

@@ -9,7 +9,9 @@ The server is grpc's synchronous server over a thread pool (faster than the
 asyncio server on these machines: design.md); the numba kernels release the
 GIL and run on a thread-safe threading layer, so concurrent Normalize calls
 use every core.  Besides NormService it serves ``grpc.health.v1.Health`` and
-server reflection.
+server reflection (v1 and v1alpha: :mod:`.reflection`).  NormService's
+request deserializers never raise (:mod:`.decoding`): a request that does not
+parse is INVALID_ARGUMENT, not grpc's INTERNAL.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .._proto import normsvc_pb2 as pb
 from .._proto import normsvc_pb2_grpc as pb_grpc
+from ..errors import InvalidArgument
 from ..store import Store
-from . import auth
+from . import auth, reflection
 from .allreduce import Rendezvous
+from .decoding import tolerant
 from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from .limits import Limits
 from .metrics import Metrics
@@ -49,7 +52,7 @@ def resolve_device(device: str) -> str:
     ``auto`` picks cuda then, and cpu otherwise.
     """
     if device not in DEVICES:
-        raise ValueError(f"device={device!r}: expected one of {', '.join(DEVICES)}")
+        raise InvalidArgument(f"device={device!r}: expected one of {', '.join(DEVICES)}")
     if device == "cpu":
         return "cpu"
     from .. import ops
@@ -57,7 +60,7 @@ def resolve_device(device: str) -> str:
     if ops.cuda_available():
         return "cuda"
     if device == "cuda":
-        raise ValueError("device='cuda': no usable CUDA GPU (numba.cuda sees none, or numba-cuda is "
+        raise InvalidArgument("device='cuda': no usable CUDA GPU (numba.cuda sees none, or numba-cuda is "
                          "not installed); use --device cpu or auto")
     return "cpu"
 
@@ -138,16 +141,29 @@ def _serialized(response) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
+_FACTORIES = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
 def _add_service(servicer: NormServicer, server) -> None:
-    """Register NormService as the generated code does, except that the methods in
+    """Register NormService as the generated code does, except that requests that do not
+    parse reach the errors interceptor (:func:`.decoding.tolerant`), and the methods in
     :data:`.servicer.SERIALIZED_RESPONSES` answer bytes the servicer serialized itself."""
     collected = _Handlers()
     pb_grpc.add_NormServiceServicer_to_server(servicer, collected)
     handlers = collected.handlers
-    for name in SERIALIZED_RESPONSES:
-        h = handlers[name]
-        handlers[name] = grpc.unary_unary_rpc_method_handler(
-            h.unary_unary, request_deserializer=h.request_deserializer, response_serializer=_serialized)
+    methods = pb.DESCRIPTOR.services_by_name["NormService"].methods_by_name
+    for name, h in handlers.items():
+        attr, factory = _FACTORIES[h.request_streaming, h.response_streaming]
+        handlers[name] = factory(
+            getattr(h, attr),
+            request_deserializer=tolerant(getattr(pb, methods[name].input_type.name)),
+            response_serializer=_serialized if name in SERIALIZED_RESPONSES else h.response_serializer,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
@@ -210,14 +226,14 @@ def serve(
     limits = limits or Limits()
     if max_message_mb is not None:
         if max_message_mb <= 0:
-            raise ValueError(f"max_message_mb={max_message_mb}: expected a positive number")
+            raise InvalidArgument(f"max_message_mb={max_message_mb}: expected a positive number")
         limits = Limits(**{**limits.__dict__, "max_message_mb": max_message_mb})
     if limits.stream_chunk_bytes > limits.max_message_bytes - 1024:
         limits = Limits(**{**limits.__dict__, "stream_chunk_bytes": max(limits.max_message_bytes // 2, 1)})
     if (tls_cert is None) != (tls_key is None):
-        raise ValueError("tls_cert and tls_key go together: pass both to serve TLS, or neither")
+        raise InvalidArgument("tls_cert and tls_key go together: pass both to serve TLS, or neither")
     if tls_client_ca is not None and tls_cert is None:
-        raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+        raise InvalidArgument("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
     if isinstance(tokens, (str, Path)):
         tokens = auth.TokenTable.load(tokens)
     device = resolve_device(device)
@@ -249,8 +265,8 @@ def serve(
         _add_service(servicer, server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        reflection.enable(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
             server,
         )
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,9 +1,9 @@
 """NormService: each RPC decodes its request, calls the store, encodes the answer.
 
 No logic of its own: validation of configs and statistics lives in the store,
-tensor decoding in :mod:`normsvc.tensor_codec`, the AllReduceMoments
+tensor decoding in :mod:`normsvc.wire`, the AllReduceMoments
 rendezvous in :mod:`.allreduce`, WatchLayer's fan-out in :mod:`.watch`,
-status codes in :mod:`.errors`, auth and metrics in the interceptors.
+status codes in :mod:`normsvc.wire.status`, auth and metrics in the interceptors.
 Exceptions propagate to the errors interceptor.
 """
 
@@ -17,12 +17,12 @@ import tempfile
 
 from .._proto import normsvc_pb2 as pb
 from .._proto import normsvc_pb2_grpc as pb_grpc
-from ..store.errors import LayerNotFound, StoreError
-from .. import _wire
-from ..tensor_codec import DTYPE_CODES, Assembler, chunks, decode, decode_moments, encode_moments
-from .. import convert
+from ..errors import InvalidArgument, LayerNotFound, NormsvcError
+from ..store.validation import validate_name
+from ..wire import framing
+from ..wire import messages as convert
+from ..wire.tensors import DTYPE_CODES, Assembler, chunks, decode, decode_moments, encode_moments
 from .allreduce import Rendezvous
-from .errors import InvalidArgument
 from .limits import Limits
 from .watch import DELETED, WatchHub, follow
 
@@ -37,14 +37,48 @@ _Y_FIELD = pb.NormalizeResponse.DESCRIPTOR.fields_by_name["y"].number
 DEADLINE_MARGIN = 0.05
 
 
-def _unique(names, field: str) -> list:
+def _unique(names, field: str, leaf: str = "") -> list:
     seen = set()
     for i, name in enumerate(names):
         if name in seen:
-            raise InvalidArgument(f"{field}[{i}] repeats layer {name!r}: expected each layer once",
-                                  field=f"{field}[{i}]", layer=name)
+            raise InvalidArgument(f"{field}[{i}]{leaf} repeats layer {name!r}: expected each layer once",
+                                  field=f"{field}[{i}]{leaf}", layer=name)
         seen.add(name)
     return list(names)
+
+
+def _name(name: str, field: str) -> str:
+    """A valid layer name, or InvalidArgument at ``field``, its path in the request."""
+    try:
+        return validate_name(name)
+    except InvalidArgument as exc:
+        exc.field = field
+        raise
+
+
+def _names(names, field: str, leaf: str = "") -> None:
+    """Check every name up front, so that a bad one is reported at its path in the request
+    (``names[1]``, ``updates[0].layer``) rather than as the store's ``name``."""
+    for i, name in enumerate(names):
+        _name(name, f"{field}[{i}]{leaf}")
+
+
+#: NormalizeStream has no ``x``: its dtype and shape come in the header, its bytes in chunks.
+_STREAM_FIELDS = {"x": "header.shape", "x.shape": "header.shape", "x.dtype": "header.dtype", "x.data": "chunk"}
+
+
+@contextlib.contextmanager
+def _stream_fields():
+    """Errors of Normalize's fields, at their NormalizeStreamRequest paths (``header.gamma``, ``chunk``)."""
+    try:
+        yield
+    except NormsvcError as exc:
+        old = exc.field
+        if old and not (old == "chunk" or old.startswith("header")):
+            exc.field = _STREAM_FIELDS.get(old) or f"header.{old}"
+            if exc.message.startswith(f"{old}:"):
+                exc.message = exc.field + exc.message[len(old):]
+        raise
 
 
 @contextlib.contextmanager
@@ -53,7 +87,7 @@ def _field_paths(entries, field: str):
     their path in the request (``updates[2].moments.mean``) for BadRequest violations."""
     try:
         yield
-    except StoreError as exc:
+    except NormsvcError as exc:
         index = {e.layer: i for i, e in enumerate(entries)}.get(exc.layer)
         if index is not None and (exc.field == "moments" or (exc.field or "").startswith("moments.")):
             exc.field = f"{field}[{index}].{exc.field}"
@@ -95,7 +129,8 @@ class NormServicer(pb_grpc.NormServiceServicer):
     def _moments(self, entries, field: str) -> dict:
         _required(entries, field)
         self.limits.check_layers_per_request(len(entries), field)
-        _unique([e.layer for e in entries], field)
+        _names([e.layer for e in entries], field, ".layer")
+        _unique([e.layer for e in entries], field, ".layer")
         max_el = self.limits.max_tensor_elements
         return {
             e.layer: decode_moments(e.moments, field=f"{field}[{i}].moments", max_elements=max_el)
@@ -115,21 +150,22 @@ class NormServicer(pb_grpc.NormServiceServicer):
             self.limits.check_layer_count(len(self.store.list_layers(limit=self.limits.max_layers)))
         try:
             layer = self.store.create_layer(request.name, **kwargs)
-        except StoreError as exc:
+        except NormsvcError as exc:
             if exc.field and exc.field != "name":
                 exc.field = f"config.{exc.field}"
             raise
         response = pb.CreateLayerResponse()
-        convert.layer_to_pb(layer.name, layer.config, layer.stats(), response.layer)
+        convert.layer_to_pb(layer.name, layer.config(), layer.stats(), response.layer)
         return response
 
     def GetLayer(self, request, context):
         _required(request.names, "names")
         self.limits.check_layers_per_request(len(request.names), "names")
+        _names(request.names, "names")
         response = pb.GetLayerResponse()
         for name in request.names:
             layer = self.store.layer(name)
-            convert.layer_to_pb(name, layer.config, layer.stats(), response.layers.add())
+            convert.layer_to_pb(name, layer.config(), layer.stats(), response.layers.add())
         return response
 
     def ListLayers(self, request, context):
@@ -149,7 +185,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
         for name in names[:size]:
             try:
                 layer = self.store.layer(name)
-                config = layer.config
+                config = layer.config()
                 stats = layer.stats() if request.include_stats else None
             except LayerNotFound:  # deleted since the listing
                 continue
@@ -214,6 +250,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
     def WatchLayer(self, request, context):
         _required(request.names, "names")
         self.limits.check_layers_per_request(len(request.names), "names")
+        _names(request.names, "names")
         for name, stats in follow(self.store, self.hub, request.names, skip_initial=request.skip_initial,
                                   context=context, poll=self.watch_poll):
             yield pb.WatchLayerResponse(layer=name, stats=convert.stats_to_pb(stats))
@@ -231,13 +268,14 @@ class NormServicer(pb_grpc.NormServiceServicer):
         y, moments = layer.normalize(x, training=training, update=update, gamma=gamma, beta=beta,
                                      request_id=request_id or None, return_moments=True, **self._device)
         stats = None
-        if update:
+        if update and moments is not None:  # no moments: a frozen layer normalized with its running stats
             stats = layer.stats()
             self._published(rpc, {name: stats}, updates=not stats.frozen)
         return y, moments, stats
 
     def Normalize(self, request, context):
         """Answers the serialized NormalizeResponse (bytes: see :data:`SERIALIZED_RESPONSES`)."""
+        _name(request.layer, "layer")
         if not request.HasField("x"):
             raise InvalidArgument("x is missing: expected a tensor", field="x")
         x = decode(request.x, field="x", max_elements=self.limits.max_tensor_elements)
@@ -255,26 +293,28 @@ class NormServicer(pb_grpc.NormServiceServicer):
             convert.stats_to_pb(stats, response.stats)
         # y's bytes go into the answer once, not three times (Tensor, message, serialization)
         y = y.astype(y.dtype.newbyteorder("<"), copy=False)
-        return _wire.with_tensor(response.SerializeToString(), _Y_FIELD, y, DTYPE_CODES[y.dtype])
+        return framing.with_tensor(response.SerializeToString(), _Y_FIELD, y, DTYPE_CODES[y.dtype])
 
     def NormalizeStream(self, request_iterator, context):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("NormalizeStream: the first message must be a header", field="header")
         h = first.header
-        x = Assembler(h.dtype, h.shape, field="x", max_elements=self.limits.max_tensor_elements)
-        for i, msg in enumerate(request_iterator, start=1):
-            if msg.WhichOneof("part") != "chunk":
-                raise InvalidArgument(f"NormalizeStream message {i} is a {msg.WhichOneof('part')}: expected "
-                                      "only chunks after the header", field="chunk")
-            x.add(msg.chunk)
-        x = x.array()
-        y, moments, stats = self._normalize(
-            h.layer, x, h.mode, h.HasField("update"), h.update,
-            h.gamma if h.HasField("gamma") else None,
-            h.beta if h.HasField("beta") else None,
-            h.request_id, "NormalizeStream",
-        )
+        _name(h.layer, "header.layer")
+        with _stream_fields():
+            x = Assembler(h.dtype, h.shape, field="x", max_elements=self.limits.max_tensor_elements)
+            for i, msg in enumerate(request_iterator, start=1):
+                if msg.WhichOneof("part") != "chunk":
+                    raise InvalidArgument(f"NormalizeStream message {i} is a {msg.WhichOneof('part')}: expected "
+                                          "only chunks after the header", field="chunk")
+                x.add(msg.chunk)
+            x = x.array()
+            y, moments, stats = self._normalize(
+                h.layer, x, h.mode, h.HasField("update"), h.update,
+                h.gamma if h.HasField("gamma") else None,
+                h.beta if h.HasField("beta") else None,
+                h.request_id, "NormalizeStream",
+            )
         del x
         result = pb.NormalizeStreamResult(dtype=h.dtype, shape=y.shape)
         if moments is not None:
@@ -299,6 +339,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
 
     def ExportStats(self, request, context):
         naming, dtype = convert.naming(request.naming), convert.export_dtype(request.dtype)
+        _names(request.names, "names")
         with tempfile.TemporaryDirectory(prefix="normsvc-export-") as tmp:
             path = os.path.join(tmp, "stats.safetensors")
             layers = self.store.export(path, layers=list(request.names) or None, naming=naming, dtype=dtype)
@@ -308,10 +349,17 @@ class NormServicer(pb_grpc.NormServiceServicer):
 
     def ImportStats(self, request, context):
         naming = convert.naming(request.naming)
+        _names(request.names, "names")
         with tempfile.TemporaryDirectory(prefix="normsvc-import-") as tmp:
             path = os.path.join(tmp, "stats.safetensors")
             with open(path, "wb") as f:
                 f.write(request.safetensors)
-            layers = self.store.import_(path, naming=naming, layers=list(request.names) or None)
+            try:
+                layers = self.store.import_(path, naming=naming, layers=list(request.names) or None)
+            except NormsvcError as exc:
+                # the store speaks of a file at a path; the caller sent bytes, and the path is the server's
+                exc.message = exc.message.replace(repr(path), "the file").replace(path, "the file")
+                exc.field = {"path": "safetensors", "layers": "names"}.get(exc.field, exc.field)
+                raise
         self._published("ImportStats", {name: self.store.layer(name).stats() for name in layers}, updates=False)
         return pb.ImportStatsResponse(layers=layers)

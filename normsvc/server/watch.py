@@ -154,8 +154,7 @@ def follow(store, hub: WatchHub, names, *, skip_initial: bool, context, poll: fl
     Ends when the caller goes away; raises LayerNotFound when a watched layer
     is deleted and Unavailable when the server shuts down.
     """
-    from ..store.errors import LayerNotFound
-    from .errors import Unavailable
+    from ..errors import LayerNotFound, Unavailable
 
     with hub.subscribe(names) as sub:
         context.add_callback(sub.close)

@@ -1,14 +1,19 @@
 """The running-statistics store: named layers, their running statistics, and backends.
 
 Open one with ``Store.open(url)``: ``memory://`` or ``sqlite:///path/to/stats.db``.
-The facade and the backend interface are in :mod:`normsvc.store.base`,
-configs in :mod:`normsvc.store.config`, errors in :mod:`normsvc.store.errors`.
+One concept per module: :mod:`~normsvc.store.store` (Store),
+:mod:`~normsvc.store.layer` (Layer), :mod:`~normsvc.config` (LayerConfig),
+:mod:`~normsvc.store.validation` (checks at the edge), :mod:`~normsvc.store.mutations`
+(what each call changes), :mod:`~normsvc.store.records` (the stored record and its
+versioned codec), :mod:`~normsvc.store.backend` (the backend contract and URLs),
+:mod:`~normsvc.store.memory` and :mod:`~normsvc.store.sqlite` (the backends),
+:mod:`~normsvc.store.safetensors_io` (export and import).
 """
 
 from ..running import RunningStats
-from .base import Backend, Layer, Store
-from .config import DEFAULT, LayerConfig
-from .errors import (
+from .backend import Backend
+from ..config import DEFAULT, LayerConfig
+from ..errors import (
     ConfigConflict,
     FailedPrecondition,
     FrozenLayer,
@@ -18,6 +23,8 @@ from .errors import (
     StoreError,
     StoreUnavailable,
 )
+from .layer import Layer
+from .store import Store
 
 __all__ = [
     "Store",

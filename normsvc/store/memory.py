@@ -7,8 +7,9 @@ from collections import deque
 from urllib.parse import parse_qsl, urlsplit
 
 from ..running import RunningStats
-from .base import REQUEST_WINDOW, Backend, Record
-from .errors import InvalidArgument, LayerNotFound
+from .backend import REQUEST_WINDOW, Backend, not_found
+from ..errors import InvalidArgument
+from .records import Record
 
 __all__ = ["MemoryBackend"]
 
@@ -47,10 +48,9 @@ class MemoryBackend(Backend):
 
     def insert(self, record: Record) -> Record:
         with self._lock:
-            stored = self._records.setdefault(record.name, _copy(record))
-            if stored.name not in self._seen:
-                self._seen[stored.name] = (deque(), {})
-            return _copy(stored)
+            if record.name not in self._records:
+                self._commit(record.name, _copy(record), None)
+            return _copy(self._records[record.name])
 
     def get(self, name: str) -> Record | None:
         with self._lock:
@@ -71,30 +71,43 @@ class MemoryBackend(Backend):
         version = self._seen[name][1].get(request_id)
         return version is not None and version > self._records[name].stats.version - self.request_window
 
-    def mutate(self, names, fn, request_id):
+    def _current(self, name: str, create) -> Record:
+        record = self._records.get(name)
+        if record is not None:
+            return record
+        if create and name in create:
+            return _copy(create[name])
+        raise not_found(name)
+
+    def mutate(self, names, fn, request_id, create=None):
         with self._lock:
-            missing = [n for n in names if n not in self._records]
-            if missing:
-                raise LayerNotFound(f"no layer named {missing[0]!r}: create it with create_layer first",
-                                    layer=missing[0])
-            staged = {}
+            current = {name: self._current(name, create) for name in names}
+            inserts = {name: r for name, r in current.items() if name not in self._records}
+            changed = {}
             for name in names:
-                if request_id is not None and self._remembered(name, request_id):
+                if request_id is not None and name not in inserts and self._remembered(name, request_id):
                     continue
                 # fn is pure: it reads the stored arrays and returns new ones, never editing them in place
-                new = fn(self._records[name])
+                new = fn(current[name])
                 if new is not None:
-                    staged[name] = new
+                    changed[name] = new
             # Nothing above raised: commit every layer at once.
-            for name, record in staged.items():
-                self._records[name] = record
-                if request_id is not None:
-                    order, ids = self._seen[name]
-                    version = record.stats.version
-                    order.append((version, request_id))
-                    ids[request_id] = version
-                    while order and order[0][0] <= version - self.request_window:
-                        old_version, old_id = order.popleft()
-                        if ids.get(old_id) == old_version:
-                            del ids[old_id]
+            for name, record in inserts.items():
+                self._commit(name, record, None)
+            for name, record in changed.items():
+                self._commit(name, record, request_id)
             return {name: _copy(self._records[name]) for name in names}
+
+    def _commit(self, name: str, record: Record, request_id: str | None) -> None:
+        """Store ``record``; remember ``request_id`` as applied at its version."""
+        self._records[name] = record
+        order, ids = self._seen.setdefault(name, (deque(), {}))
+        if request_id is None:
+            return
+        version = record.stats.version
+        order.append((version, request_id))
+        ids[request_id] = version
+        while order and order[0][0] <= version - self.request_window:
+            old_version, old_id = order.popleft()
+            if ids.get(old_id) == old_version:
+                del ids[old_id]

@@ -14,15 +14,24 @@ Values are written as the layer stores them (a torch-convention layer's
 variance is its unbiased running variance, a keras one's the biased moving
 variance): the naming picks names, it converts nothing.  The file's metadata
 (key ``normsvc``, JSON) also carries each layer's config, sample count and
-batch count, so exporting and importing with normsvc round-trips exactly;
-files without it (e.g. a torch ``state_dict`` saved with safetensors) import
+batch count, so exporting and importing with normsvc round-trips exactly::
+
+    {"format": 1, "naming": "torch",
+     "layers": {"enc/bn1": {"config": {...}, "count": 96.0, "num_batches": 3}}}
+
+Files without it (e.g. a torch ``state_dict`` saved with safetensors) import
 too, with a count of 0 and, for layers that do not exist yet, the naming's
 framework defaults (keras: a keras batch layer on axis -1; torch: a torch
 batch layer on axis 1).  Tensors other than these names are ignored.
 
-Import replaces the statistics of each layer it names in one transaction
-(version +1 each), creating missing layers first; it does not change the
-frozen flag.  Statistics are written as float64 unless ``dtype="float32"``.
+Import is all or nothing: the layers it creates and the statistics it writes
+go to the store in one transaction (:meth:`Store.put_stats`: version +1 for
+each layer with tensors; the frozen flag and an existing layer's config
+stay).  Everything in the file is checked first, configs with the same
+checks as ``create_layer``; a file that fails any check changes nothing.
+Statistics are written as float64 unless ``dtype="float32"``.
+
+This module uses only the public methods of the store it is given.
 """
 
 from __future__ import annotations
@@ -30,23 +39,25 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
-from dataclasses import replace
+from collections.abc import Mapping
 
 import numpy as np
 
-from .base import known_shape, new_record
-from .config import LayerConfig, make_config, validate_name
-from .errors import InvalidArgument, StoreUnavailable
+from ..running import RunningStats
+from . import validation
+from ..errors import InvalidArgument, StoreUnavailable
+from .records import Record, known_shape
 
-__all__ = ["NAMINGS", "export_stats", "import_stats"]
+__all__ = ["NAMINGS", "FILE_FORMAT", "export_stats", "import_stats"]
 
 NAMINGS = {
     "keras": {"sep": "/", "mean": "moving_mean", "variance": "moving_variance", "num_batches": None},
     "torch": {"sep": ".", "mean": "running_mean", "variance": "running_var", "num_batches": "num_batches_tracked"},
 }
+#: Version of the metadata layout above (not of the store's own records).
+FILE_FORMAT = 1
 _METADATA_KEY = "normsvc"
-_FORMAT_VERSION = 1
+_ENTRY_KEYS = ("config", "count", "num_batches")
 
 
 def _naming(naming) -> dict:
@@ -60,7 +71,10 @@ def _layer_names(store, layers) -> list[str]:
         return store.list_layers()
     if isinstance(layers, str):
         layers = [layers]
-    return [validate_name(n) for n in layers]
+    return [validation.validate_name(n) for n in layers]
+
+
+# --- export ---------------------------------------------------------------------
 
 
 def export_stats(store, path, *, layers=None, naming: str = "keras", dtype: str = "float64") -> list[str]:
@@ -69,28 +83,33 @@ def export_stats(store, path, *, layers=None, naming: str = "keras", dtype: str 
     Layers whose statistics shape is still unknown are written to the
     metadata only.  The file is replaced atomically.
     """
-    from safetensors.numpy import save_file
-
     spec = _naming(naming)
     if dtype not in ("float64", "float32"):
         raise InvalidArgument(f"dtype={dtype!r}: expected 'float64' or 'float32'", field="dtype")
     tensors, meta = {}, {}
     names = _layer_names(store, layers)
     for name in names:
-        record = store._record(name)
+        layer = store.layer(name)
+        record = Record(name, layer.config(), layer.stats())
         s = record.stats
         meta[name] = {"config": record.config.to_dict(), "count": s.count, "num_batches": s.num_batches}
         if known_shape(record) is None:
             continue
-        sep = spec["sep"]
-        tensors[f"{name}{sep}{spec['mean']}"] = np.asarray(s.mean, dtype=dtype, order="C")
-        tensors[f"{name}{sep}{spec['variance']}"] = np.asarray(s.variance, dtype=dtype, order="C")
+        prefix = name + spec["sep"]
+        tensors[prefix + spec["mean"]] = np.asarray(s.mean, dtype=dtype, order="C")
+        tensors[prefix + spec["variance"]] = np.asarray(s.variance, dtype=dtype, order="C")
         if spec["num_batches"]:
-            tensors[f"{name}{sep}{spec['num_batches']}"] = np.array(s.num_batches, dtype=np.int64)
-    metadata = {_METADATA_KEY: json.dumps({"format": _FORMAT_VERSION, "naming": naming, "layers": meta})}
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".normsvc-export-", suffix=".safetensors", dir=directory)
+            tensors[prefix + spec["num_batches"]] = np.array(s.num_batches, dtype=np.int64)
+    metadata = {_METADATA_KEY: json.dumps({"format": FILE_FORMAT, "naming": naming, "layers": meta})}
+    _save_atomically(tensors, metadata, os.fspath(path))
+    return names
+
+
+def _save_atomically(tensors: dict, metadata: dict, path: str) -> None:
+    from safetensors.numpy import save_file
+
+    fd, tmp = tempfile.mkstemp(prefix=".normsvc-export-", suffix=".safetensors",
+                               dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -100,27 +119,94 @@ def export_stats(store, path, *, layers=None, naming: str = "keras", dtype: str 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return names
 
 
-def _read(path):
+# --- import ---------------------------------------------------------------------
+
+
+def import_stats(store, path, *, naming: str = "keras", layers=None) -> list[str]:
+    """Load statistics from ``path`` into the store, all or nothing; returns the layer names imported.
+
+    Raises InvalidArgument (``field="path"``, nothing changed) when the file
+    is not safetensors, its metadata is malformed, or any layer's config or
+    statistics fail the store's checks.
+    """
+    spec = _naming(naming)
+    wanted = None if layers is None else set(_layer_names(store, layers))
+    where = os.fspath(path)
+    tensors, metadata = _read(where)
+    try:
+        info = _layers_metadata(metadata)
+        found = _group(tensors, spec)
+        for name in info:
+            found.setdefault(name, {})
+        if wanted is not None:
+            missing = wanted - set(found)
+            if missing:
+                raise InvalidArgument(f"{sorted(missing)} not in the file", field="layers")
+            found = {k: v for k, v in found.items() if k in wanted}
+        stats, configs = {}, {}
+        for name, parts in sorted(found.items()):
+            configs[name], stats[name] = _entry(name, parts, info.get(name, {}), naming)
+        store.put_stats({k: v for k, v in stats.items() if v is not None}, create=configs)
+    except InvalidArgument as exc:
+        field = exc.field if exc.field == "layers" else "path"
+        raise InvalidArgument(f"{where!r}: {exc.message}", layer=exc.layer, field=field) from None
+    return sorted(found)
+
+
+def _read(path: str) -> tuple[dict, dict]:
+    """Tensors and string metadata of a safetensors file."""
     from safetensors import safe_open
 
     try:
-        with safe_open(os.fspath(path), framework="numpy") as f:
+        with safe_open(path, framework="numpy") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
-        raise InvalidArgument(f"no file {os.fspath(path)!r} to import", field="path") from None
+        raise InvalidArgument(f"no file {path!r} to import", field="path") from None
     except Exception as exc:  # safetensors raises its own error types for malformed files
-        raise InvalidArgument(f"{os.fspath(path)!r} is not a readable safetensors file: {exc}", field="path") from None
-    info = {}
-    if _METADATA_KEY in metadata:
-        try:
-            info = json.loads(metadata[_METADATA_KEY]).get("layers", {})
-        except (ValueError, AttributeError):
-            raise InvalidArgument(f"{os.fspath(path)!r} has malformed normsvc metadata", field="path") from None
-    return tensors, info
+        raise InvalidArgument(f"{path!r} is not a readable safetensors file: {exc}", field="path") from None
+    return tensors, metadata
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _layers_metadata(metadata: dict) -> dict[str, dict]:
+    """The ``layers`` of the normsvc metadata, checked for shape and format ({} without metadata)."""
+    if _METADATA_KEY not in metadata:
+        return {}
+    try:
+        doc = json.loads(metadata[_METADATA_KEY], parse_constant=_no_constant)
+    except ValueError as exc:
+        raise InvalidArgument(f"the normsvc metadata is not valid JSON ({exc}): expected a JSON object "
+                              "(strict JSON: finite numbers, no NaN or Infinity)") from None
+    _expect(doc, dict, "the normsvc metadata", "a JSON object with 'format' and 'layers'")
+    _unknown_keys(doc, ("format", "naming", "layers"), "the normsvc metadata")
+    found = doc.get("format", FILE_FORMAT)
+    if isinstance(found, bool) or not isinstance(found, int) or not 1 <= found <= FILE_FORMAT:
+        raise InvalidArgument(f"the normsvc metadata has format {found!r}: this normsvc reads format "
+                              f"{FILE_FORMAT} (a newer normsvc wrote it?)")
+    layers = doc.get("layers", {})
+    _expect(layers, dict, "'layers' in the normsvc metadata", "an object of layer name to entry")
+    for name, entry in layers.items():
+        what = f"entry {name!r} in the normsvc metadata"
+        _expect(entry, dict, what, f"an object with keys among {', '.join(_ENTRY_KEYS)}")
+        _unknown_keys(entry, _ENTRY_KEYS, what)
+    return layers
+
+
+def _expect(value, kind: type, what: str, expected: str) -> None:
+    if not isinstance(value, kind):
+        raise InvalidArgument(f"{what} is {json.dumps(value)[:80]}: expected {expected}")
+
+
+def _unknown_keys(obj: dict, known: tuple, what: str) -> None:
+    unknown = sorted(set(obj) - set(known))
+    if unknown:
+        raise InvalidArgument(f"{what} has unknown keys {unknown}: expected keys among {', '.join(known)}")
 
 
 def _group(tensors: dict, spec: dict) -> dict[str, dict]:
@@ -136,90 +222,24 @@ def _group(tensors: dict, spec: dict) -> dict[str, dict]:
     return out
 
 
-def import_stats(store, path, *, naming: str = "keras", layers=None) -> list[str]:
-    """Load statistics from ``path`` into the store; returns the layer names imported.
+def _entry(name: str, parts: dict, meta: Mapping, naming: str) -> tuple[Mapping, RunningStats | None]:
+    """The config (a dict, checked by the store) and statistics (None: metadata only) of one layer."""
+    count = validation.count(meta.get("count", 0.0), name)
+    if "num_batches" in parts:
+        num_batches = validation.num_batches(_int_scalar(parts["num_batches"], name), name)
+    else:
+        num_batches = validation.num_batches(meta.get("num_batches", 0), name)
+    config = meta.get("config", {"convention": naming, "axis": -1 if naming == "keras" else 1})
+    if ("mean" in parts) != ("variance" in parts):
+        have, lack = ("mean", "variance") if "mean" in parts else ("variance", "mean")
+        raise InvalidArgument(f"layer {name!r} has a {have} tensor but no {lack} tensor in the file", layer=name)
+    if "mean" not in parts:
+        return config, None
+    return config, RunningStats(parts["mean"], parts["variance"], count, num_batches)
 
-    Every tensor is validated (finite, variance >= 0, matching shapes, the
-    layer's own shape) before anything is written.
-    """
-    spec = _naming(naming)
-    tensors, info = _read(path)
-    found = _group(tensors, spec)
-    for name in info:
-        found.setdefault(name, {})
-    wanted = None if layers is None else set(_layer_names(store, layers))
-    if wanted is not None:
-        missing = wanted - set(found)
-        if missing:
-            raise InvalidArgument(f"{sorted(missing)} not in {os.fspath(path)!r}", field="layers")
-        found = {k: v for k, v in found.items() if k in wanted}
 
-    plan = {}
-    for name, parts in sorted(found.items()):
-        validate_name(name)
-        meta = info.get(name, {})
-        if ("mean" in parts) != ("variance" in parts):
-            have, lack = ("mean", "variance") if "mean" in parts else ("variance", "mean")
-            raise InvalidArgument(f"layer {name!r} has a {have} tensor but no {lack} tensor in the file",
-                                  layer=name, field="path")
-        mean = variance = None
-        if "mean" in parts:
-            mean = np.asarray(parts["mean"], dtype=np.float64)
-            variance = np.asarray(parts["variance"], dtype=np.float64)
-            if mean.shape != variance.shape:
-                raise InvalidArgument(
-                    f"layer {name!r}: mean shape {mean.shape} differs from variance shape {variance.shape}",
-                    layer=name, field="path")
-            if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(variance))):
-                raise InvalidArgument(f"layer {name!r} has NaN or Inf statistics in the file", layer=name,
-                                      field="path")
-            if np.any(variance < 0):
-                raise InvalidArgument(f"layer {name!r} has negative variances in the file", layer=name, field="path")
-        num_batches = parts.get("num_batches")
-        num_batches = int(np.asarray(num_batches).reshape(())) if num_batches is not None else meta.get("num_batches", 0)
-        count = float(meta.get("count", 0.0))
-        if num_batches < 0 or not (np.isfinite(count) and count >= 0):
-            raise InvalidArgument(f"layer {name!r} has a negative count in the file", layer=name, field="path")
-        if "config" in meta:
-            try:
-                config = LayerConfig.from_dict(meta["config"])
-            except TypeError:
-                raise InvalidArgument(f"layer {name!r} has a malformed config in the file", layer=name,
-                                      field="path") from None
-        else:
-            config = make_config(convention=naming, axis=-1 if naming == "keras" else 1)
-        plan[name] = (config, mean, variance, count, num_batches)
-
-    existing = {name: store._backend.get(name) for name in plan}
-    for name, (config, mean, *_rest) in plan.items():
-        record = existing[name]
-        shape = known_shape(record) if record is not None else config.declared_shape
-        if record is not None and mean is None:
-            continue
-        if mean is not None and shape is not None and mean.shape != shape:
-            raise InvalidArgument(
-                f"layer {name!r} keeps statistics of shape {shape}: the file has shape {mean.shape}",
-                layer=name, field="path")
-    for name, (config, *_rest) in plan.items():
-        if existing[name] is None:
-            store._backend.insert(new_record(name, config))
-
-    now = time.time()
-
-    def fn(record):
-        _, mean, variance, count, num_batches = plan[record.name]
-        if mean is None:
-            return None
-        shape = known_shape(record)
-        if shape is not None and shape != mean.shape:
-            raise InvalidArgument(
-                f"layer {record.name!r} keeps statistics of shape {shape}: the file has shape {mean.shape}",
-                layer=record.name, field="path")
-        stats = replace(record.stats, mean=mean.copy(), variance=variance.copy(), count=count,
-                        num_batches=num_batches, version=record.stats.version + 1, updated_at=now)
-        return replace(record, stats=stats)
-
-    if plan:
-        store._mutate(list(plan), fn)
-    return list(plan)
-
+def _int_scalar(tensor: np.ndarray, name: str):
+    if tensor.dtype.kind not in "iu" or tensor.size != 1:
+        raise InvalidArgument(f"num_batches_tracked of layer {name!r} has dtype {tensor.dtype} and shape "
+                              f"{tensor.shape}: expected an int64 scalar", layer=name)
+    return tensor.reshape(()).item()

@@ -15,6 +15,11 @@ the last transactions may be lost on power loss or an OS crash; with
 ``synchronous=full`` every commit is synced to disk first and survives those
 too, at the cost of one fsync per update.
 
+Stored state is versioned: ``PRAGMA user_version`` is the storage format of
+:mod:`normsvc.store.records` (files of format 1 left it at 0).  Opening an
+older file migrates it in one transaction; a newer one is refused with
+FailedPrecondition.
+
 Options (keyword arguments of ``Store.open`` or URL query parameters):
 ``synchronous`` ("normal" or "full"), ``busy_timeout`` (seconds, default 30),
 ``request_window`` (default 1024).
@@ -27,13 +32,15 @@ import sqlite3
 import threading
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .base import REQUEST_WINDOW, Backend, Record, decode_record, encode_record
-from .errors import InvalidArgument, LayerNotFound, StoreUnavailable
+from .backend import REQUEST_WINDOW, Backend, not_found
+from ..errors import InvalidArgument, StoreUnavailable
+from .records import FORMAT, Record, check_format, decode_config, decode_record, encode_config, encode_record
 
 __all__ = ["SqliteBackend"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS layers (
+# One statement each: executescript would commit the transaction that creates them.
+_SCHEMA = ("""
+CREATE TABLE layers (
     name        TEXT PRIMARY KEY,
     config      TEXT NOT NULL,
     shape       TEXT,
@@ -44,15 +51,14 @@ CREATE TABLE IF NOT EXISTS layers (
     version     INTEGER NOT NULL,
     frozen      INTEGER NOT NULL,
     updated_at  REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS request_ids (
+)""", """
+CREATE TABLE request_ids (
     layer      TEXT NOT NULL,
     request_id TEXT NOT NULL,
     version    INTEGER NOT NULL,
     PRIMARY KEY (layer, request_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS request_ids_by_version ON request_ids (layer, version);
-"""
+) WITHOUT ROWID""",
+    "CREATE INDEX request_ids_by_version ON request_ids (layer, version)")
 
 _FIELDS = ("config", "shape", "mean", "variance", "count", "num_batches", "version", "frozen", "updated_at")
 _SELECT = f"SELECT {', '.join(_FIELDS)} FROM layers WHERE name = ?"
@@ -84,6 +90,18 @@ def _decode(name: str, row) -> Record:
     return decode_record(name, dict(zip(_FIELDS, row)))
 
 
+def _write_stats(conn: sqlite3.Connection, record: Record, request_id: str | None, window: int) -> None:
+    """Write a mutated layer's statistics and remember ``request_id`` at its new version."""
+    name, version = record.name, record.stats.version
+    conn.execute(_UPDATE, (*_row(record)[1:], name))
+    if request_id is not None:
+        conn.execute("INSERT OR REPLACE INTO request_ids (layer, request_id, version) VALUES (?, ?, ?)",
+                     (name, request_id, version))
+    if version % _PRUNE_EVERY == 0:
+        # Lookups ignore ids older than the window anyway; pruning in batches is cheaper.
+        conn.execute("DELETE FROM request_ids WHERE layer = ? AND version <= ?", (name, version - window))
+
+
 class SqliteBackend(Backend):
     """Layers in one SQLite file, shared by threads (one connection each) and processes."""
 
@@ -108,7 +126,34 @@ class SqliteBackend(Backend):
         with _errors(path):
             # WAL is a property of the file; switching needs a moment of exclusive access.
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+        try:
+            if self._format(conn) != FORMAT:
+                self._write(self._prepare)
+        except BaseException:
+            self.close()
+            raise
+
+    def _format(self, conn: sqlite3.Connection) -> int | None:
+        """The file's storage format (None: no tables yet); refuses a newer one."""
+        with _errors(self.path):
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:  # format 1 kept no version; a new file has no tables
+                version = 1 if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'layers'").fetchone() else None
+        where = f"sqlite store {os.path.basename(self.path) or self.path!r}"
+        return None if version is None else check_format(version, where, field="url")
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Create the tables, or migrate an older file; in the write transaction, so one process does it."""
+        found = self._format(conn)
+        if found is None:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+        elif found < FORMAT:
+            # Every format so far differs only in the config JSON: rewrite it in the current one.
+            rows = conn.execute("SELECT name, config FROM layers").fetchall()
+            conn.executemany("UPDATE layers SET config = ? WHERE name = ?",
+                             [(encode_config(decode_config(text)), name) for name, text in rows])
+        conn.execute(f"PRAGMA user_version = {FORMAT}")
 
     @classmethod
     def from_url(cls, url: str, **options) -> "SqliteBackend":
@@ -204,35 +249,31 @@ class SqliteBackend(Backend):
 
         return self._write(body)
 
-    def mutate(self, names, fn, request_id):
+    def mutate(self, names, fn, request_id, create=None):
         window = self.request_window
 
         def body(conn):
-            records = {}
+            records, fresh = {}, set()
             for name in names:
                 row = conn.execute(_SELECT, (name,)).fetchone()
-                if row is None:
-                    raise LayerNotFound(f"no layer named {name!r}: create it with create_layer first", layer=name)
-                records[name] = _decode(name, row)
+                if row is not None:
+                    records[name] = _decode(name, row)
+                elif create and name in create:
+                    records[name] = create[name]
+                    fresh.add(name)
+                    conn.execute(_INSERT, (name, *_row(create[name])))
+                else:
+                    raise not_found(name)
             for name in names:
-                if request_id is not None and conn.execute(
+                if request_id is not None and name not in fresh and conn.execute(
                     "SELECT 1 FROM request_ids WHERE layer = ? AND request_id = ? AND version > ?",
                     (name, request_id, records[name].stats.version - window),
                 ).fetchone():
                     continue
                 new = fn(records[name])
-                if new is None:
-                    continue
-                records[name] = new
-                conn.execute(_UPDATE, (*_row(new)[1:], name))
-                if request_id is not None:
-                    version = new.stats.version
-                    conn.execute("INSERT OR REPLACE INTO request_ids (layer, request_id, version) VALUES (?, ?, ?)",
-                                 (name, request_id, version))
-                if new.stats.version % _PRUNE_EVERY == 0:
-                    # Lookups ignore ids older than the window anyway; pruning in batches is cheaper.
-                    conn.execute("DELETE FROM request_ids WHERE layer = ? AND version <= ?",
-                                 (name, new.stats.version - window))
+                if new is not None:
+                    records[name] = new
+                    _write_stats(conn, new, request_id, window)
             return records
 
         return self._write(body)

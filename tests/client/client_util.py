@@ -10,10 +10,10 @@ import numpy as np
 from normsvc._proto import normsvc_pb2 as pb
 from normsvc.client import Retry
 from normsvc.running import RunningStats
-from normsvc.store.config import LayerConfig
-from normsvc.tensor_codec import encode
+from normsvc.config import LayerConfig
+from normsvc.wire.tensors import encode
 
-__all__ = ["FAST_RETRY", "assert_same", "FlakyService"]
+__all__ = ["FAST_RETRY", "assert_same", "ok_calls", "FlakyService"]
 
 FAST_RETRY = Retry(attempts=4, initial_backoff=0.01, max_backoff=0.05)
 
@@ -45,6 +45,13 @@ def assert_same(a, b, where="") -> None:
             assert_same(x, y, f"{where}[{i}]")
         return
     assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def ok_calls(server, method: str) -> float:
+    """How many calls of ``method`` an in-process server answered with OK (its metrics)."""
+    value = server.metrics.registry.get_sample_value(
+        "normsvc_rpc_requests_total", {"method": method, "code": "OK"})
+    return value or 0.0
 
 
 class FlakyService:

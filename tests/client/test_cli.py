@@ -40,11 +40,11 @@ def test_layers_list_is_an_aligned_table(populated, capsys):
     code, out, err = cli(capsys, "layers", "list", "--target", populated)
     assert code == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "KIND", "CONVENTION", "SHAPE", "COUNT", "BATCHES", "VERSION", "FROZEN",
-                                "UPDATED"]
+    assert lines[0].split() == ["NAME", "KIND", "CONVENTION", "EPSILON", "SHAPE", "COUNT", "BATCHES", "VERSION",
+                                "FROZEN", "UPDATED"]
     assert [line.split()[0] for line in lines[1:]] == ["net/bn1", "net/ln", "other/gn"]
-    assert lines[1].split()[:8] == ["net/bn1", "batch", "torch", "3", "4", "1", "2", "yes"]
-    assert lines[3].split()[:8] == ["other/gn", "group", "cumulative", "4", "0", "0", "0", "no"]
+    assert lines[1].split()[:9] == ["net/bn1", "batch", "torch", "1e-05", "3", "4", "1", "2", "yes"]
+    assert lines[3].split()[:9] == ["other/gn", "group", "cumulative", "0.001", "4", "0", "0", "0", "no"]
     # every column starts at the same offset on every line
     for header in ("KIND", "CONVENTION", "SHAPE", "FROZEN", "UPDATED"):
         start = lines[0].index(header)
@@ -72,6 +72,9 @@ def test_layers_show(populated, capsys):
     values = [line.split(None, 1)[1] for line in first.splitlines()]
     assert len({line.index(v) for line, v in zip(first.splitlines(), values)}) == 1  # one value column
     assert "groups      4" in second and "mean        [0. 0. 0. 0.]" in second
+    # the resolved epsilon, and whether it is the convention's default (cumulative takes Keras' 1e-3)
+    assert fields["epsilon"] == "1e-05 (the torch convention's default)"
+    assert "epsilon     0.001 (the cumulative convention's default)" in second
 
 
 def test_freeze_unfreeze_reset_delete(populated, capsys):
@@ -144,4 +147,4 @@ def test_the_installed_command_against_a_subprocess_server(process_address):
     done = subprocess.run([*cmd, "layers", "show", "cli/missing"], env=env, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr.strip() == "normsvc layers show: no layer named 'cli/missing': create it with create_layer first"
+    assert done.stderr.strip() == "normsvc layers show: no layer named 'cli/missing': expected an existing layer (create it first)"

@@ -16,7 +16,8 @@ from grpc_status import rpc_status
 
 from normsvc import Moments
 from normsvc._proto import normsvc_pb2 as pb
-from normsvc.tensor_codec import decode, encode, encode_moments
+from normsvc.testing import reference_moments
+from normsvc.wire.tensors import decode, encode, encode_moments
 
 __all__ = [
     "pb", "encode", "decode", "moments_of", "entry", "update_request", "raises_code", "rich_details",
@@ -26,10 +27,7 @@ __all__ = [
 
 def moments_of(x, axes=(0,)) -> Moments:
     """Reference moments (numpy, float64) of ``x`` over ``axes``."""
-    x = np.asarray(x, dtype=np.float64)
-    mean = x.mean(axis=axes)
-    m2 = ((x - np.expand_dims(mean, axes)) ** 2).sum(axis=axes)
-    return Moments(np.float64(x.size // mean.size), mean, m2)
+    return reference_moments(x, axes)
 
 
 def entry(layer: str, m: Moments) -> pb.LayerMoments:

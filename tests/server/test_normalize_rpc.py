@@ -11,7 +11,7 @@ from server_util import decode, encode, moments_of, pb, raises_code, rich_detail
 
 from normsvc import ops
 from normsvc.server.limits import Limits
-from normsvc.tensor_codec import Assembler, chunks
+from normsvc.wire.tensors import Assembler, chunks
 
 C = grpc.StatusCode
 MiB = 1 << 20
@@ -89,7 +89,9 @@ def test_normalize_errors(mstub, rng):
     response = normalize(mstub, "bn", x)
     np.testing.assert_array_equal(decode(response.y, field="y"),
                                   ops.batch_norm(x, axis=-1, epsilon=1e-3, mean=0.0, variance=1.0)[0])
-    assert response.stats.version == 1 and response.stats.num_batches == 0
+    # nothing was updated: neither batch moments nor statistics come back (the proto's promise)
+    assert not response.HasField("stats") and not response.HasField("batch_moments")
+    assert mstub.GetLayer(pb.GetLayerRequest(names=["bn"])).layers[0].stats.version == 1
 
 
 def stream_requests(layer, x, chunk_bytes, mode=pb.MODE_TRAINING, **header):

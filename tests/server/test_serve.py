@@ -16,7 +16,7 @@ from server_util import ServerProcess, moments_of, pb, raises_code, update_reque
 
 from normsvc import cli, ops
 from normsvc.store import Store
-from normsvc.tensor_codec import Assembler, chunks
+from normsvc.wire.tensors import Assembler, chunks
 
 C = grpc.StatusCode
 

@@ -39,7 +39,7 @@ def snapshot(store) -> dict:
     for name in store.list_layers():
         layer = store.layer(name)
         s = layer.stats()
-        out[name] = (layer.config, s.mean.tolist(), s.variance.tolist(), s.count, s.num_batches,
+        out[name] = (layer.config(), s.mean.tolist(), s.variance.tolist(), s.count, s.num_batches,
                      s.version, s.frozen, s.updated_at)
     return out
 

@@ -1,0 +1,267 @@
+"""Layer configurations: validated once, at the edge, and shared by the Store and the Client.
+
+A :class:`LayerConfig` is what ``Store.create_layer`` stores: the kind of
+norm, its axes, the update convention with its momentum and epsilon, and
+optionally the statistics shape.  Omitted momentum and epsilon resolve to the
+convention's defaults here, so two configs compare equal exactly when they
+behave the same.
+
+Statistics shape per kind (the shape of ``RunningStats.mean``):
+
+=========  =========================================  =====================
+kind       moments pushed (``ops.<kind>_norm``)        running statistics
+=========  =========================================  =====================
+batch      per feature, the kept ``axis`` shape        the same
+instance   (N, C)                                      (C,): averaged over N
+group      (N, G)                                      (G,): averaged over N
+layer      per position of the kept axes, any shape    (): averaged over all
+rms        per position of the kept axes, any shape    (): pooled over all
+=========  =========================================  =====================
+
+"Averaged over N" is what torch's ``InstanceNorm(track_running_stats=True)``
+does: the batch statistic is the mean of the per-instance means and of the
+per-instance variances (unbiased with each instance's own count, for the torch
+convention).  The cumulative convention instead pools every sample of every
+instance (the population statistics of the channel, spread between instances
+included).  RMS layers pool in every convention, so that the running
+``variance + mean**2`` is the running mean of ``x**2``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import norms
+from .errors import InvalidArgument
+from .running import CONVENTIONS, DEFAULTS
+
+__all__ = ["DEFAULT", "LayerConfig", "make_config", "default_axis"]
+
+class _Default:
+    """Marks an argument left out, where None is itself a meaningful value."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+    def __reduce__(self):
+        return "DEFAULT"
+
+
+#: Sentinel for "use the convention's default" (``momentum=None`` means torch's cumulative average).
+DEFAULT = _Default()
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """A validated layer configuration (build it with :func:`make_config`).
+
+    ``axis`` is an int or a tuple of ints; ``num_features`` is the statistics
+    shape as a tuple, or None when it is learned from the first batch.
+    """
+
+    kind: str = "batch"
+    axis: int | tuple = -1
+    groups: int | None = None
+    epsilon: float = 1e-3
+    momentum: float | None = 0.99
+    convention: str = "keras"
+    center: bool = True
+    scale: bool = True
+    num_features: tuple | None = None
+
+    @property
+    def norm(self) -> norms.Norm:
+        """The kind's entry in the table of norms."""
+        return norms.NORMS[self.kind]
+
+    @property
+    def sample_ndim(self) -> int | None:
+        """Leading axes of the pushed moments that are averaged away (None: all of them)."""
+        return self.norm.sample_ndim
+
+    @property
+    def stat_ndim(self) -> int:
+        """Rank of the running statistics."""
+        return self.norm.stat_ndim(self.axis)
+
+    @property
+    def declared_shape(self) -> tuple | None:
+        """The statistics shape known from the config alone, or None (learned from the first batch)."""
+        if self.num_features is not None:
+            return self.num_features
+        return self.norm.declared_shape(self.axis, self.groups)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (tuples become lists); :meth:`from_dict` inverts it."""
+        d = asdict(self)
+        if isinstance(self.axis, tuple):
+            d["axis"] = list(self.axis)
+        if self.num_features is not None:
+            d["num_features"] = list(self.num_features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerConfig":
+        d = dict(d)
+        if isinstance(d.get("axis"), list):
+            d["axis"] = tuple(d["axis"])
+        if d.get("num_features") is not None:
+            d["num_features"] = tuple(d["num_features"])
+        return cls(**d)
+
+    def differences(self, other: "LayerConfig", known_shape: tuple | None) -> list[str]:
+        """How a create with ``other`` differs from this layer (which has ``known_shape``), in words.
+
+        Empty when it is the same layer: ``num_features`` left out of ``other``
+        matches any shape.
+        """
+        known = known_shape if known_shape is not None else self.num_features
+        have = asdict(self) | {"num_features": known}
+        want = asdict(other) | {"num_features": known if other.num_features is None else other.num_features}
+        return [f"{key} is {have[key]!r}, not {want[key]!r}" for key in have if have[key] != want[key]]
+
+    def matches(self, other: "LayerConfig", known_shape: tuple | None) -> bool:
+        """Whether a create with ``other`` is the same layer as this one (see :meth:`differences`)."""
+        return not self.differences(other, known_shape)
+
+
+def _int(value, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidArgument(f"{field} must be an int, got {value!r}", field=field)
+    return int(value)
+
+
+def default_axis(kind: str, convention: str) -> int:
+    """The axis a layer gets when ``axis`` is left out: PyTorch's channel dim 1 for the torch
+    convention's batch, instance and group norms, the last axis otherwise (Keras, and torch's
+    ``normalized_shape`` of trailing dims for layer and rms norm)."""
+    return 1 if convention == "torch" and norms.NORMS[kind].axis_role != "normalized" else -1
+
+
+def _axis(value, kind: str):
+    if norms.NORMS[kind].axis_role == "channel":
+        axis = _int(value, "axis")
+        if axis == 0:
+            raise InvalidArgument(
+                f"axis=0 is the batch axis: {kind} norm needs the channel axis (e.g. 1 or -1)", field="axis"
+            )
+        return axis
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    try:
+        if isinstance(value, (str, bytes, dict)):  # iterable, but not a list of axes
+            raise TypeError
+        items = tuple(_int(a, "axis") for a in value)
+    except (TypeError, InvalidArgument):
+        raise InvalidArgument(f"axis must be an int or a list of ints, got {value!r}", field="axis") from None
+    if not items:
+        raise InvalidArgument("axis is an empty list: expected at least one axis", field="axis")
+    if len(set(items)) != len(items):
+        raise InvalidArgument(f"axis={list(items)} names an axis twice", field="axis")
+    return items[0] if len(items) == 1 else items
+
+
+def _num_features(value, stat_ndim: int):
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        shape = (int(value),)
+    else:
+        try:
+            shape = tuple(_int(s, "num_features") for s in value)
+        except TypeError:
+            raise InvalidArgument(
+                f"num_features must be an int or a shape (tuple of ints), got {value!r}", field="num_features"
+            ) from None
+    if any(s < 1 for s in shape):
+        raise InvalidArgument(f"num_features={value!r}: expected positive sizes", field="num_features")
+    if len(shape) != stat_ndim:
+        raise InvalidArgument(
+            f"num_features={value!r} has rank {len(shape)}: this layer keeps statistics of rank {stat_ndim}",
+            field="num_features",
+        )
+    return shape
+
+
+def make_config(
+    *,
+    kind="batch",
+    axis=DEFAULT,
+    groups=None,
+    epsilon=None,
+    momentum=DEFAULT,
+    convention="keras",
+    center=True,
+    scale=True,
+    num_features=None,
+) -> LayerConfig:
+    """Validate ``create_layer`` arguments and resolve the convention's defaults.
+
+    Left out, ``axis`` is the channel dim 1 under the torch convention (batch,
+    instance and group norm) and -1 otherwise (see :func:`default_axis`);
+    momentum and epsilon are the convention's (``running.DEFAULTS``).
+    """
+    entry = norms.norm(kind)
+    if convention not in CONVENTIONS:
+        raise InvalidArgument(
+            f"convention={convention!r}: expected one of {', '.join(CONVENTIONS)}", field="convention"
+        )
+    default_momentum, default_epsilon = DEFAULTS[convention]
+    axis = _axis(default_axis(kind, convention) if axis is DEFAULT else axis, kind)
+
+    if entry.grouped:
+        groups = norms.DEFAULT_GROUPS if groups is None else _int(groups, "groups")
+        if groups < 1 and groups != -1:
+            raise InvalidArgument(
+                f"groups={groups}: expected a positive number of groups, or -1 for one per channel", field="groups"
+            )
+    elif groups is not None:
+        raise InvalidArgument(f"groups={groups!r} is only meaningful for kind='group', not {kind!r}", field="groups")
+
+    if epsilon is None or epsilon is DEFAULT:
+        epsilon = default_epsilon
+    try:
+        epsilon = float(epsilon)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"epsilon must be a number, got {epsilon!r}", field="epsilon") from None
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise InvalidArgument(f"epsilon={epsilon!r}: expected a finite number >= 0", field="epsilon")
+
+    if momentum is DEFAULT:
+        momentum = default_momentum
+    elif momentum is None:
+        if convention == "keras":
+            raise InvalidArgument(
+                "momentum=None (a cumulative average) does not exist in the keras convention: "
+                "use convention='torch' with momentum=None, or convention='cumulative'",
+                field="momentum",
+            )
+    elif convention == "cumulative":
+        raise InvalidArgument(
+            f"momentum={momentum!r} with convention='cumulative': a cumulative merge has no momentum, omit it",
+            field="momentum",
+        )
+    if momentum is not None:
+        try:
+            momentum = float(momentum)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"momentum must be a number or None, got {momentum!r}", field="momentum") from None
+        if not (0.0 <= momentum <= 1.0):
+            raise InvalidArgument(f"momentum={momentum!r}: expected a number in [0, 1]", field="momentum")
+
+    for flag, value in (("center", center), ("scale", scale)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise InvalidArgument(f"{flag} must be a bool, got {value!r}", field=flag)
+
+    cfg = LayerConfig(kind, axis, groups, epsilon, momentum, convention, bool(center), bool(scale), None)
+    shape = _num_features(num_features, cfg.stat_ndim)
+    declared = cfg.declared_shape
+    if shape is not None and declared is not None and shape != declared:
+        raise InvalidArgument(
+            f"num_features={num_features!r} contradicts the {kind} layer's statistics shape {declared}",
+            field="num_features",
+        )
+    return LayerConfig(kind, axis, groups, epsilon, momentum, convention, bool(center), bool(scale), shape)

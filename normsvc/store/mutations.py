@@ -1,0 +1,110 @@
+"""How each mutation changes one layer's record: the ``fn`` a backend's ``mutate`` calls.
+
+Each builder returns a pure function ``Record -> Record | None`` (None: no
+change, no version bump) that raises to abort the whole transaction.  Every
+change moves the layer's version on by exactly one and stamps the time the
+call started, so all layers of one transaction share one ``updated_at``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+import numpy as np
+
+from ..moments import Moments
+from ..running import RunningStats, apply_update, fold, initial_state
+from . import validation
+from ..errors import FrozenLayer, InvalidArgument
+from .records import Record, known_shape
+
+__all__ = ["updated", "update", "set_frozen", "reset", "put"]
+
+Mutation = Callable[[Record], "Record | None"]
+
+
+def updated(record: Record, stats: RunningStats, now: float) -> Record:
+    """``record`` with new statistics, one version on, stamped ``now``."""
+    s = stats
+    new = RunningStats(s.mean, s.variance, s.count, s.num_batches, record.stats.version + 1, s.frozen, now)
+    return Record(record.name, record.config, new)
+
+
+def update(moments, now: float) -> Mutation:
+    """Fold one batch's moments into the running statistics, by the layer's convention."""
+
+    def fn(record: Record) -> Record:
+        cfg, stats = record.config, record.stats
+        if cfg.sample_ndim == 0 and not stats.frozen and isinstance(moments, Moments) and known_shape(record) is not None:
+            # the hot path: one compiled pass, or None and the checks below say what is wrong
+            new = fold(stats, moments, convention=cfg.convention, momentum=cfg.momentum)
+            if new is not None:
+                return updated(record, new, now)
+        batch = validation.batch(record.name, cfg, known_shape(record), moments)
+        if stats.frozen:
+            raise FrozenLayer(f"layer {record.name!r} is frozen and takes no updates: unfreeze it first",
+                              layer=record.name)
+        if known_shape(record) is None:
+            fresh = initial_state(cfg.convention, batch.mean.shape)
+            stats = replace(stats, mean=fresh.mean, variance=fresh.variance)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            new = apply_update(stats, batch, convention=cfg.convention, momentum=cfg.momentum)
+        if not validation.all_finite(new.mean, new.variance):
+            raise InvalidArgument(f"moments for layer {record.name!r} overflow the running statistics to Inf",
+                                  layer=record.name, field="moments.mean")
+        return updated(record, new, now)
+
+    return fn
+
+
+def set_frozen(frozen: bool, now: float) -> Mutation:
+    """Freeze or unfreeze; no change (None) when the layer already is."""
+
+    def fn(record: Record) -> Record | None:
+        if record.stats.frozen == frozen:
+            return None
+        return updated(record, replace(record.stats, frozen=frozen), now)
+
+    return fn
+
+
+def reset(now: float) -> Mutation:
+    """Back to the initial statistics, keeping the learned shape and the frozen flag."""
+
+    def fn(record: Record) -> Record:
+        fresh = initial_state(record.config.convention, record.stats.mean.shape)
+        return updated(record, replace(fresh, frozen=record.stats.frozen), now)
+
+    return fn
+
+
+def put(values: Mapping[str, RunningStats], now: float) -> Mutation:
+    """Replace mean, variance, count and num_batches with ``values[name]`` (checked ones).
+
+    Layers not in ``values`` are left as they are; the frozen flag is kept.
+    The shape must be the layer's: its known shape, or any of its rank while
+    it waits for its first batch.
+    """
+
+    def fn(record: Record) -> Record | None:
+        new = values.get(record.name)
+        if new is None:
+            return None
+        _check_shape(record, new.mean.shape)
+        # values were copied when checked: the caller holds no reference to these arrays
+        return updated(record, replace(new, frozen=record.stats.frozen), now)
+
+    return fn
+
+
+def _check_shape(record: Record, shape: tuple) -> None:
+    expected = known_shape(record)
+    if expected is not None and shape != expected:
+        what = f"statistics of shape {expected}"
+    elif expected is None and len(shape) != record.config.stat_ndim:
+        what = f"statistics of rank {record.config.stat_ndim}"
+    else:
+        return
+    raise InvalidArgument(f"layer {record.name!r} keeps {what}: got shape {shape}",
+                          layer=record.name, field="stats.mean")

@@ -1,0 +1,153 @@
+"""What a backend stores per layer (:class:`Record`) and its versioned codec.
+
+Row- and hash-shaped backends keep a record as the flat fields of
+:func:`encode_record`: the config as JSON, the statistics as float64
+little-endian bytes with their shape as JSON, and the counters.
+
+Storage formats (:data:`FORMAT` is the one written; sqlite also keeps it in
+``PRAGMA user_version``):
+
+1. The config JSON is the bare :meth:`LayerConfig.to_dict` dict (normsvc up
+   to the store split; sqlite's user_version was left at 0).
+2. The config JSON is ``{"format": 2, "config": {...}}``: every record names
+   its format, so a backend without a file-wide version (a Redis hash) can
+   tell formats apart too.
+
+Reading upgrades older formats one step at a time (:data:`UPGRADES`), as
+torch's ``_load_from_state_dict`` fills what old checkpoints lack; a format
+newer than :data:`FORMAT` is refused with FailedPrecondition rather than
+misread.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..running import RunningStats, initial_state
+from ..config import LayerConfig
+from ..errors import FailedPrecondition
+
+__all__ = [
+    "FORMAT",
+    "UPGRADES",
+    "Record",
+    "new_record",
+    "known_shape",
+    "check_format",
+    "encode_config",
+    "decode_config",
+    "encode_record",
+    "decode_record",
+]
+
+#: The storage format this code writes.
+FORMAT = 2
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a backend stores per layer: its name, config and statistics."""
+
+    name: str
+    config: LayerConfig
+    stats: RunningStats
+
+
+def new_record(name: str, config: LayerConfig) -> Record:
+    """A fresh layer at version 0: initial statistics, 0-d while the shape is still unknown."""
+    stats = initial_state(config.convention, config.declared_shape or ())
+    return Record(name, config, replace(stats, updated_at=time.time()))
+
+
+def known_shape(record: Record) -> tuple | None:
+    """The layer's statistics shape, or None while it waits for its first batch."""
+    shape = record.stats.mean.shape
+    return shape if len(shape) == record.config.stat_ndim else None
+
+
+def check_format(found, where: str, field: str | None = None) -> int:
+    """``found`` if this code reads that format; FailedPrecondition (naming ``where``) if not."""
+    if isinstance(found, bool) or not isinstance(found, int) or found < 1:
+        raise FailedPrecondition(f"{where} has storage format {found!r}: expected an integer from 1 to {FORMAT}",
+                                 field=field)
+    if found > FORMAT:
+        raise FailedPrecondition(
+            f"{where} has storage format {found}, newer than this normsvc reads (formats 1 to {FORMAT}): "
+            "open it with the normsvc that wrote it, or a newer one",
+            field=field,
+        )
+    return found
+
+
+def _from_format_1(config: dict) -> dict:
+    return {"format": 2, "config": config}
+
+
+#: format n -> the function lifting a decoded config JSON from format n to n + 1.
+UPGRADES = {1: _from_format_1}
+
+
+@functools.lru_cache(maxsize=1024)
+def encode_config(config: LayerConfig) -> str:
+    """The config JSON of the current format."""
+    return json.dumps({"format": FORMAT, "config": config.to_dict()}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def decode_config(text: str) -> LayerConfig:
+    """A config JSON of any format up to :data:`FORMAT`."""
+    data = json.loads(text)
+    version = check_format(data.get("format", 1), "a stored layer config")
+    for step in range(version, FORMAT):
+        data = UPGRADES[step](data)
+    return LayerConfig.from_dict(data["config"])
+
+
+@functools.lru_cache(maxsize=64)
+def _shape_from_json(text: str) -> tuple:
+    return tuple(json.loads(text))
+
+
+def _array_bytes(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a, dtype="<f8").tobytes()
+
+
+def _array(data: bytes, shape: tuple) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f8").astype(np.float64).reshape(shape)
+
+
+def encode_record(record: Record) -> dict:
+    """Flat field dict (str, bytes, int, float) for row- or hash-shaped backends."""
+    s = record.stats
+    return {
+        "config": encode_config(record.config),
+        "shape": json.dumps(list(s.mean.shape)),
+        "mean": _array_bytes(s.mean),
+        "variance": _array_bytes(s.variance),
+        "count": float(s.count),
+        "num_batches": int(s.num_batches),
+        "version": int(s.version),
+        "frozen": int(bool(s.frozen)),
+        "updated_at": float(s.updated_at),
+    }
+
+
+def decode_record(name: str, fields: Mapping) -> Record:
+    """Inverse of :func:`encode_record`, for fields written in any format up to :data:`FORMAT`."""
+    shape = _shape_from_json(fields["shape"])
+    stats = RunningStats(
+        _array(fields["mean"], shape),
+        _array(fields["variance"], shape),
+        float(fields["count"]),
+        int(fields["num_batches"]),
+        int(fields["version"]),
+        bool(int(fields["frozen"])),
+        float(fields["updated_at"]),
+    )
+    return Record(name, decode_config(fields["config"]), stats)

@@ -1,0 +1,9 @@
+"""The wire format, shared by the server and the client and imported by nothing below them.
+
+* :mod:`.tensors`: numpy arrays and Moments <-> Tensor / Moments messages;
+* :mod:`.framing`: the large tensor of a Normalize call written into (and read
+  out of) serialized bytes without protobuf's copies;
+* :mod:`.messages`: protobuf messages <-> store values (configs, statistics,
+  enum tables);
+* :mod:`.status`: normsvc errors <-> gRPC status with rich details.
+"""

@@ -1,0 +1,112 @@
+"""The backend contract, on every backend: URLs, request ids and their window, atomic mutate (with creates),
+records that never alias the stored state."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from normsvc import Store
+from normsvc.store import InvalidArgument, LayerNotFound
+from normsvc.config import make_config
+from normsvc.store.records import new_record
+from store_testing import batch_moments
+
+
+@pytest.mark.parametrize("url", ["redis2://x", "postgres://db", "memory://host", "sqlite://host/x.db",
+                                 "sqlite:///:memory:", "nothing"])
+def test_bad_urls(url):
+    with pytest.raises(InvalidArgument) as info:
+        Store.open(url)
+    assert info.value.field == "url"
+
+
+def test_request_id_applies_once(store, rng):
+    layer = store.create_layer("bn", momentum=0.5)
+    m = batch_moments(rng)
+    first = layer.update(m, request_id="step-1")
+    again = layer.update(m, request_id="step-1")
+    assert again == first == layer.stats() and first.version == 1 and first.num_batches == 1
+    assert layer.update(m, request_id="step-2").version == 2
+    # other mutations take request ids too
+    assert layer.reset(request_id="reset-1").version == 3
+    layer.update(m)
+    assert layer.reset(request_id="reset-1").num_batches == 1
+
+
+def test_request_ids_are_per_layer(store, rng):
+    a, b = store.create_layer("a"), store.create_layer("b")
+    a.update(batch_moments(rng), request_id="r")
+    assert b.update(batch_moments(rng), request_id="r").version == 1
+    store.create_layer("c")
+    # a retry that names one more layer: only the layer that has not seen "r" takes it
+    out = store.update_many({n: batch_moments(rng) for n in "abc"}, request_id="r")
+    assert [out[n].version for n in "abc"] == [1, 1, 1]
+
+
+def test_request_window_is_bounded(store_url, rng):
+    with Store.open(store_url, request_window=3) as store:
+        layer = store.create_layer("bn")
+        layer.update(batch_moments(rng), request_id="old")
+        layer.update(batch_moments(rng), request_id="old")
+        assert layer.stats().version == 1
+        for _ in range(2):
+            layer.update(batch_moments(rng))
+        assert layer.update(batch_moments(rng), request_id="old").version == 3  # still remembered
+        layer.update(batch_moments(rng))
+        assert layer.update(batch_moments(rng), request_id="old").version == 5  # forgotten: applied again
+
+
+def test_returned_arrays_do_not_alias_the_store(store, rng):
+    layer = store.create_layer("bn")
+    s = layer.update(batch_moments(rng, c=3))
+    s.mean[:] = 99.0
+    s.variance[:] = -1.0
+    assert np.all(layer.stats().mean != 99.0) and np.all(layer.stats().variance > 0)
+
+
+def _bump(record):
+    """A pure mutation: one version on, mean + 1."""
+    s = record.stats
+    return replace(record, stats=replace(s, mean=s.mean + 1.0, version=s.version + 1))
+
+
+def test_require(store):
+    store.create_layer("bn")
+    assert store.backend.require("bn").name == "bn"
+    with pytest.raises(LayerNotFound, match="no layer named 'nope'") as info:
+        store.backend.require("nope")
+    assert info.value.layer == "nope"
+
+
+def test_mutate_creates_missing_layers_in_the_same_transaction(store, assert_unchanged):
+    store.create_layer("old", num_features=2)
+    backend = store.backend
+    create = {n: new_record(n, make_config(num_features=2)) for n in ("new1", "new2", "old")}
+
+    def failing(record):
+        if record.name == "new2":
+            raise InvalidArgument("no", layer="new2")
+        return _bump(record)
+
+    with assert_unchanged(store), pytest.raises(InvalidArgument):
+        backend.mutate(["old", "new1", "new2"], failing, "r", create=create)
+    with assert_unchanged(store), pytest.raises(LayerNotFound) as info:
+        backend.mutate(["old", "new1", "nope"], _bump, None, create=create)
+    assert info.value.layer == "nope"
+
+    out = backend.mutate(["old", "new1", "new2"], _bump, "r", create=create)
+    assert store.list_layers() == ["new1", "new2", "old"]
+    for name in out:
+        assert out[name].stats.version == 1 and list(out[name].stats.mean) == [1.0, 1.0]
+        assert backend.get(name) == out[name]
+    # the request id was remembered for the created layers too; an existing layer keeps its record
+    again = backend.mutate(["old", "new1", "new2"], _bump, "r", create=create)
+    assert all(again[n].stats.version == 1 for n in again)
+
+
+def test_a_created_layer_that_fn_leaves_alone_stays_at_version_0(store):
+    out = store.backend.mutate(["lazy"], lambda r: None, "r", create={"lazy": new_record("lazy", make_config())})
+    assert out["lazy"].stats.version == 0 and store.layer("lazy").stats().version == 0
+    # nothing was applied, so nothing was remembered: the id still applies
+    assert store.backend.mutate(["lazy"], _bump, "r")["lazy"].stats.version == 1

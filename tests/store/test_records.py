@@ -1,0 +1,68 @@
+"""Records and their versioned codec: exact round trips, older formats upgraded, newer ones refused."""
+
+import json
+
+import numpy as np
+import pytest
+
+from normsvc import RunningStats
+from normsvc.store import FailedPrecondition
+from normsvc.config import make_config
+from normsvc.store.records import (
+    FORMAT,
+    UPGRADES,
+    Record,
+    decode_config,
+    decode_record,
+    encode_config,
+    encode_record,
+    known_shape,
+    new_record,
+)
+
+CONFIGS = [
+    make_config(),
+    make_config(kind="group", groups=4, axis=1, convention="torch", momentum=None),
+    make_config(axis=[1, 3], num_features=(2, 3), convention="cumulative", center=False),
+    make_config(kind="rms", axis=[-2, -1], epsilon=1e-6),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_records_round_trip_exactly(config):
+    shape = config.declared_shape or (5,)
+    stats = RunningStats(np.linspace(-1, 1, int(np.prod(shape))).reshape(shape) / 3, np.full(shape, np.pi),
+                         96.0, 3, 7, True, 1700000000.25)
+    record = Record("enc/bn1", config, stats)
+    fields = encode_record(record)
+    assert isinstance(fields["mean"], bytes) and isinstance(fields["config"], str)
+    back = decode_record("enc/bn1", fields)
+    assert back == record and back.stats.mean.dtype == np.float64
+
+
+def test_the_current_format_is_written():
+    data = json.loads(encode_config(CONFIGS[1]))
+    assert data["format"] == FORMAT == 2
+    assert data["config"] == CONFIGS[1].to_dict()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_format_1_configs_are_upgraded(config):
+    """Format 1 stored the bare config dict; every step up to FORMAT has an upgrade."""
+    assert sorted(UPGRADES) == list(range(1, FORMAT))
+    assert decode_config(json.dumps(config.to_dict(), sort_keys=True)) == config
+
+
+@pytest.mark.parametrize("found, message", [(FORMAT + 1, "newer than this normsvc reads"), (0, "expected an integer"),
+                                            ("2", "expected an integer")])
+def test_other_formats_are_refused(found, message):
+    text = json.dumps({"format": found, "config": CONFIGS[0].to_dict()})
+    with pytest.raises(FailedPrecondition, match=message):
+        decode_config(text)
+
+
+def test_new_records_start_at_version_0():
+    lazy = new_record("bn", make_config())
+    assert lazy.stats.version == 0 and lazy.stats.mean.shape == () and known_shape(lazy) is None
+    group = new_record("gn", make_config(kind="group", groups=4))
+    assert known_shape(group) == (4,)
