@@ -7,79 +7,25 @@ the same interface over the gRPC service (``normsvc serve``).
 """
 
 from . import errors, ops
-from .errors import (
-    AlreadyExists,
-    Cancelled,
-    ConfigConflict,
-    DeadlineExceeded,
-    FailedPrecondition,
-    FrozenLayer,
-    Internal,
-    InvalidArgument,
-    InvalidTensor,
-    InvalidType,
-    LayerNotFound,
-    NormsvcError,
-    NoStatistics,
-    PermissionDenied,
-    ResourceExhausted,
-    StoreError,
-    StoreUnavailable,
-    TensorTooLarge,
-    Unauthenticated,
-    Unavailable,
-)
+from .config import LayerConfig
+from .errors import *  # noqa: F403 - the whole hierarchy is public (errors.__all__)
 from .moments import Moments
-from .ops import (
-    batch_norm,
-    cuda_available,
-    group_norm,
-    instance_norm,
-    layer_norm,
-    moments,
-    normalize,
-    rms_norm,
-)
+from .ops import *  # noqa: F403 - the stateless ops (ops.__all__)
 from .running import RunningStats
 from .store import Layer, Store
 
 __all__ = [
     "Moments",
+    "RunningStats",
+    "LayerConfig",
     "ops",
-    "moments",
-    "normalize",
-    "batch_norm",
-    "layer_norm",
-    "instance_norm",
-    "group_norm",
-    "rms_norm",
-    "cuda_available",
+    *ops.__all__,
     "Store",
     "Layer",
-    "RunningStats",
-    "errors",
-    "NormsvcError",
-    "StoreError",
-    "InvalidArgument",
-    "InvalidType",
-    "InvalidTensor",
-    "LayerNotFound",
-    "AlreadyExists",
-    "ConfigConflict",
-    "FailedPrecondition",
-    "FrozenLayer",
-    "NoStatistics",
-    "ResourceExhausted",
-    "TensorTooLarge",
-    "Unauthenticated",
-    "PermissionDenied",
-    "DeadlineExceeded",
-    "Cancelled",
-    "Unavailable",
-    "StoreUnavailable",
-    "Internal",
     "Client",
     "AsyncClient",
+    "errors",
+    *errors.__all__,
 ]
 __version__ = "0.1.0"
 

@@ -31,24 +31,16 @@ def _env(name: str, default=None):
     return os.environ.get(f"NORMSVC_{name}", default)
 
 
-def _env_int(name: str, default):
+def _env_number(name: str, default, kind=int):
+    """``NORMSVC_<name>`` as an int (or ``kind``), ``default`` when unset or empty."""
     value = _env(name)
     if value is None or value == "":
         return default
     try:
-        return int(value)
+        return kind(value)
     except ValueError:
-        raise SystemExit(f"normsvc: NORMSVC_{name}={value!r}: expected an integer") from None
-
-
-def _env_float(name: str, default):
-    value = _env(name)
-    if value is None or value == "":
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise SystemExit(f"normsvc: NORMSVC_{name}={value!r}: expected a number") from None
+        expected = "an integer" if kind is int else "a number"
+        raise SystemExit(f"normsvc: NORMSVC_{name}={value!r}: expected {expected}") from None
 
 
 def _add_serve(sub) -> None:
@@ -61,17 +53,17 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"),
                    help="address to listen on; 0.0.0.0 for every interface (NORMSVC_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=_env_int("PORT", 50051),
+    p.add_argument("--port", type=int, default=_env_number("PORT", 50051),
                    help="port; 0 picks a free one and prints it (NORMSVC_PORT, default 50051)")
     p.add_argument("--store", default=_env("STORE", DEFAULT_STORE),
                    help=f"store URL: memory://, sqlite:///path (NORMSVC_STORE, default {DEFAULT_STORE})")
-    p.add_argument("--max-message-mb", type=int, default=_env_int("MAX_MESSAGE_MB", 64),
+    p.add_argument("--max-message-mb", type=int, default=_env_number("MAX_MESSAGE_MB", 64),
                    help="largest gRPC message in MiB, both ways (NORMSVC_MAX_MESSAGE_MB, default 64)")
-    p.add_argument("--max-tensor-elements", type=int, default=_env_int("MAX_TENSOR_ELEMENTS", 1 << 28),
+    p.add_argument("--max-tensor-elements", type=int, default=_env_number("MAX_TENSOR_ELEMENTS", 1 << 28),
                    help="largest tensor accepted (NORMSVC_MAX_TENSOR_ELEMENTS)")
-    p.add_argument("--max-layers", type=int, default=_env_int("MAX_LAYERS", 1_000_000),
+    p.add_argument("--max-layers", type=int, default=_env_number("MAX_LAYERS", 1_000_000),
                    help="most layers the store may hold (NORMSVC_MAX_LAYERS)")
-    p.add_argument("--max-layers-per-request", type=int, default=_env_int("MAX_LAYERS_PER_REQUEST", 4096),
+    p.add_argument("--max-layers-per-request", type=int, default=_env_number("MAX_LAYERS_PER_REQUEST", 4096),
                    help="most layers one request may name (NORMSVC_MAX_LAYERS_PER_REQUEST)")
     p.add_argument("--tokens", default=_env("TOKENS"),
                    help="JSON tokens file: bearer tokens with roles and layer prefixes (NORMSVC_TOKENS); "
@@ -80,13 +72,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key (NORMSVC_TLS_KEY)")
     p.add_argument("--tls-client-ca", default=_env("TLS_CLIENT_CA"),
                    help="PEM CA bundle; require client certificates it signed, mutual TLS (NORMSVC_TLS_CLIENT_CA)")
-    p.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", None),
+    p.add_argument("--metrics-port", type=int, default=_env_number("METRICS_PORT", None),
                    help="serve Prometheus /metrics over HTTP on this port; 0 picks one (NORMSVC_METRICS_PORT)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=_env("DEVICE", "auto"),
                    help="where kernels run (NORMSVC_DEVICE, default auto)")
-    p.add_argument("--workers", type=int, default=_env_int("WORKERS", 64),
+    p.add_argument("--workers", type=int, default=_env_number("WORKERS", 64),
                    help="server threads (NORMSVC_WORKERS, default 64)")
-    p.add_argument("--grace", type=float, default=_env_float("GRACE", 10.0),
+    p.add_argument("--grace", type=float, default=_env_number("GRACE", 10.0, float),
                    help="seconds in-flight calls get to finish on SIGTERM (NORMSVC_GRACE, default 10)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING... (NORMSVC_LOG_LEVEL, default INFO)")
@@ -173,7 +165,7 @@ def _connection_options() -> argparse.ArgumentParser:
                    help="PEM client certificate, for mutual TLS (NORMSVC_CLIENT_CERT)")
     g.add_argument("--client-key", default=_env("CLIENT_KEY"),
                    help="PEM client key, for mutual TLS (NORMSVC_CLIENT_KEY)")
-    g.add_argument("--timeout", type=float, default=_env_float("TIMEOUT", 30.0),
+    g.add_argument("--timeout", type=float, default=_env_number("TIMEOUT", 30.0, float),
                    help="seconds each call may take, retries included (NORMSVC_TIMEOUT, default 30)")
     return p
 

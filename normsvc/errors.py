@@ -117,9 +117,19 @@ class InvalidType(InvalidArgument, TypeError):
 
 
 class InvalidTensor(InvalidArgument):
-    """A tensor or moments message that does not describe a valid array."""
+    """A tensor or moments message that does not describe a valid array.
+
+    Built by :func:`normsvc.wire.tensors.tensor_error`, its message is
+    ``"<field>: <description>"``; :meth:`moved` reports the same fault at
+    another field path (a stream's header instead of ``x``).
+    """
 
     reason = "INVALID_TENSOR"
+    #: what was wrong and what was expected, without the field's path
+    description = None
+
+    def moved(self, field: str) -> None:
+        self.field, self.message = field, f"{field}: {self.description or self.message}"
 
 
 class LayerNotFound(NormsvcError, LookupError):

@@ -24,6 +24,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from ..errors import InvalidArgument
+from ..wire.framing import read_varint
 
 __all__ = ["Undecodable", "tolerant", "raise_if_undecodable", "checked"]
 
@@ -41,15 +42,10 @@ class Undecodable:
 
 def _varint(data: bytes, pos: int):
     """(value, next position), or (None, pos) when the bytes end inside the varint."""
-    value = shift = 0
-    while pos < len(data) and shift < 70:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-    return None, pos
+    try:
+        return read_varint(data, pos)
+    except ValueError:
+        return None, pos
 
 
 def culprit(data: bytes, descriptor, prefix: str = "") -> str | None:

@@ -17,7 +17,7 @@ import tempfile
 
 from .._proto import normsvc_pb2 as pb
 from .._proto import normsvc_pb2_grpc as pb_grpc
-from ..errors import InvalidArgument, LayerNotFound, NormsvcError
+from ..errors import InvalidArgument, InvalidTensor, LayerNotFound, NormsvcError
 from ..store.validation import validate_name
 from ..wire import framing
 from ..wire import messages as convert
@@ -75,10 +75,21 @@ def _stream_fields():
     except NormsvcError as exc:
         old = exc.field
         if old and not (old == "chunk" or old.startswith("header")):
-            exc.field = _STREAM_FIELDS.get(old) or f"header.{old}"
-            if exc.message.startswith(f"{old}:"):
-                exc.message = exc.field + exc.message[len(old):]
+            field = _STREAM_FIELDS.get(old) or f"header.{old}"
+            if isinstance(exc, InvalidTensor):
+                exc.moved(field)  # its message begins with the field's path
+            else:
+                exc.field = field
         raise
+
+
+def _with_results(message, moments, stats):
+    """A Normalize answer with its batch moments and new running statistics, where there are any."""
+    if moments is not None:
+        encode_moments(moments, message.batch_moments)
+    if stats is not None:
+        convert.stats_to_pb(stats, message.stats)
+    return message
 
 
 @contextlib.contextmanager
@@ -286,11 +297,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
             request.request_id, "Normalize",
         )
         del x
-        response = pb.NormalizeResponse()
-        if moments is not None:
-            encode_moments(moments, response.batch_moments)
-        if stats is not None:
-            convert.stats_to_pb(stats, response.stats)
+        response = _with_results(pb.NormalizeResponse(), moments, stats)
         # y's bytes go into the answer once, not three times (Tensor, message, serialization)
         y = y.astype(y.dtype.newbyteorder("<"), copy=False)
         return framing.with_tensor(response.SerializeToString(), _Y_FIELD, y, DTYPE_CODES[y.dtype])
@@ -316,11 +323,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
                 h.request_id, "NormalizeStream",
             )
         del x
-        result = pb.NormalizeStreamResult(dtype=h.dtype, shape=y.shape)
-        if moments is not None:
-            encode_moments(moments, result.batch_moments)
-        if stats is not None:
-            convert.stats_to_pb(stats, result.stats)
+        result = _with_results(pb.NormalizeStreamResult(dtype=h.dtype, shape=y.shape), moments, stats)
         yield pb.NormalizeStreamResponse(result=result)
         for chunk in chunks(y, self.limits.stream_chunk_bytes):
             yield pb.NormalizeStreamResponse(chunk=chunk)

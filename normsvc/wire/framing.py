@@ -30,7 +30,7 @@ import numpy as np
 from .._proto import normsvc_pb2 as pb
 from .tensors import DTYPES, decode
 
-__all__ = ["varint", "with_tensor", "normalize_response", "normalize_y"]
+__all__ = ["varint", "read_varint", "with_tensor", "normalize_response", "normalize_y"]
 
 _LEN = 2  # wire type of length-delimited fields
 _VARINT = 0
@@ -61,27 +61,30 @@ def with_tensor(message: bytes, number: int, array: np.ndarray, dtype: int) -> b
     return b"".join([message, varint(number << 3 | _LEN), varint(len(head) + len(data)), head, data])
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """(value, next position) of the varint at ``buf[pos]``; ValueError when the bytes end
+    inside it or it runs past the 10 bytes of a 64-bit value."""
     result = shift = 0
-    while True:
+    while pos < len(buf) and shift < 70:
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
             return result, pos
         shift += 7
+    raise ValueError("truncated varint")
 
 
 def _fields(buf: bytes, pos: int, end: int):
     """(number, wire type, value or start, end) for each field in ``buf[pos:end]``."""
     while pos < end:
-        key, pos = _read_varint(buf, pos)
+        key, pos = read_varint(buf, pos)
         number, wire = key >> 3, key & 7
         if wire == _VARINT:
-            value, pos = _read_varint(buf, pos)
+            value, pos = read_varint(buf, pos)
             yield number, wire, value, pos
         elif wire == _LEN:
-            n, pos = _read_varint(buf, pos)
+            n, pos = read_varint(buf, pos)
             yield number, wire, pos, pos + n
             pos += n
         elif wire == 1:
@@ -103,7 +106,7 @@ def _tensor(buf: bytes, start: int, end: int) -> np.ndarray | None:
         elif number == 2 and wire == _LEN:
             pos = a
             while pos < b:
-                size, pos = _read_varint(buf, pos)
+                size, pos = read_varint(buf, pos)
                 shape.append(size)
         elif number == 2 and wire == _VARINT:
             shape.append(a)

@@ -58,7 +58,9 @@ def tensor_error(field: str, description: str, cls=InvalidTensor):
     ``field`` is the path of the offending field (``updates[2].moments.mean``),
     ``description`` what was wrong and what was expected.
     """
-    return cls(f"{field}: {description}", field=field)
+    err = cls(f"{field}: {description}", field=field)
+    err.description = description
+    return err
 
 
 def encode(array, out: pb.Tensor | None = None) -> pb.Tensor:
