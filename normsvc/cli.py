@@ -2,7 +2,9 @@
 
     normsvc serve [--host H] [--port P] [--store URL] ...
     normsvc layers list|show|freeze|unfreeze|reset|delete [NAME...] [--target HOST:PORT]
-    normsvc export|import PATH [--naming keras|torch] [--target HOST:PORT]
+    normsvc export PATH [--layer NAME | --prefix P [--strip-prefix [S]]] [--naming keras|torch]
+                        [--dtype float64|float32] [--target HOST:PORT]
+    normsvc import PATH [--layer NAME] [--add-prefix P] [--naming keras|torch] [--target HOST:PORT]
     normsvc precompile
 
 Every option of ``serve`` can also come from an environment variable
@@ -316,12 +318,13 @@ def _add_layers(sub) -> None:
 
 
 def _export(client, args) -> None:
-    names = client.export(args.path, layers=args.layer or None, naming=args.naming, dtype=args.dtype)
+    names = client.export(args.path, layers=args.layer or None, naming=args.naming, prefix=args.prefix,
+                          strip_prefix=args.strip_prefix, dtype=args.dtype)
     print(f"exported {len(names)} layer{'s' if len(names) != 1 else ''} to {args.path}")
 
 
 def _import(client, args) -> None:
-    names = client.import_(args.path, naming=args.naming, layers=args.layer or None)
+    names = client.import_(args.path, naming=args.naming, layers=args.layer or None, add_prefix=args.add_prefix)
     print(f"imported {len(names)} layer{'s' if len(names) != 1 else ''} from {args.path}"
           + (f": {', '.join(names)}" if names else ""))
 
@@ -333,6 +336,9 @@ def _add_export_import(sub) -> None:
                        "with Keras (<layer>/moving_mean) or PyTorch (<layer>.running_mean) names.")
     p.add_argument("path", help="the file to write (replaced atomically)")
     p.add_argument("--layer", action="append", metavar="NAME", help="only this layer (repeat for more)")
+    p.add_argument("--prefix", help="only the layers whose names start with this (e.g. resnet50/)")
+    p.add_argument("--strip-prefix", nargs="?", const=True, metavar="PREFIX",
+                   help="remove this from every layer name in the file; alone: remove --prefix")
     p.add_argument("--naming", choices=("keras", "torch"), default="keras", help="tensor names (default keras)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="tensor type (default float64)")
     p.set_defaults(run=_with_client("export", _export))
@@ -340,7 +346,10 @@ def _add_export_import(sub) -> None:
                        description="Load running statistics from a local safetensors file into the server "
                        "(missing layers are created), in one transaction.")
     p.add_argument("path", help="the safetensors file to read")
-    p.add_argument("--layer", action="append", metavar="NAME", help="only this layer (repeat for more)")
+    p.add_argument("--layer", action="append", metavar="NAME",
+                   help="only this layer, named as in the file (repeat for more)")
+    p.add_argument("--add-prefix", metavar="PREFIX",
+                   help="put this before every layer name of the file (e.g. resnet50/)")
     p.add_argument("--naming", choices=("keras", "torch"), default="keras", help="tensor names (default keras)")
     p.set_defaults(run=_with_client("import", _import))
 

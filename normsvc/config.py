@@ -38,7 +38,7 @@ from . import norms
 from .errors import InvalidArgument
 from .running import CONVENTIONS, DEFAULTS
 
-__all__ = ["DEFAULT", "LayerConfig", "make_config", "default_axis"]
+__all__ = ["DEFAULT", "LayerConfig", "make_config", "default_axis", "default_run", "RUN_VARIABLES"]
 
 class _Default:
     """Marks an argument left out, where None is itself a meaningful value."""
@@ -132,6 +132,30 @@ def _int(value, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise InvalidArgument(f"{field} must be an int, got {value!r}", field=field)
     return int(value)
+
+
+#: Environment variables that name the current training run, the same on every rank of it
+#: (first set one wins): normsvc's own, torchrun's (a fresh id with --standalone or --rdzv-id),
+#: Slurm's job and step.
+RUN_VARIABLES = ("NORMSVC_RUN", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
+
+
+def default_run() -> str:
+    """The run a step contribution belongs to when the caller names none.
+
+    ``NORMSVC_RUN`` if set, else the launcher's job id (``TORCHELASTIC_RUN_ID``
+    unless torchrun left it at "none"; ``SLURM_JOB_ID`` with
+    ``SLURM_STEP_ID``), else "" (the default run: a rerun that reuses its step
+    numbers is refused until the layer is reset or the run is named).
+    """
+    import os
+
+    for name in RUN_VARIABLES:
+        value = os.environ.get(name, "")
+        if value and value != "none":
+            step = os.environ.get("SLURM_STEP_ID", "") if name == "SLURM_JOB_ID" else ""
+            return f"{value}.{step}" if step else value
+    return ""
 
 
 def default_axis(kind: str, convention: str) -> int:

@@ -49,7 +49,7 @@ def precompile() -> float:
     moments = ops.moments(big.astype(np.float64), axes=[0, 1, 2])
     decoded = decode_moments(encode_moments(moments), field="moments")
     with tempfile.TemporaryDirectory() as tmp:
-        for url in ("memory://", f"sqlite:///{tmp}/precompile.db"):  # sqlite hands out read-only statistics
+        for url in ("memory://", f"sqlite:///{tmp}/precompile.db"):  # the update path of each backend
             with Store.open(url) as store:
                 layer = store.create_layer("precompile", num_features=16)
                 for m in (moments, decoded):

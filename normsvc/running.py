@@ -84,6 +84,11 @@ DEFAULTS = {
 class RunningStats:
     """A layer's running statistics at one version.
 
+    Every RunningStats a Store, its layers or a Client hand out holds arrays
+    the caller owns: writable (``torch.from_numpy(stats.mean)`` shares them
+    without a warning) and shared with nothing, so writing to them changes
+    neither the stored statistics nor what any other caller receives.
+
     Attributes
     ----------
     mean, variance : ndarray of float64
@@ -101,6 +106,11 @@ class RunningStats:
         A frozen layer takes no updates and normalizes with these statistics.
     updated_at : float
         Unix time (seconds) of the last mutation.
+    run : str
+        The run whose step contributions the layer follows ("" before any).
+    last_step : int or None
+        The last step of ``run`` applied: a contribution to step ``s`` has
+        been applied once ``last_step >= s`` (None: no step yet).
     """
 
     mean: np.ndarray
@@ -110,6 +120,8 @@ class RunningStats:
     version: int = 0
     frozen: bool = False
     updated_at: float = 0.0
+    run: str = ""
+    last_step: int | None = None
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, RunningStats):
@@ -118,8 +130,9 @@ class RunningStats:
         return (
             same(self.mean, other.mean)
             and same(self.variance, other.variance)
-            and (self.count, self.num_batches, self.version, self.frozen, self.updated_at)
-            == (other.count, other.num_batches, other.version, other.frozen, other.updated_at)
+            and (self.count, self.num_batches, self.version, self.frozen, self.updated_at, self.run, self.last_step)
+            == (other.count, other.num_batches, other.version, other.frozen, other.updated_at, other.run,
+                other.last_step)
         )
 
     __hash__ = None

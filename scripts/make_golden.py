@@ -3,7 +3,17 @@
 Writes small ``.npz`` files (plain numpy arrays, loadable with
 ``np.load(..., allow_pickle=False)``) plus ``tests/golden/index.json`` that
 describes every case.  ``tests/test_golden.py`` and
-``tests/test_golden_running.py`` read them.
+``tests/test_golden_running.py`` read them; the data-parallel cases
+(``"kind": "data_parallel"``, files ``dp_*.npz``) are read through
+``tests/golden_steps.py`` (``load_steps()``) and checked by
+``tests/test_golden_steps.py``.
+
+Data-parallel section: W=4 workers x T=20 steps, each worker with its own
+batch per step drawn from its own distribution; the references are ONE
+process that sees the concatenation of the 4 batches each step (what
+SyncBatchNorm or a single-GPU run gives): torch ``BatchNorm2d`` with
+momentum 0.1 and None, Keras ``BatchNormalization(momentum=0.9)`` and the
+exact population ("precise BN") statistics, all in float64.
 
 How to run (from the repository root; use a separate virtual environment so
 the project's own environment stays free of torch/keras)::
@@ -597,6 +607,264 @@ def torch_running(name, seed, momentum, steps=20, batch=(8, 3, 4, 4)):
 
 
 # --------------------------------------------------------------------------
+# Data parallel: W workers, each with its own batch per step; the reference
+# is ONE process that sees the concatenated batch (SyncBatchNorm semantics).
+# --------------------------------------------------------------------------
+DP_STEPS, DP_WORKERS = 20, 4
+DP_BATCH = (6, 5, 3, 3)  # per worker, NCHW
+# The script aborts when a framework record deviates from the numpy float64
+# reimplementation by more than DP_SELF_CHECK_RTOL (relative).  The tests hold
+# the float64 records (torch, numpy) to DP_TEST_RTOL; Keras BatchNormalization
+# computes in float32 whatever its dtype policy (see data_parallel), so its
+# record is held to DP_KERAS_RTOL (stored per case as "rtol" in index.json).
+DP_SELF_CHECK_RTOL = 1e-6
+DP_TEST_RTOL = 1e-10
+DP_KERAS_RTOL = 1e-6
+DP_INPUTS = "dp_inputs"
+
+
+def dp_check(name: str, got, ref, what: str, tol: float = DP_SELF_CHECK_RTOL) -> float:
+    """Largest relative deviation of a framework record from the numpy float64
+    reference; aborts above ``tol`` (no floor: every reference value here is
+    far from zero)."""
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, (name, what, got.shape, ref.shape)
+    assert np.all(ref != 0), (name, what)
+    worst = float((np.abs(got - ref) / np.abs(ref)).max())
+    if not worst <= tol:
+        sys.exit(f"{name}: framework {what} differs from float64 reference by {worst:.3g} (relative)")
+    return worst
+
+
+def dp_inputs(seed):
+    """x[T, W, N, C, H, W] float64: worker w, channel c ~ Normal(loc, scale) with
+    loc = 3 * w + (c - 2) and scale = (0.5 + w) * (1 + 0.25 * c).  Values are
+    rounded to float32 (so float32 consumers see exactly the same numbers) and
+    kept as float64."""
+    rng = rng_for(seed)
+    n, c, h, w = DP_BATCH
+    ranks = np.arange(DP_WORKERS, dtype=np.float64).reshape(1, DP_WORKERS, 1, 1, 1, 1)
+    chans = np.arange(c, dtype=np.float64).reshape(1, 1, 1, c, 1, 1)
+    loc = 3.0 * ranks + (chans - 2.0)
+    scale = (0.5 + ranks) * (1.0 + 0.25 * chans)
+    z = rng.standard_normal((DP_STEPS, DP_WORKERS, n, c, h, w))
+    x = (z * scale + loc).astype(np.float32).astype(np.float64)
+    return x, loc.reshape(DP_WORKERS, c), scale.reshape(DP_WORKERS, c)
+
+
+def dp_step_moments(x_nchw):
+    """Per step: count, mean and BIASED variance per channel of the
+    concatenation of the W workers' batches (numpy float64, two-pass)."""
+    t, r, n, c, h, w = x_nchw.shape
+    flat = np.moveaxis(x_nchw, 3, 1).reshape(t, c, r * n * h * w)
+    return r * n * h * w, flat.mean(axis=2), flat.var(axis=2)
+
+
+def data_parallel(seed):
+    x_nchw, loc, scale = dp_inputs(seed)
+    x_nhwc = np.ascontiguousarray(np.moveaxis(x_nchw, 3, -1))  # [T, W, N, H, W, C]
+    t_steps, n_workers, n, c, h, w = x_nchw.shape
+    count, step_mean, step_var = dp_step_moments(x_nchw)
+    per_worker = n * h * w
+    common = {"steps": t_steps, "workers": n_workers, "inputs_file": f"{DP_INPUTS}.npz",
+              "count_per_worker": per_worker, "count_per_step": count, "dtype": "float64"}
+    shape_doc = ("x_nchw[t, w] is worker w's batch at step t (N, C, H, W) = "
+                 f"{DP_BATCH}; x_nhwc[t, w] the same batch channels-last (N, H, W, C)")
+
+    # inputs and the per-step global moments --------------------------------
+    xs_cat = np.concatenate([x_nchw[:, r] for r in range(n_workers)], axis=1)  # [T, W*N, C, H, W]
+    chk = max(dp_check(DP_INPUTS, xs_cat.mean(axis=(1, 3, 4)), step_mean, "step_mean"),
+              dp_check(DP_INPUTS, xs_cat.var(axis=(1, 3, 4)), step_var, "step_variance"))
+    assert np.array_equal(x_nchw.astype(np.float32).astype(np.float64), x_nchw)
+    add_case(
+        DP_INPUTS, "numpy", "inputs", {"layout": "nchw and nhwc", "feature_axis_nchw": 1,
+                                       "feature_axis_nhwc": -1},
+        {"x_nchw": x_nchw, "x_nhwc": x_nhwc, "worker_loc": loc, "worker_scale": scale,
+         "step_mean": step_mean, "step_variance": step_var},
+        layer="numpy.random.default_rng(seed).standard_normal(...) * worker_scale + worker_loc",
+        layer_kwargs={"seed": seed},
+        kind="data_parallel",
+        notes=(f"Inputs of the data-parallel cases: {n_workers} workers x {t_steps} steps. "
+               f"{shape_doc}. Worker w, channel c ~ Normal(worker_loc[w, c], worker_scale[w, c]) "
+               "with loc = 3*w + (c - 2) and scale = (0.5 + w) * (1 + 0.25*c), so the workers' "
+               "batches differ strongly and the global variance includes the spread between "
+               "workers. Values are exactly representable in float32 (drawn in float64, rounded "
+               "to float32, stored as float64). step_mean / step_variance [T, C]: mean and BIASED "
+               "variance of the concatenation of the workers' batches of each step (count "
+               f"{count} per channel), numpy float64."),
+        extra={**common, "framework_version": np.__version__,
+               "axes": {"x_nchw": ["step", "worker", "N", "C", "H", "W"],
+                        "x_nhwc": ["step", "worker", "N", "H", "W", "C"]},
+               "ref_max_rel_err": chk},
+    )
+
+    # torch: one BatchNorm2d fed the concatenated batch ----------------------
+    for name, momentum in (("dp_torch_bn2d_m0.1", 0.1), ("dp_torch_bn2d_cma", None)):
+        bn = torch.nn.BatchNorm2d(c, momentum=momentum, dtype=torch.float64)
+        bn.train()
+        init_mean = to_np(bn.running_mean).copy()
+        init_var = to_np(bn.running_var).copy()
+        rmean = np.empty((t_steps, c))
+        rvar = np.empty((t_steps, c))
+        nbt = np.empty(t_steps, np.int64)
+        with torch.no_grad():
+            for s in range(t_steps):
+                batch = torch.cat([torch.from_numpy(x_nchw[s, r]) for r in range(n_workers)], dim=0)
+                assert batch.dtype == torch.float64 and batch.shape == (n_workers * n, c, h, w)
+                bn(batch)
+                rmean[s] = to_np(bn.running_mean)
+                rvar[s] = to_np(bn.running_var)
+                nbt[s] = int(bn.num_batches_tracked)
+        m64, v64 = init_mean.copy(), init_var.copy()
+        ref_m, ref_v = np.empty_like(rmean), np.empty_like(rvar)
+        for s in range(t_steps):
+            f = 1.0 / (s + 1) if momentum is None else momentum
+            m64 = (1 - f) * m64 + f * step_mean[s]
+            v64 = (1 - f) * v64 + f * step_var[s] * count / (count - 1)
+            ref_m[s], ref_v[s] = m64, v64
+        err = max(dp_check(name, rmean, ref_m, "running_mean"),
+                  dp_check(name, rvar, ref_v, "running_var"))
+        assert list(nbt) == list(range(1, t_steps + 1))
+        rule = ("cumulative moving average: factor = 1 / num_batches_tracked"
+                if momentum is None else f"running = (1 - {momentum}) * running + {momentum} * batch_stat")
+        add_case(
+            name, "torch", "running", {"kind": "batch", "axis": 1, "momentum": momentum,
+                                       "convention": "torch"},
+            {"running_mean": rmean, "running_var": rvar, "num_batches_tracked": nbt,
+             "init_mean": init_mean, "init_variance": init_var},
+            layer=(f"torch.nn.BatchNorm2d({c}, momentum={momentum}, dtype=torch.float64).train()"
+                   f"(torch.cat([x_nchw[t, w] for w in range({n_workers})], dim=0))"),
+            layer_kwargs={"num_features": c, "momentum": momentum, "eps": bn.eps,
+                          "dtype": "float64"},
+            kind="data_parallel",
+            notes=(f"One torch BatchNorm2d (training mode, float64) fed, at each step, the "
+                   f"concatenation of the {n_workers} workers' batches of {DP_INPUTS}.npz (x_nchw): "
+                   "the statistics a data-parallel run must reproduce with ONE update per step. "
+                   f"torch update: {rule}; the variance fed into running_var is the UNBIASED batch "
+                   f"variance of the global count n = {count} per channel (n/(n-1) times the biased "
+                   "one); initial running_mean 0, running_var 1. Row t holds the state after step t+1."),
+            extra={**common, "feature_axis": 1, "layout": "nchw", "inputs_key": "x_nchw",
+                   "keys": {"mean": "running_mean", "variance": "running_var",
+                            "num_batches": "num_batches_tracked"},
+                   "rtol": DP_TEST_RTOL, "ref_max_rel_err": err},
+        )
+
+    # Keras: one BatchNormalization fed the concatenated channels-last batch --
+    # Keras 3 BatchNormalization.call casts its inputs to
+    # backend.result_type(inputs.dtype, "float32"), which is float32 even for
+    # float64 inputs (JAX-style promotion), so it computes in float32 whatever
+    # the dtype policy: the float64-policy layer below stores float32-rounded
+    # values in float64 variables.  Checked here: a float32-policy layer gives
+    # the very same numbers.
+    name = "dp_keras_bn_m0.9"
+    momentum, eps = 0.9, 1e-3
+    layers = {dt: keras.layers.BatchNormalization(axis=-1, momentum=momentum, epsilon=eps,
+                                                  dtype=dt)
+              for dt in ("float64", "float32")}
+    for lay in layers.values():
+        lay.build((n_workers * n, h, w, c))
+    layer = layers["float64"]
+    init_mean = to_np(layer.moving_mean).copy()
+    init_var = to_np(layer.moving_variance).copy()
+    assert init_mean.dtype == np.float64 and init_var.dtype == np.float64, init_mean.dtype
+    mmean = np.empty((t_steps, c))
+    mvar = np.empty((t_steps, c))
+    for s in range(t_steps):
+        for dt, lay in layers.items():
+            parts = [x_nhwc[s, r].astype(dt) for r in range(n_workers)]
+            batch = keras.ops.concatenate(parts, axis=0)
+            assert tuple(batch.shape) == (n_workers * n, h, w, c)
+            lay(batch, training=True)
+        mmean[s] = to_np(layer.moving_mean)
+        mvar[s] = to_np(layer.moving_variance)
+        assert to_np(layer.moving_mean).dtype == np.float64
+        assert np.array_equal(mmean[s], to_np(layers["float32"].moving_mean))
+        assert np.array_equal(mvar[s], to_np(layers["float32"].moving_variance))
+    assert np.array_equal(mmean.astype(np.float32), mmean)
+    assert np.array_equal(mvar.astype(np.float32), mvar)
+    m64, v64 = init_mean.copy(), init_var.copy()
+    ref_m, ref_v = np.empty_like(mmean), np.empty_like(mvar)
+    for s in range(t_steps):
+        m64 = m64 * momentum + step_mean[s] * (1 - momentum)
+        v64 = v64 * momentum + step_var[s] * (1 - momentum)
+        ref_m[s], ref_v[s] = m64, v64
+    err = max(dp_check(name, mmean, ref_m, "moving_mean", DP_KERAS_RTOL),
+              dp_check(name, mvar, ref_v, "moving_variance", DP_KERAS_RTOL))
+    add_case(
+        name, "keras", "running", {"kind": "batch", "axis": -1, "momentum": momentum,
+                                   "convention": "keras"},
+        {"moving_mean": mmean, "moving_variance": mvar,
+         "num_batches": np.arange(1, t_steps + 1, dtype=np.int64),
+         "init_mean": init_mean, "init_variance": init_var},
+        layer=(f"keras.layers.BatchNormalization(axis=-1, momentum={momentum}, epsilon={eps}, "
+               "dtype='float64')(keras.ops.concatenate([x_nhwc[t, w] for w in "
+               f"range({n_workers})], axis=0), training=True)"),
+        layer_kwargs={"axis": -1, "momentum": momentum, "epsilon": eps, "dtype": "float64"},
+        kind="data_parallel",
+        notes=(f"One Keras BatchNormalization (float64 dtype policy, torch backend) called with "
+               f"training=True on the concatenation of the {n_workers} workers' channels-last "
+               f"batches of {DP_INPUTS}.npz (x_nhwc) each step. Keras update: moving = moving * "
+               "momentum + batch_stat * (1 - momentum) with the BIASED batch variance (Keras "
+               "computes it as E[x^2] - E[x]^2); initial moving_mean 0, "
+               "moving_variance 1. num_batches is not Keras state: it is the step count. Row t "
+               "holds the state after step t+1. PRECISION: Keras 3 BatchNormalization computes "
+               "in float32 even under a float64 policy (it casts inputs to "
+               "result_type(inputs.dtype, 'float32') = float32), so these records are float32 "
+               "computations (the inputs are exact in float32; every recorded value is exactly a "
+               "float32, and a float32-policy layer gives identical numbers) stored as float64: "
+               "compare them with rtol "
+               f"{DP_KERAS_RTOL:g}, not {DP_TEST_RTOL:g}."),
+        extra={**common, "feature_axis": -1, "layout": "nhwc", "inputs_key": "x_nhwc",
+               "compute_dtype": "float32",
+               "keys": {"mean": "moving_mean", "variance": "moving_variance",
+                        "num_batches": "num_batches"},
+               "rtol": DP_KERAS_RTOL, "ref_max_rel_err": err},
+    )
+
+    # cumulative: exact population statistics of everything seen so far -----
+    name = "dp_cumulative"
+    cmean = np.empty((t_steps, c))
+    cvar = np.empty((t_steps, c))
+    ccount = np.empty(t_steps, np.int64)
+    for s in range(t_steps):
+        seen = np.moveaxis(x_nchw[: s + 1], 3, 0).reshape(c, -1)
+        cmean[s], cvar[s], ccount[s] = seen.mean(axis=1), seen.var(axis=1), seen.shape[1]
+    # second, independent route: Chan merge of the per-step moments
+    tot_n, tot_mean, tot_m2 = 0, np.zeros(c), np.zeros(c)
+    ref_m, ref_v = np.empty_like(cmean), np.empty_like(cvar)
+    for s in range(t_steps):
+        nb, mb, m2b = count, step_mean[s], step_var[s] * count
+        new_n = tot_n + nb
+        delta = mb - tot_mean
+        tot_mean = tot_mean + delta * (nb / new_n)
+        tot_m2 = tot_m2 + m2b + delta ** 2 * (tot_n * nb / new_n)
+        tot_n = new_n
+        ref_m[s], ref_v[s] = tot_mean, tot_m2 / tot_n
+    err = max(dp_check(name, cmean, ref_m, "mean"), dp_check(name, cvar, ref_v, "variance"))
+    assert list(ccount) == [count * (s + 1) for s in range(t_steps)]
+    add_case(
+        name, "numpy", "running", {"kind": "batch", "axis": 1, "momentum": None,
+                                   "convention": "cumulative"},
+        {"mean": cmean, "variance": cvar, "count": ccount,
+         "num_batches": np.arange(1, t_steps + 1, dtype=np.int64)},
+        layer="numpy: x_nchw[:t+1] per channel, .mean() and .var() (float64, two-pass)",
+        layer_kwargs={},
+        kind="data_parallel",
+        notes=("The 'cumulative' convention (precise BN): exact population mean and BIASED "
+               f"variance per channel of every sample of every worker up to step t+1 "
+               f"({DP_INPUTS}.npz), count = {count} * (t+1). Computed directly from the samples; "
+               "ref_max_rel_err is its deviation from a Chan merge of the per-step moments. "
+               "Row t holds the state after step t+1."),
+        extra={**common, "framework_version": np.__version__, "feature_axis": 1,
+               "layout": "nchw", "inputs_key": "x_nchw",
+               "keys": {"mean": "mean", "variance": "variance", "num_batches": "num_batches",
+                        "count": "count"},
+               "rtol": DP_TEST_RTOL, "ref_max_rel_err": err},
+    )
+
+
+# --------------------------------------------------------------------------
 def main() -> None:
     GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
     for old in GOLDEN_DIR.glob("*.npz"):
@@ -624,6 +892,9 @@ def main() -> None:
     torch_rms_norm("torch_rms_norm_eps_default", 206, (3, 5, 7), (5, 7), None)
     torch_running("torch_bn2d_running_m0.1", 241, 0.1)
     torch_running("torch_bn2d_running_cma", 242, None)
+
+    # c) data parallel: W workers, one update per step (float64)
+    data_parallel(301)
 
     index = {
         "description": "Golden reference cases for normsvc (see scripts/make_golden.py).",

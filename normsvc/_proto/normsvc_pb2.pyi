@@ -110,7 +110,7 @@ class LayerConfig(_message.Message):
     def __init__(self, kind: _Optional[_Union[LayerKind, str]] = ..., axis: _Optional[_Iterable[int]] = ..., groups: _Optional[int] = ..., epsilon: _Optional[float] = ..., momentum: _Optional[float] = ..., convention: _Optional[_Union[Convention, str]] = ..., center: _Optional[bool] = ..., scale: _Optional[bool] = ..., num_features: _Optional[_Iterable[int]] = ..., cumulative_average: _Optional[bool] = ...) -> None: ...
 
 class RunningStats(_message.Message):
-    __slots__ = ("mean", "variance", "count", "num_batches", "version", "frozen", "updated_at")
+    __slots__ = ("mean", "variance", "count", "num_batches", "version", "frozen", "updated_at", "run", "last_step")
     MEAN_FIELD_NUMBER: _ClassVar[int]
     VARIANCE_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,8 @@ class RunningStats(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     mean: Tensor
     variance: Tensor
     count: float
@@ -125,7 +127,9 @@ class RunningStats(_message.Message):
     version: int
     frozen: bool
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., count: _Optional[float] = ..., num_batches: _Optional[int] = ..., version: _Optional[int] = ..., frozen: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    run: str
+    last_step: int
+    def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., count: _Optional[float] = ..., num_batches: _Optional[int] = ..., version: _Optional[int] = ..., frozen: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run: _Optional[str] = ..., last_step: _Optional[int] = ...) -> None: ...
 
 class Layer(_message.Message):
     __slots__ = ("name", "config", "stats")
@@ -224,12 +228,20 @@ class ResetStatsResponse(_message.Message):
     def __init__(self, stats: _Optional[_Union[RunningStats, _Mapping]] = ...) -> None: ...
 
 class UpdateStatsRequest(_message.Message):
-    __slots__ = ("updates", "request_id")
+    __slots__ = ("updates", "request_id", "step", "rank", "world_size", "run")
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     updates: _containers.RepeatedCompositeFieldContainer[LayerMoments]
     request_id: str
-    def __init__(self, updates: _Optional[_Iterable[_Union[LayerMoments, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    step: int
+    rank: int
+    world_size: int
+    run: str
+    def __init__(self, updates: _Optional[_Iterable[_Union[LayerMoments, _Mapping]]] = ..., request_id: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., run: _Optional[str] = ...) -> None: ...
 
 class UpdateStatsResponse(_message.Message):
     __slots__ = ("stats",)
@@ -238,20 +250,22 @@ class UpdateStatsResponse(_message.Message):
     def __init__(self, stats: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ...) -> None: ...
 
 class AllReduceMomentsRequest(_message.Message):
-    __slots__ = ("group", "step", "rank", "world_size", "moments", "update_stats")
+    __slots__ = ("group", "step", "rank", "world_size", "moments", "update_stats", "run")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     MOMENTS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_STATS_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     group: str
     step: int
     rank: int
     world_size: int
     moments: _containers.RepeatedCompositeFieldContainer[LayerMoments]
     update_stats: bool
-    def __init__(self, group: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., moments: _Optional[_Iterable[_Union[LayerMoments, _Mapping]]] = ..., update_stats: _Optional[bool] = ...) -> None: ...
+    run: str
+    def __init__(self, group: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., moments: _Optional[_Iterable[_Union[LayerMoments, _Mapping]]] = ..., update_stats: _Optional[bool] = ..., run: _Optional[str] = ...) -> None: ...
 
 class AllReduceMomentsResponse(_message.Message):
     __slots__ = ("global_moments", "stats")
@@ -382,14 +396,18 @@ class UnfreezeResponse(_message.Message):
     def __init__(self, stats: _Optional[_Union[RunningStats, _Mapping]] = ...) -> None: ...
 
 class ExportStatsRequest(_message.Message):
-    __slots__ = ("names", "naming", "dtype")
+    __slots__ = ("names", "naming", "dtype", "prefix", "strip_prefix")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     NAMING_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    STRIP_PREFIX_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     naming: Naming
     dtype: DType
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., naming: _Optional[_Union[Naming, str]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    prefix: str
+    strip_prefix: str
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., naming: _Optional[_Union[Naming, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., prefix: _Optional[str] = ..., strip_prefix: _Optional[str] = ...) -> None: ...
 
 class ExportStatsResponse(_message.Message):
     __slots__ = ("safetensors", "layers")
@@ -400,14 +418,16 @@ class ExportStatsResponse(_message.Message):
     def __init__(self, safetensors: _Optional[bytes] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImportStatsRequest(_message.Message):
-    __slots__ = ("safetensors", "naming", "names")
+    __slots__ = ("safetensors", "naming", "names", "add_prefix")
     SAFETENSORS_FIELD_NUMBER: _ClassVar[int]
     NAMING_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
+    ADD_PREFIX_FIELD_NUMBER: _ClassVar[int]
     safetensors: bytes
     naming: Naming
     names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, safetensors: _Optional[bytes] = ..., naming: _Optional[_Union[Naming, str]] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+    add_prefix: str
+    def __init__(self, safetensors: _Optional[bytes] = ..., naming: _Optional[_Union[Naming, str]] = ..., names: _Optional[_Iterable[str]] = ..., add_prefix: _Optional[str] = ...) -> None: ...
 
 class ImportStatsResponse(_message.Message):
     __slots__ = ("layers",)

@@ -96,15 +96,21 @@ class ClientApi:
         """Delete a layer and its statistics; LayerNotFound if absent."""
         return self.execute(operations.delete_layer(name))
 
-    def update_many(self, updates: Mapping, *, request_id: str | None = None) -> dict[str, RunningStats]:
+    def update_many(self, updates: Mapping, *, request_id: str | None = None, step: int | None = None,
+                    rank: int | None = None, world_size: int | None = None,
+                    run: str | None = None) -> dict[str, RunningStats]:
         """Push one batch's moments to several layers in one all-or-nothing call.
 
+        With ``step``, ``rank`` and ``world_size`` (and ``run``, default
+        :func:`normsvc.config.default_run` of this process) the moments are
+        this rank's contribution to a data-parallel training step, applied
+        once all ranks' are in; see :meth:`normsvc.store.Store.update_many`.
         Returns layer name -> its RunningStats after the call.
         """
-        return self.execute(operations.update_many(updates, request_id))
+        return self.execute(operations.update_many(updates, request_id, step, rank, world_size, run))
 
     def allreduce(self, moments: Mapping, *, step: int, rank: int, world_size: int, group: str = "",
-                  update_stats: bool = True, timeout=DEFAULT) -> AllReduceResult:
+                  update_stats: bool = True, timeout=DEFAULT, run: str | None = None) -> AllReduceResult:
         """Synchronized batch statistics (SyncBatchNorm without NCCL).
 
         Each of ``world_size`` ranks calls this with its own batch moments for
@@ -112,13 +118,27 @@ class ClientApi:
         data merged, and (``update_stats``) the running statistics take one
         update per step.  A rank that never comes fails the others with
         DeadlineExceeded at their deadline (``timeout``, default the client's).
+        The running statistics take the step as step ``step`` of ``run``
+        (default :func:`normsvc.config.default_run`): a step that run has
+        already applied is refused (FailedPrecondition), never skipped.
         """
-        return self.execute(operations.allreduce(moments, step, rank, world_size, group, update_stats, timeout))
+        return self.execute(operations.allreduce(moments, step, rank, world_size, group, update_stats, timeout,
+                                                 run))
 
-    def export(self, path, layers=None, naming: str = "keras", *, dtype: str = "float64") -> list[str]:
-        """Write running statistics to a local safetensors file (Keras or PyTorch names)."""
-        return self.execute(operations.export(path, layers, naming, dtype))
+    def export(self, path, layers=None, naming: str = "keras", *, prefix: str | None = None,
+               strip_prefix: str | bool | None = None, dtype: str = "float64") -> list[str]:
+        """Write running statistics to a local safetensors file (Keras or PyTorch names).
 
-    def import_(self, path, naming: str = "keras", *, layers=None) -> list[str]:
-        """Load running statistics from a local safetensors file into the server's store."""
-        return self.execute(operations.import_(path, naming, layers))
+        Arguments and result as :meth:`normsvc.store.Store.export`: ``layers``
+        or every layer under ``prefix``, named in the file without
+        ``strip_prefix`` (True: the prefix); returns the store's names.
+        """
+        return self.execute(operations.export(path, layers, naming, dtype, prefix, strip_prefix))
+
+    def import_(self, path, naming: str = "keras", *, layers=None, add_prefix: str | None = None) -> list[str]:
+        """Load running statistics from a local safetensors file into the server's store.
+
+        As :meth:`normsvc.store.Store.import_`: ``layers`` as the file names
+        them, each written to ``add_prefix + name``; returns the store's names.
+        """
+        return self.execute(operations.import_(path, naming, layers, add_prefix))

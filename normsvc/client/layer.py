@@ -40,9 +40,12 @@ class RemoteLayer:
         """The current running statistics."""
         return self._client.execute(operations.stats(self.name))
 
-    def update(self, moments: Moments, *, request_id: str | None = None) -> RunningStats:
-        """Fold one batch's moments into the running statistics; see :meth:`normsvc.store.Layer.update`."""
-        return self._client.execute(operations.update(self.name, moments, request_id))
+    def update(self, moments: Moments, *, request_id: str | None = None, step: int | None = None,
+               rank: int | None = None, world_size: int | None = None, run: str | None = None) -> RunningStats:
+        """Fold one batch's moments into the running statistics, or contribute them to a training step;
+        see :meth:`normsvc.store.Layer.update`."""
+        return self._client.execute(operations.update(self.name, moments, request_id, step=step, rank=rank,
+                                                      world_size=world_size, run=run))
 
     def freeze(self, *, request_id: str | None = None) -> RunningStats:
         """Stop updates; normalize with the running statistics."""

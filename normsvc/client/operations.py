@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import prefixes
 from .._proto import normsvc_pb2 as pb
 from ..errors import InvalidArgument, InvalidType
-from ..config import DEFAULT, make_config
+from ..config import DEFAULT, default_run, make_config
 from ..wire import framing
 from ..wire.messages import (
     config_from_pb,
@@ -198,18 +199,41 @@ def delete_layer(name):
 # --- statistics --------------------------------------------------------------------
 
 
-def update_many(updates, request_id):
+def update_many(updates, request_id, step=None, rank=None, world_size=None, run=None):
     if not _mapping(updates, "updates"):
         return {}  # nothing to send
     request = pb.UpdateStatsRequest(request_id=new_request_id(request_id))
+    _step_fields(request, step, rank, world_size, run)
     for name, moments in updates.items():
         moments_to_pb(name, moments, request.updates.add())
     response = yield Call("UpdateStats", request)
     return {entry.layer: stats_from_pb(entry.stats) for entry in response.stats}
 
 
-def update(name, moments, request_id):
-    return (yield from update_many({name: moments}, request_id))[name]
+def update(name, moments, request_id, **step):
+    return (yield from update_many({name: moments}, request_id, **step))[name]
+
+
+def _int_field(value, field: str):
+    """An int argument for an int64 field; the server checks its range (as the Store does)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidArgument(f"{field}={value!r}: expected an int", field=field)
+    return int(value)
+
+
+def _step_fields(request, step, rank, world_size, run) -> None:
+    """A step contribution's fields; the run defaults to this process's (``default_run``)."""
+    if step is not None:
+        request.step = _int_field(step, "step")
+        run = default_run() if run is None else run
+    if rank is not None:
+        request.rank = _int_field(rank, "rank")
+    if world_size is not None:
+        request.world_size = _int_field(world_size, "world_size")
+    if run is not None:
+        if not isinstance(run, str):
+            raise InvalidArgument(f"run={run!r}: expected a string", field="run")
+        request.run = run
 
 
 def set_state(method, name, request_id):
@@ -219,14 +243,14 @@ def set_state(method, name, request_id):
     return stats_from_pb(response.stats)
 
 
-def allreduce(moments, step, rank, world_size, group, update_stats, timeout):
+def allreduce(moments, step, rank, world_size, group, update_stats, timeout, run=None):
     _mapping(moments, "moments")
     request = pb.AllReduceMomentsRequest(group=group, step=step, rank=rank, world_size=world_size,
-                                         update_stats=bool(update_stats))
+                                         update_stats=bool(update_stats), run=default_run() if run is None else run)
     for name, m in moments.items():
         moments_to_pb(name, m, request.moments.add())
     response = yield Call("AllReduceMoments", request, timeout=timeout)
-    merged = {e.layer: decode_moments(e.moments, field=f"global_moments[{e.layer}]")
+    merged = {e.layer: decode_moments(e.moments, field=f"global_moments[{e.layer}]", owned=True)
               for e in response.global_moments}
     return AllReduceResult(merged, {e.layer: stats_from_pb(e.stats) for e in response.stats})
 
@@ -254,7 +278,7 @@ def normalize(name, x, *, training, update, gamma, beta, request_id, max_message
         y, moments = yield from _normalize_stream(fields, x, max_message_bytes)
     if not return_moments:
         return y
-    return y, (decode_moments(moments, field="batch_moments") if moments is not None else None)
+    return y, (decode_moments(moments, field="batch_moments", owned=True) if moments is not None else None)
 
 
 def _normalize_unary(fields: dict, x: np.ndarray):
@@ -287,16 +311,18 @@ def _normalize_stream(fields: dict, x: np.ndarray, max_message_bytes: int):
 # --- export and import -------------------------------------------------------------
 
 
-def export(path, layers, naming, dtype):
+def export(path, layers, naming, dtype, prefix=None, strip_prefix=None):
+    prefix, strip = prefixes.export_prefixes(layers, prefix, strip_prefix)
     request = pb.ExportStatsRequest(names=layer_names(layers), naming=naming_code(naming),
-                                    dtype=export_dtype_code(dtype))
+                                    dtype=export_dtype_code(dtype), prefix=prefix, strip_prefix=strip)
     response = yield Call("ExportStats", request)
     _write_atomically(path, response.safetensors)
     return list(response.layers)
 
 
-def import_(path, naming, layers):
-    request = pb.ImportStatsRequest(naming=naming_code(naming), names=layer_names(layers))
+def import_(path, naming, layers, add_prefix=None):
+    request = pb.ImportStatsRequest(naming=naming_code(naming), names=layer_names(layers),
+                                    add_prefix=prefixes.text(add_prefix, "add_prefix"))
     try:
         with open(path, "rb") as f:
             request.safetensors = f.read()

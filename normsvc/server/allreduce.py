@@ -1,7 +1,7 @@
 """The rendezvous behind AllReduceMoments: synchronized batch statistics.
 
 ``world_size`` trainers call :meth:`Rendezvous.join` with the same
-``(group, step)``, each with its rank and its per-layer batch moments.  When
+``((run, group), step)``, each with its rank and its per-layer batch moments.  When
 the last rank arrives it merges all contributions (Chan's formula, in rank
 order, so every run gives the same bits), runs ``reduce`` once (the servicer
 passes a store update, so the running statistics take exactly one update per
@@ -20,7 +20,7 @@ Failure modes, each cleaning up what it leaves behind:
 * ``reduce`` raising (say, a frozen layer): every rank gets that error.
 
 Completed steps are remembered (the last ``remember`` of them) only to reject
-latecomers; a new run should use a new ``group``.
+latecomers; a new run uses a new ``run``.
 """
 
 from __future__ import annotations
@@ -60,12 +60,12 @@ def _listed(options) -> str:
 
 
 def _describe(key) -> str:
-    group, step = key
-    return f"step {step} of group {group!r}" if group else f"step {step}"
+    (run, group), step = key
+    return f"step {step}" + (f" of group {group!r}" if group else "") + (f" of run {run!r}" if run else "")
 
 
 class Rendezvous:
-    """Meeting point of the ranks of each ``(group, step)``.
+    """Meeting point of the ranks of each ``((run, group), step)``.
 
     Parameters
     ----------
@@ -95,10 +95,12 @@ class Rendezvous:
         with self._lock:
             return {key: sorted(s.arrived) for key, s in self._pending.items()}
 
-    def join(self, group: str, step: int, rank: int, world_size: int, moments: dict, *,
+    def join(self, group: tuple, step: int, rank: int, world_size: int, moments: dict, *,
              reduce: Callable[[dict], Any], timeout: float | None = None,
              is_active: Callable[[], bool] = lambda: True, options: tuple = ()):
         """Contribute ``moments`` ({layer: Moments}) and wait for the others.
+
+        ``group`` is ``(run, group)``: steps of different runs or groups never meet.
 
         Returns ``(merged, reduce(merged))`` where ``merged`` is {layer: Moments}
         in the order of this caller's ``moments``.  ``options`` must be equal
@@ -113,7 +115,7 @@ class Rendezvous:
             if key in self._completed:
                 raise AlreadyExists(
                     f"{_describe(key)} already completed with all ranks: rank {rank} is a duplicate "
-                    "(expected each rank once per step; use a new group for a new run)",
+                    "(expected each rank once per step; use a new run to start over)",
                     field="rank", reason="DUPLICATE_RANK",
                 )
             st = self._pending.get(key)

@@ -21,10 +21,11 @@ admin  + DeleteLayer, Freeze, Unfreeze, ImportStats
 Clients send ``authorization: Bearer <token>``.  No or an unknown token is
 UNAUTHENTICATED; a token whose role is too low or whose prefixes do not cover
 every layer the request names is PERMISSION_DENIED.  Requests that name no
-layer (ListLayers by prefix, ExportStats of everything, ImportStats) need the
-request's prefix to lie under one of the token's prefixes; ImportStats and
-ExportStats without names need a token for every layer (prefix "").  The
-health and reflection services stay open.
+layer (ListLayers, ExportStats and ImportStats without names) need the
+request's prefix to lie under one of the token's prefixes: ExportStats's
+``prefix``, ImportStats's ``add_prefix`` (the layers an import writes are
+``add_prefix`` + the names in the file); without one they need a token for
+every layer (prefix "").  The health and reflection services stay open.
 """
 
 from __future__ import annotations
@@ -155,8 +156,9 @@ RULES = {
     ),
     "Freeze": ("admin", _name("name")),
     "Unfreeze": ("admin", _name("name")),
-    "ExportStats": ("read", lambda r: list(r.names) if r.names else _Prefix(lambda _: "")),
-    "ImportStats": ("admin", lambda r: list(r.names) if r.names else _Prefix(lambda _: "")),
+    "ExportStats": ("read", lambda r: list(r.names) if r.names else _Prefix(lambda r: r.prefix)),
+    "ImportStats": ("admin", lambda r: [r.add_prefix + n for n in r.names] if r.names
+                    else _Prefix(lambda r: r.add_prefix)),
 }
 
 

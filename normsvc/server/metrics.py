@@ -8,10 +8,14 @@ normsvc_rpc_latency_seconds            histogram  method
 normsvc_rpc_in_flight                  gauge      method
 normsvc_layer_updates_total            counter    layer, rpc
 normsvc_allreduce_steps_total          counter    outcome
+normsvc_steps_closed_incomplete_total  counter
 =====================================  =========  =======================
 
 ``normsvc_layer_updates_total`` counts running-statistics updates per layer
-(one per layer per UpdateStats / AllReduceMoments step / Normalize with update).
+(one per layer per UpdateStats / AllReduceMoments step / Normalize with update;
+a step contribution counts when its step is applied).
+``normsvc_steps_closed_incomplete_total`` counts (layer, step) pairs closed
+before all their ranks came (see :mod:`normsvc.store.steps`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ class Metrics:
         self.allreduce_steps = Counter(
             "normsvc_allreduce_steps", "AllReduceMoments steps by outcome (completed, timed_out, failed)",
             ["outcome"], registry=self.registry,
+        )
+        self.steps_closed_incomplete = Counter(
+            "normsvc_steps_closed_incomplete", "Training steps of a layer closed before all their ranks came",
+            registry=self.registry,
         )
         self._http = None
 

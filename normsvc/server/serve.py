@@ -28,6 +28,7 @@ from .._proto import normsvc_pb2 as pb
 from .._proto import normsvc_pb2_grpc as pb_grpc
 from ..errors import InvalidArgument
 from ..store import Store
+from ..store.steps import DEFAULT_LAG
 from . import auth, reflection
 from .allreduce import Rendezvous
 from .decoding import tolerant
@@ -188,6 +189,7 @@ def serve(
     limits: Limits | None = None,
     allreduce_max_wait: float = 300.0,
     watch_poll: float = 2.0,
+    step_lag: int = DEFAULT_LAG,
 ) -> Server:
     """Start a server and return its :class:`Server` handle.
 
@@ -222,14 +224,12 @@ def serve(
         Longest an AllReduceMoments rank waits for the others when its call has no deadline.
     watch_poll : float
         How often WatchLayer streams poll the store for versions made by other processes.
+    step_lag : int
+        A training step still open when a contribution this many steps ahead
+        arrives is closed and applied with what arrived (see UpdateStats);
+        only for a store given by URL (an open Store keeps its own).
     """
-    limits = limits or Limits()
-    if max_message_mb is not None:
-        if max_message_mb <= 0:
-            raise InvalidArgument(f"max_message_mb={max_message_mb}: expected a positive number")
-        limits = Limits(**{**limits.__dict__, "max_message_mb": max_message_mb})
-    if limits.stream_chunk_bytes > limits.max_message_bytes - 1024:
-        limits = Limits(**{**limits.__dict__, "stream_chunk_bytes": max(limits.max_message_bytes // 2, 1)})
+    limits = _limits(limits, max_message_mb)
     if (tls_cert is None) != (tls_key is None):
         raise InvalidArgument("tls_cert and tls_key go together: pass both to serve TLS, or neither")
     if tls_client_ca is not None and tls_cert is None:
@@ -239,8 +239,9 @@ def serve(
     device = resolve_device(device)
 
     owns_store = isinstance(store, str)
-    store = Store.open(store) if owns_store else store
+    store = Store.open(store, step_lag=step_lag) if owns_store else store
     metrics = Metrics()
+    store.on_incomplete = lambda layer, run, step, ranks, world_size: metrics.steps_closed_incomplete.inc()
     try:
         hub = WatchHub()
         rendezvous = Rendezvous(
@@ -249,38 +250,9 @@ def serve(
         )
         servicer = NormServicer(store, limits=limits, hub=hub, rendezvous=rendezvous, metrics=metrics,
                                 watch_poll=watch_poll, device=device)
-        interceptors = [MetricsInterceptor(metrics), ErrorInterceptor()]
-        if tokens is not None:
-            interceptors.append(AuthInterceptor(tokens))
-        options = [
-            ("grpc.max_send_message_length", limits.max_message_bytes),
-            ("grpc.max_receive_message_length", limits.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="normsvc"),
-            interceptors=interceptors,
-            options=options,
-        )
-        _add_service(servicer, server)
-        health_servicer = health.HealthServicer(experimental_non_blocking=True)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
-            server,
-        )
+        server, health_servicer = _grpc_server(servicer, metrics, tokens, limits, workers)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if tls_cert is not None:
-            credentials = grpc.ssl_server_credentials(
-                [(_read(tls_key), _read(tls_cert))],
-                root_certificates=_read(tls_client_ca) if tls_client_ca is not None else None,
-                require_client_auth=tls_client_ca is not None,
-            )
-            bound = server.add_secure_port(target, credentials)
-        else:
-            bound = server.add_insecure_port(target)
-        if not bound:
-            raise OSError(f"could not listen on {target}")
+        bound = _listen(server, target, tls_cert, tls_key, tls_client_ca)
         server.start()
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -294,5 +266,59 @@ def serve(
     log.info("serving %s on %s (tls=%s, auth=%s, device=%s, store=%s)", SERVICE_NAME, target.rsplit(":", 1)[0] +
              f":{bound}", tls, "tokens" if tokens is not None else "off", device, getattr(store, "url", store))
     return Server(server, port=bound, host=host, store=store, owns_store=owns_store,
-                  health_servicer=health_servicer, hub=hub, rendezvous=rendezvous, metrics=metrics, metrics_port=bound_metrics,
-                  device=device, tls=tls)
+                  health_servicer=health_servicer, hub=hub, rendezvous=rendezvous, metrics=metrics,
+                  metrics_port=bound_metrics, device=device, tls=tls)
+
+
+def _limits(limits: Limits | None, max_message_mb) -> Limits:
+    """The request limits, with ``max_message_mb`` applied and stream chunks that fit a message."""
+    limits = limits or Limits()
+    if max_message_mb is not None:
+        if max_message_mb <= 0:
+            raise InvalidArgument(f"max_message_mb={max_message_mb}: expected a positive number",
+                                  field="max_message_mb")
+        limits = Limits(**{**limits.__dict__, "max_message_mb": max_message_mb})
+    if limits.stream_chunk_bytes > limits.max_message_bytes - 1024:
+        limits = Limits(**{**limits.__dict__, "stream_chunk_bytes": max(limits.max_message_bytes // 2, 1)})
+    return limits
+
+
+def _grpc_server(servicer, metrics, tokens, limits: Limits, workers: int):
+    """The grpc server with NormService, health and reflection registered (not yet listening)."""
+    interceptors = [MetricsInterceptor(metrics), ErrorInterceptor()]
+    if tokens is not None:
+        interceptors.append(AuthInterceptor(tokens))
+    options = [
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="normsvc"),
+        interceptors=interceptors,
+        options=options,
+    )
+    _add_service(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+        server,
+    )
+    return server, health_servicer
+
+
+def _listen(server, target: str, tls_cert, tls_key, tls_client_ca) -> int:
+    """Add the (TLS or plaintext) port; returns the port bound."""
+    if tls_cert is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(_read(tls_key), _read(tls_cert))],
+            root_certificates=_read(tls_client_ca) if tls_client_ca is not None else None,
+            require_client_auth=tls_client_ca is not None,
+        )
+        bound = server.add_secure_port(target, credentials)
+    else:
+        bound = server.add_insecure_port(target)
+    if not bound:
+        raise OSError(f"could not listen on {target}")
+    return bound

@@ -83,6 +83,13 @@ def _stream_fields():
         raise
 
 
+def _step_key(request) -> dict:
+    """update_many's step arguments from an UpdateStatsRequest (the store checks them)."""
+    if request.HasField("step"):
+        return {"step": request.step, "rank": request.rank, "world_size": request.world_size, "run": request.run}
+    return {"rank": request.rank or None, "world_size": request.world_size or None, "run": request.run or None}
+
+
 def _with_results(message, moments, stats):
     """A Normalize answer with its batch moments and new running statistics, where there are any."""
     if moments is not None:
@@ -219,9 +226,13 @@ class NormServicer(pb_grpc.NormServiceServicer):
 
     def UpdateStats(self, request, context):
         updates = self._moments(request.updates, "updates")
+        step = _step_key(request)
         with _field_paths(request.updates, "updates"):
-            stats = self.store.update_many(updates, request_id=request.request_id or None)
-        self._published("UpdateStats", stats)
+            stats = self.store.update_many(updates, request_id=request.request_id or None, **step)
+        # a contribution updates the statistics when its step is applied
+        applied = not request.HasField("step") or all(
+            s.last_step is not None and s.last_step >= request.step for s in stats.values())
+        self._published("UpdateStats", stats, updates=applied)
         response = pb.UpdateStatsResponse()
         for name in updates:
             entry = response.stats.add(layer=name)
@@ -240,7 +251,8 @@ class NormServicer(pb_grpc.NormServiceServicer):
         def reduce(merged):
             if not update:
                 return {}
-            stats = self.store.update_many(merged, request_id=f"allreduce/{step}/{group}")
+            # one contribution of world size 1: a step the run already applied is refused, never skipped
+            stats = self.store.update_many(merged, step=step, rank=0, world_size=1, run=request.run)
             self._published("AllReduceMoments", stats)
             return stats
 
@@ -248,7 +260,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
         timeout = None if remaining is None else remaining - DEADLINE_MARGIN
         with _field_paths(request.moments, "moments"):
             merged, stats = self.rendezvous.join(
-                group, step, request.rank, request.world_size, moments,
+                (request.run, group), step, request.rank, request.world_size, moments,
                 reduce=reduce, timeout=timeout, is_active=context.is_active, options=(update,),
             )
         response = pb.AllReduceMomentsResponse()
@@ -345,7 +357,8 @@ class NormServicer(pb_grpc.NormServiceServicer):
         _names(request.names, "names")
         with tempfile.TemporaryDirectory(prefix="normsvc-export-") as tmp:
             path = os.path.join(tmp, "stats.safetensors")
-            layers = self.store.export(path, layers=list(request.names) or None, naming=naming, dtype=dtype)
+            layers = self.store.export(path, layers=list(request.names) or None, naming=naming,
+                                       prefix=request.prefix, strip_prefix=request.strip_prefix, dtype=dtype)
             with open(path, "rb") as f:
                 data = f.read()
         return pb.ExportStatsResponse(safetensors=data, layers=layers)
@@ -358,7 +371,8 @@ class NormServicer(pb_grpc.NormServiceServicer):
             with open(path, "wb") as f:
                 f.write(request.safetensors)
             try:
-                layers = self.store.import_(path, naming=naming, layers=list(request.names) or None)
+                layers = self.store.import_(path, naming=naming, layers=list(request.names) or None,
+                                            add_prefix=request.add_prefix)
             except NormsvcError as exc:
                 # the store speaks of a file at a path; the caller sent bytes, and the path is the server's
                 exc.message = exc.message.replace(repr(path), "the file").replace(path, "the file")

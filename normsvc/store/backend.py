@@ -17,8 +17,11 @@ makes one read-modify-write atomic.  The contract every backend honours:
   with their first statistics, or no trace of them); a name missing from
   ``create`` too raises LayerNotFound and nothing is written.
 * A layer that already applied ``request_id`` is skipped (``fn`` is not
-  called, its current record is returned); each layer remembers the request
-  ids of its last ``request_window`` versions, written in the same atomic
+  called, its current record is returned) when the request's ``digest``
+  (its content) is the one remembered with the id; with another digest the
+  call raises :func:`reused` and nothing is written.  Each layer remembers
+  the request ids (with digests) of its last ``request_window`` versions,
+  since its last reset (``record.steps.origin``), written in the same atomic
   step as the record.
 * ``insert(record)`` stores a new layer unless the name exists, and returns
   what is stored (either way), atomically.
@@ -39,10 +42,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from ..errors import InvalidArgument, LayerNotFound
+from ..errors import AlreadyExists, InvalidArgument, LayerNotFound
 from .records import Record
 
-__all__ = ["Backend", "BACKENDS", "REQUEST_WINDOW", "open_backend", "not_found"]
+__all__ = ["Backend", "BACKENDS", "REQUEST_WINDOW", "open_backend", "not_found", "is_retry", "oldest_remembered"]
 
 #: Request ids a layer remembers: those of its last this-many versions.
 REQUEST_WINDOW = 1024
@@ -57,6 +60,27 @@ BACKENDS = {
 def not_found(name: str) -> LayerNotFound:
     """The error for a layer that does not exist."""
     return LayerNotFound(f"no layer named {name!r}: expected an existing layer (create it first)", layer=name)
+
+
+def oldest_remembered(record: Record, window: int) -> int:
+    """The lowest version whose request ids the layer still remembers: the last ``window``
+    versions, none from before its last reset (the reset's own id is remembered)."""
+    return max(record.stats.version - window + 1, record.steps.origin)
+
+
+def is_retry(name: str, request_id: str, remembered: bytes | None, digest: bytes | None) -> bool:
+    """Whether a request whose id the layer remembers (with ``remembered``) is a retry.
+
+    True when the contents agree (or either digest is unknown: ids remembered
+    by an older normsvc); AlreadyExists ``REQUEST_ID_REUSED`` when they differ.
+    """
+    if remembered is None or digest is None or bytes(remembered) == digest:
+        return True
+    raise AlreadyExists(
+        f"request_id {request_id!r} was used for another request to layer {name!r}: a request id is an "
+        "idempotency key bound to its content; expected the same content again (a retry) or a new id",
+        layer=name, field="request_id", reason="REQUEST_ID_REUSED",
+    )
 
 
 class Backend(ABC):
@@ -92,6 +116,7 @@ class Backend(ABC):
         fn: Callable[[Record], Record | None],
         request_id: str | None,
         create: Mapping[str, Record] | None = None,
+        digest: bytes | None = None,
     ) -> dict[str, Record]:
         """Atomic read-modify-write of several layers; returns each layer's record afterwards.
 

@@ -46,6 +46,7 @@ class Layer:
     """
 
     def __init__(self, store: Store, name: str):
+        self._store = store
         self._backend = store.backend
         self.name = name
 
@@ -64,33 +65,41 @@ class Layer:
 
     def stats(self) -> RunningStats:
         """The current running statistics."""
-        return self._backend.require(self.name).stats
+        return self._backend.require(self.name).report()
 
-    def update(self, moments: Moments, *, request_id: str | None = None) -> RunningStats:
+    def update(self, moments: Moments, *, request_id: str | None = None, step: int | None = None,
+               rank: int | None = None, world_size: int | None = None, run: str | None = None) -> RunningStats:
         """Fold one batch's moments into the running statistics; returns the new statistics.
 
         ``moments`` are what the ops return for this kind (see
         :mod:`normsvc.config`).  Raises FrozenLayer on a frozen layer and
         InvalidArgument for NaN/Inf, negative counts or m2, or a shape other
         than the layer's; nothing changes then.  A repeated ``request_id``
-        changes nothing and returns the current statistics.
+        with the same moments changes nothing and returns the current
+        statistics.  With ``step``, ``rank`` and ``world_size`` (and ``run``)
+        the moments are one rank's contribution to a data-parallel training
+        step, applied once every rank's is in: see :meth:`Store.update_many`.
         """
-        return self._mutate(mutations.update(moments, time.time()), request_id)
+        return self._store.update_many({self.name: moments}, request_id=request_id, step=step, rank=rank,
+                                       world_size=world_size, run=run)[self.name]
 
     def freeze(self, *, request_id: str | None = None) -> RunningStats:
         """Stop updates; normalize with the running statistics (no-op if already frozen)."""
-        return self._mutate(mutations.set_frozen(True, time.time()), request_id)
+        return self._mutate(mutations.set_frozen(True, time.time()), request_id, "freeze")
 
     def unfreeze(self, *, request_id: str | None = None) -> RunningStats:
         """Accept updates again (no-op if not frozen)."""
-        return self._mutate(mutations.set_frozen(False, time.time()), request_id)
+        return self._mutate(mutations.set_frozen(False, time.time()), request_id, "unfreeze")
 
     def reset(self, *, request_id: str | None = None) -> RunningStats:
         """Back to the initial statistics (keras/torch: mean 0, variance 1; cumulative: empty).
 
-        Keeps the config, the learned shape and the frozen flag.
+        Keeps the config, the learned shape and the frozen flag.  Step
+        contributions start fresh (no run, nothing pending) and request ids
+        from before are forgotten, so a rerun is applied, never taken for a
+        retry.
         """
-        return self._mutate(mutations.reset(time.time()), request_id)
+        return self._mutate(mutations.reset(time.time()), request_id, "reset")
 
     def normalize(self, x, *, training: bool, update: bool = True, gamma=None, beta=None,
                   request_id: str | None = None, return_moments: bool = False, device: str = "auto"):
@@ -149,9 +158,10 @@ class Layer:
 
     # --- helpers ----------------------------------------------------------
 
-    def _mutate(self, fn, request_id) -> RunningStats:
-        out = self._backend.mutate([self.name], fn, validation.request_id(request_id))
-        return out[self.name].stats
+    def _mutate(self, fn, request_id, what: str) -> RunningStats:
+        out = self._backend.mutate([self.name], fn, validation.request_id(request_id),
+                                   digest=validation.request_digest(what, None, {}))
+        return out[self.name].report()
 
     def _call(self, cfg: LayerConfig, x, running: RunningStats | None = None, **kwargs):
         """``ops.norm`` of this layer's kind on ``x``; its errors name this layer.

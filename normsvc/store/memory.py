@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from collections import deque
 from urllib.parse import parse_qsl, urlsplit
 
-from ..running import RunningStats
-from .backend import REQUEST_WINDOW, Backend, not_found
+from .backend import REQUEST_WINDOW, Backend, is_retry, not_found, oldest_remembered
 from ..errors import InvalidArgument
 from .records import Record
 
@@ -17,8 +17,7 @@ __all__ = ["MemoryBackend"]
 def _copy(record: Record) -> Record:
     """Records handed out own their arrays, so callers cannot edit the stored state."""
     s = record.stats
-    stats = RunningStats(s.mean.copy(), s.variance.copy(), s.count, s.num_batches, s.version, s.frozen, s.updated_at)
-    return Record(record.name, record.config, stats)
+    return replace(record, stats=replace(s, mean=s.mean.copy(), variance=s.variance.copy()))
 
 
 class MemoryBackend(Backend):
@@ -28,7 +27,7 @@ class MemoryBackend(Backend):
         self.request_window = int(request_window)
         self._lock = threading.Lock()
         self._records: dict[str, Record] = {}
-        # Per layer: (version, request id) in order of application, and id -> version;
+        # Per layer: (version, request id) in order of application, and id -> (version, digest);
         # ids older than the last request_window versions are forgotten.
         self._seen: dict[str, tuple[deque, dict]] = {}
 
@@ -67,9 +66,12 @@ class MemoryBackend(Backend):
             self._seen.pop(name, None)
             return self._records.pop(name, None) is not None
 
-    def _remembered(self, name: str, request_id: str) -> bool:
-        version = self._seen[name][1].get(request_id)
-        return version is not None and version > self._records[name].stats.version - self.request_window
+    def _remembered(self, name: str, request_id: str, digest: bytes | None) -> bool:
+        seen = self._seen[name][1].get(request_id)
+        record = self._records[name]
+        if seen is None or seen[0] < oldest_remembered(record, self.request_window):
+            return False
+        return is_retry(name, request_id, seen[1], digest)
 
     def _current(self, name: str, create) -> Record:
         record = self._records.get(name)
@@ -79,13 +81,13 @@ class MemoryBackend(Backend):
             return _copy(create[name])
         raise not_found(name)
 
-    def mutate(self, names, fn, request_id, create=None):
+    def mutate(self, names, fn, request_id, create=None, digest=None):
         with self._lock:
             current = {name: self._current(name, create) for name in names}
             inserts = {name: r for name, r in current.items() if name not in self._records}
             changed = {}
             for name in names:
-                if request_id is not None and name not in inserts and self._remembered(name, request_id):
+                if request_id is not None and name not in inserts and self._remembered(name, request_id, digest):
                     continue
                 # fn is pure: it reads the stored arrays and returns new ones, never editing them in place
                 new = fn(current[name])
@@ -95,19 +97,19 @@ class MemoryBackend(Backend):
             for name, record in inserts.items():
                 self._commit(name, record, None)
             for name, record in changed.items():
-                self._commit(name, record, request_id)
+                self._commit(name, record, request_id, digest)
             return {name: _copy(self._records[name]) for name in names}
 
-    def _commit(self, name: str, record: Record, request_id: str | None) -> None:
-        """Store ``record``; remember ``request_id`` as applied at its version."""
+    def _commit(self, name: str, record: Record, request_id: str | None, digest: bytes | None = None) -> None:
+        """Store ``record``; remember ``request_id`` (with its content's ``digest``) as applied at its version."""
         self._records[name] = record
         order, ids = self._seen.setdefault(name, (deque(), {}))
         if request_id is None:
             return
         version = record.stats.version
         order.append((version, request_id))
-        ids[request_id] = version
+        ids[request_id] = (version, digest)
         while order and order[0][0] <= version - self.request_window:
             old_version, old_id = order.popleft()
-            if ids.get(old_id) == old_version:
+            if ids.get(old_id, (None,))[0] == old_version:
                 del ids[old_id]

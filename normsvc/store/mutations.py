@@ -17,18 +17,18 @@ from ..moments import Moments
 from ..running import RunningStats, apply_update, fold, initial_state
 from . import validation
 from ..errors import FrozenLayer, InvalidArgument
+from . import steps as step_state
 from .records import Record, known_shape
+from .steps import Steps, StepKey
 
-__all__ = ["updated", "update", "set_frozen", "reset", "put"]
+__all__ = ["updated", "update", "contribute", "set_frozen", "reset", "put"]
 
 Mutation = Callable[[Record], "Record | None"]
 
 
 def updated(record: Record, stats: RunningStats, now: float) -> Record:
     """``record`` with new statistics, one version on, stamped ``now``."""
-    s = stats
-    new = RunningStats(s.mean, s.variance, s.count, s.num_batches, record.stats.version + 1, s.frozen, now)
-    return Record(record.name, record.config, new)
+    return replace(record, stats=replace(stats, version=record.stats.version + 1, updated_at=now))
 
 
 def update(moments, now: float) -> Mutation:
@@ -58,6 +58,32 @@ def update(moments, now: float) -> Mutation:
     return fn
 
 
+def contribute(moments, key: StepKey, now: float, *, lag: int, closed: dict) -> Mutation:
+    """Add one rank's moments to a step (see :mod:`normsvc.store.steps`); apply the steps now due.
+
+    Each step due takes one update of the layer's convention with the
+    merged moments (one version each).  ``closed[name]`` receives the steps
+    this call closed before all their ranks came.
+    """
+
+    def fn(record: Record) -> Record | None:
+        validation.batch(record.name, record.config, known_shape(record), moments)
+        step_state.check_not_frozen(record.stats.frozen, record.name)
+        steps = step_state.admit(record.steps, key, moments, record.name)
+        closed[record.name] = []
+        if steps is None:
+            return None  # a retry of a contribution already here
+        ready, steps = step_state.due(steps, key.step, lag)
+        record = replace(record, steps=steps)
+        for step, parts, complete in ready:
+            record = update(step_state.merge(parts, record.config.sample_ndim), now)(record)
+            if not complete:
+                closed[record.name].append((step, [c.rank for c in parts], parts[0].world_size))
+        return record
+
+    return fn
+
+
 def set_frozen(frozen: bool, now: float) -> Mutation:
     """Freeze or unfreeze; no change (None) when the layer already is."""
 
@@ -70,11 +96,17 @@ def set_frozen(frozen: bool, now: float) -> Mutation:
 
 
 def reset(now: float) -> Mutation:
-    """Back to the initial statistics, keeping the learned shape and the frozen flag."""
+    """Back to the initial statistics, keeping the learned shape and the frozen flag.
+
+    The step state starts fresh too (no run, nothing pending), and request ids
+    remembered from before are forgotten: a rerun after a reset is applied,
+    never taken for a retry.
+    """
 
     def fn(record: Record) -> Record:
         fresh = initial_state(record.config.convention, record.stats.mean.shape)
-        return updated(record, replace(fresh, frozen=record.stats.frozen), now)
+        new = updated(record, replace(fresh, frozen=record.stats.frozen), now)
+        return replace(new, steps=Steps(origin=new.stats.version))
 
     return fn
 

@@ -12,6 +12,9 @@ Storage formats (:data:`FORMAT` is the one written; sqlite also keeps it in
 2. The config JSON is ``{"format": 2, "config": {...}}``: every record names
    its format, so a backend without a file-wide version (a Redis hash) can
    tell formats apart too.
+3. Step contributions: ``steps`` (JSON: run, last_step, incomplete, ended,
+   origin) and ``pending`` (the open contributions, bytes of
+   :func:`normsvc.store.steps.encode_pending`).  Older records have none.
 
 Reading upgrades older formats one step at a time (:data:`UPGRADES`), as
 torch's ``_load_from_state_dict`` fills what old checkpoints lack; a format
@@ -29,9 +32,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..running import RunningStats, initial_state
 from ..config import LayerConfig
 from ..errors import FailedPrecondition
+from ..running import RunningStats, initial_state
+from .steps import Steps, decode_pending, encode_pending
 
 __all__ = [
     "FORMAT",
@@ -47,16 +51,24 @@ __all__ = [
 ]
 
 #: The storage format this code writes.
-FORMAT = 2
+FORMAT = 3
 
 
 @dataclass(frozen=True)
 class Record:
-    """What a backend stores per layer: its name, config and statistics."""
+    """What a backend stores per layer: its name, config, statistics and step state."""
 
     name: str
     config: LayerConfig
     stats: RunningStats
+    steps: Steps = Steps()
+
+    def report(self) -> RunningStats:
+        """The statistics as callers see them: with the run and the last step applied."""
+        s = self.stats
+        if (s.run, s.last_step) == (self.steps.run, self.steps.last_step):
+            return s
+        return replace(s, run=self.steps.run, last_step=self.steps.last_step)
 
 
 def new_record(name: str, config: LayerConfig) -> Record:
@@ -89,8 +101,12 @@ def _from_format_1(config: dict) -> dict:
     return {"format": 2, "config": config}
 
 
+def _from_format_2(data: dict) -> dict:
+    return {**data, "format": 3}  # the config is unchanged; records of format 2 have no step state
+
+
 #: format n -> the function lifting a decoded config JSON from format n to n + 1.
-UPGRADES = {1: _from_format_1}
+UPGRADES = {1: _from_format_1, 2: _from_format_2}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -119,6 +135,7 @@ def _array_bytes(a: np.ndarray) -> bytes:
 
 
 def _array(data: bytes, shape: tuple) -> np.ndarray:
+    """A new writable array (``astype`` copies out of the read-only bytes): the caller owns it."""
     return np.frombuffer(data, dtype="<f8").astype(np.float64).reshape(shape)
 
 
@@ -135,7 +152,24 @@ def encode_record(record: Record) -> dict:
         "version": int(s.version),
         "frozen": int(bool(s.frozen)),
         "updated_at": float(s.updated_at),
+        "steps": _steps_json(record.steps),
+        "pending": encode_pending(record.steps.pending) if record.steps.pending else b"",
     }
+
+
+def _steps_json(steps: Steps) -> str:
+    return json.dumps({"run": steps.run, "last_step": steps.last_step, "incomplete": steps.incomplete,
+                       "ended": list(steps.ended), "origin": steps.origin})
+
+
+def _steps(fields: Mapping) -> Steps:
+    """The step state of a record's fields (records of formats 1 and 2 have none)."""
+    text = fields.get("steps")
+    if not text:
+        return Steps()
+    d = json.loads(text)
+    return Steps(d["run"], d["last_step"], d["incomplete"], tuple(d["ended"]),
+                 decode_pending(fields.get("pending") or b""), d["origin"])
 
 
 def decode_record(name: str, fields: Mapping) -> Record:
@@ -150,4 +184,4 @@ def decode_record(name: str, fields: Mapping) -> Record:
         bool(int(fields["frozen"])),
         float(fields["updated_at"]),
     )
-    return Record(name, decode_config(fields["config"]), stats)
+    return Record(name, decode_config(fields["config"]), stats, _steps(fields))

@@ -24,6 +24,13 @@ too, with a count of 0 and, for layers that do not exist yet, the naming's
 framework defaults (keras: a keras batch layer on axis -1; torch: a torch
 batch layer on axis 1).  Tensors other than these names are ignored.
 
+A file may hold one model's statistics under the model's own names:
+``export(path, prefix="resnet50/", strip_prefix=True)`` writes the layers
+whose names start with ``resnet50/`` without it (``bn1/moving_mean``; the
+metadata too), and ``import_(path, add_prefix="resnet50/")`` loads them back
+under it (or under another model's prefix).  Both return the names as the
+store has them.
+
 Import is all or nothing: the layers it creates and the statistics it writes
 go to the store in one transaction (:meth:`Store.put_stats`: version +1 for
 each layer with tensors; the frozen flag and an existing layer's config
@@ -43,6 +50,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from .. import prefixes
 from ..running import RunningStats
 from . import validation
 from ..errors import InvalidArgument, StoreUnavailable
@@ -74,32 +82,61 @@ def _layer_names(store, layers) -> list[str]:
     return [validation.validate_name(n) for n in layers]
 
 
+def _renamed(name: str, *, strip: str = "", add: str = "") -> str:
+    """``name`` without ``strip`` (which it must start with) and with ``add`` before it, checked.
+
+    The InvalidArgument names the layer and the argument (``strip_prefix`` or
+    ``add_prefix``) at fault.
+    """
+    if not (strip or add):
+        return name
+    field = "strip_prefix" if strip else "add_prefix"
+    if not name.startswith(strip):
+        raise InvalidArgument(f"layer {name!r} does not start with strip_prefix {strip!r}: expected every "
+                              "exported layer to start with it", layer=name, field=field)
+    new = add + name[len(strip):]
+    try:
+        return validation.validate_name(new)
+    except InvalidArgument as exc:
+        change = f"without {field} {strip!r}" if strip else f"with {field} {add!r}"
+        raise InvalidArgument(f"layer {name!r} {change} would be {new!r}: {exc.message}", layer=name,
+                              field=field) from None
+
+
 # --- export ---------------------------------------------------------------------
 
 
-def export_stats(store, path, *, layers=None, naming: str = "keras", dtype: str = "float64") -> list[str]:
-    """Write the statistics of ``layers`` (default: all) to ``path``; returns the layer names written.
+def export_stats(store, path, *, layers=None, naming: str = "keras", prefix=None, strip_prefix=None,
+                 dtype: str = "float64") -> list[str]:
+    """Write the statistics of ``layers``, or of the layers under ``prefix`` (default: all), to ``path``.
 
-    Layers whose statistics shape is still unknown are written to the
-    metadata only.  The file is replaced atomically.
+    Returns the names of the layers written, as the store has them; the file
+    names them without ``strip_prefix`` (True: the ``prefix``).  Layers whose
+    statistics shape is still unknown are written to the metadata only.  The
+    file is replaced atomically; nothing is written when an argument is bad.
     """
     spec = _naming(naming)
     if dtype not in ("float64", "float32"):
         raise InvalidArgument(f"dtype={dtype!r}: expected 'float64' or 'float32'", field="dtype")
+    prefix, strip = prefixes.export_prefixes(layers, prefix, strip_prefix)
+    names = _layer_names(store, layers) if layers is not None else store.list_layers(prefix)
+    if prefix and not names:
+        raise InvalidArgument(f"no layer starts with prefix {prefix!r}: expected the prefix of existing layers",
+                              field="prefix")
+    exported = {name: _renamed(name, strip=strip) for name in names}
     tensors, meta = {}, {}
-    names = _layer_names(store, layers)
     for name in names:
         layer = store.layer(name)
         record = Record(name, layer.config(), layer.stats())
         s = record.stats
-        meta[name] = {"config": record.config.to_dict(), "count": s.count, "num_batches": s.num_batches}
+        meta[exported[name]] = {"config": record.config.to_dict(), "count": s.count, "num_batches": s.num_batches}
         if known_shape(record) is None:
             continue
-        prefix = name + spec["sep"]
-        tensors[prefix + spec["mean"]] = np.asarray(s.mean, dtype=dtype, order="C")
-        tensors[prefix + spec["variance"]] = np.asarray(s.variance, dtype=dtype, order="C")
+        key = exported[name] + spec["sep"]
+        tensors[key + spec["mean"]] = np.asarray(s.mean, dtype=dtype, order="C")
+        tensors[key + spec["variance"]] = np.asarray(s.variance, dtype=dtype, order="C")
         if spec["num_batches"]:
-            tensors[prefix + spec["num_batches"]] = np.array(s.num_batches, dtype=np.int64)
+            tensors[key + spec["num_batches"]] = np.array(s.num_batches, dtype=np.int64)
     metadata = {_METADATA_KEY: json.dumps({"format": FILE_FORMAT, "naming": naming, "layers": meta})}
     _save_atomically(tensors, metadata, os.fspath(path))
     return names
@@ -124,14 +161,18 @@ def _save_atomically(tensors: dict, metadata: dict, path: str) -> None:
 # --- import ---------------------------------------------------------------------
 
 
-def import_stats(store, path, *, naming: str = "keras", layers=None) -> list[str]:
+def import_stats(store, path, *, naming: str = "keras", layers=None, add_prefix=None) -> list[str]:
     """Load statistics from ``path`` into the store, all or nothing; returns the layer names imported.
 
-    Raises InvalidArgument (``field="path"``, nothing changed) when the file
-    is not safetensors, its metadata is malformed, or any layer's config or
-    statistics fail the store's checks.
+    ``layers`` are names as the file has them; each goes into the layer
+    ``add_prefix + name``, and the names returned are those.  Raises
+    InvalidArgument (nothing changed) when the file is not safetensors, its
+    metadata is malformed, or any layer's config or statistics fail the
+    store's checks (``field="path"``), or a name is no valid layer name with
+    ``add_prefix`` (``field="add_prefix"``).
     """
     spec = _naming(naming)
+    add = prefixes.text(add_prefix, "add_prefix")
     wanted = None if layers is None else set(_layer_names(store, layers))
     where = os.fspath(path)
     tensors, metadata = _read(where)
@@ -147,12 +188,13 @@ def import_stats(store, path, *, naming: str = "keras", layers=None) -> list[str
             found = {k: v for k, v in found.items() if k in wanted}
         stats, configs = {}, {}
         for name, parts in sorted(found.items()):
-            configs[name], stats[name] = _entry(name, parts, info.get(name, {}), naming)
+            target = _renamed(name, add=add)
+            configs[target], stats[target] = _entry(name, parts, info.get(name, {}), naming)
         store.put_stats({k: v for k, v in stats.items() if v is not None}, create=configs)
     except InvalidArgument as exc:
-        field = exc.field if exc.field == "layers" else "path"
+        field = exc.field if exc.field in ("layers", "add_prefix") else "path"
         raise InvalidArgument(f"{where!r}: {exc.message}", layer=exc.layer, field=field) from None
-    return sorted(found)
+    return sorted(configs)
 
 
 def _read(path: str) -> tuple[dict, dict]:

@@ -32,7 +32,7 @@ import sqlite3
 import threading
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .backend import REQUEST_WINDOW, Backend, not_found
+from .backend import REQUEST_WINDOW, Backend, is_retry, not_found, oldest_remembered
 from ..errors import InvalidArgument, StoreUnavailable
 from .records import FORMAT, Record, check_format, decode_config, decode_record, encode_config, encode_record
 
@@ -50,17 +50,24 @@ CREATE TABLE layers (
     num_batches INTEGER NOT NULL,
     version     INTEGER NOT NULL,
     frozen      INTEGER NOT NULL,
-    updated_at  REAL NOT NULL
+    updated_at  REAL NOT NULL,
+    steps       TEXT,
+    pending     BLOB
 )""", """
 CREATE TABLE request_ids (
     layer      TEXT NOT NULL,
     request_id TEXT NOT NULL,
     version    INTEGER NOT NULL,
+    digest     BLOB,
     PRIMARY KEY (layer, request_id)
 ) WITHOUT ROWID""",
     "CREATE INDEX request_ids_by_version ON request_ids (layer, version)")
 
-_FIELDS = ("config", "shape", "mean", "variance", "count", "num_batches", "version", "frozen", "updated_at")
+_FIELDS = ("config", "shape", "mean", "variance", "count", "num_batches", "version", "frozen", "updated_at", "steps",
+           "pending")
+#: Columns that format 3 added (step contributions; the content digests of request ids).
+_FORMAT_3 = ("ALTER TABLE layers ADD COLUMN steps TEXT", "ALTER TABLE layers ADD COLUMN pending BLOB",
+             "ALTER TABLE request_ids ADD COLUMN digest BLOB")
 _SELECT = f"SELECT {', '.join(_FIELDS)} FROM layers WHERE name = ?"
 _INSERT = f"INSERT INTO layers (name, {', '.join(_FIELDS)}) VALUES (?{', ?' * len(_FIELDS)})"
 _STATS = _FIELDS[1:]  # mutate never changes the config
@@ -90,13 +97,14 @@ def _decode(name: str, row) -> Record:
     return decode_record(name, dict(zip(_FIELDS, row)))
 
 
-def _write_stats(conn: sqlite3.Connection, record: Record, request_id: str | None, window: int) -> None:
-    """Write a mutated layer's statistics and remember ``request_id`` at its new version."""
+def _write_stats(conn: sqlite3.Connection, record: Record, request_id: str | None, digest: bytes | None,
+                 window: int) -> None:
+    """Write a mutated layer's statistics and remember ``request_id`` (and ``digest``) at its new version."""
     name, version = record.name, record.stats.version
     conn.execute(_UPDATE, (*_row(record)[1:], name))
     if request_id is not None:
-        conn.execute("INSERT OR REPLACE INTO request_ids (layer, request_id, version) VALUES (?, ?, ?)",
-                     (name, request_id, version))
+        conn.execute("INSERT OR REPLACE INTO request_ids (layer, request_id, version, digest) VALUES (?, ?, ?, ?)",
+                     (name, request_id, version, digest))
     if version % _PRUNE_EVERY == 0:
         # Lookups ignore ids older than the window anyway; pruning in batches is cheaper.
         conn.execute("DELETE FROM request_ids WHERE layer = ? AND version <= ?", (name, version - window))
@@ -149,7 +157,10 @@ class SqliteBackend(Backend):
             for statement in _SCHEMA:
                 conn.execute(statement)
         elif found < FORMAT:
-            # Every format so far differs only in the config JSON: rewrite it in the current one.
+            if found < 3:
+                for statement in _FORMAT_3:
+                    conn.execute(statement)
+            # Formats 1 and 2 differ only in the config JSON: rewrite it in the current one.
             rows = conn.execute("SELECT name, config FROM layers").fetchall()
             conn.executemany("UPDATE layers SET config = ? WHERE name = ?",
                              [(encode_config(decode_config(text)), name) for name, text in rows])
@@ -249,7 +260,7 @@ class SqliteBackend(Backend):
 
         return self._write(body)
 
-    def mutate(self, names, fn, request_id, create=None):
+    def mutate(self, names, fn, request_id, create=None, digest=None):
         window = self.request_window
 
         def body(conn):
@@ -265,15 +276,17 @@ class SqliteBackend(Backend):
                 else:
                     raise not_found(name)
             for name in names:
-                if request_id is not None and name not in fresh and conn.execute(
-                    "SELECT 1 FROM request_ids WHERE layer = ? AND request_id = ? AND version > ?",
-                    (name, request_id, records[name].stats.version - window),
-                ).fetchone():
-                    continue
+                if request_id is not None and name not in fresh:
+                    seen = conn.execute(
+                        "SELECT digest FROM request_ids WHERE layer = ? AND request_id = ? AND version >= ?",
+                        (name, request_id, oldest_remembered(records[name], window)),
+                    ).fetchone()
+                    if seen is not None and is_retry(name, request_id, seen[0], digest):
+                        continue
                 new = fn(records[name])
                 if new is not None:
                     records[name] = new
-                    _write_stats(conn, new, request_id, window)
+                    _write_stats(conn, new, request_id, digest, window)
             return records
 
         return self._write(body)

@@ -17,6 +17,7 @@ from ..config import DEFAULT, make_config
 from ..errors import ConfigConflict, InvalidArgument, LayerNotFound
 from .layer import Layer
 from .records import known_shape, new_record
+from .steps import DEFAULT_LAG
 from .validation import validate_name
 
 __all__ = ["Store"]
@@ -40,9 +41,13 @@ class Store:
     ['bn']
     """
 
-    def __init__(self, backend: Backend, url: str = ""):
+    def __init__(self, backend: Backend, url: str = "", *, step_lag: int = DEFAULT_LAG, on_incomplete=None):
         self._backend = backend
         self.url = url
+        self.step_lag = validation.positive_int(step_lag, "step_lag")
+        #: Called as ``on_incomplete(layer, run, step, ranks, world_size)`` for every step closed
+        #: before all its ranks came (see :mod:`normsvc.store.steps`); the server counts them.
+        self.on_incomplete = on_incomplete
 
     @property
     def backend(self) -> Backend:
@@ -50,7 +55,7 @@ class Store:
         return self._backend
 
     @classmethod
-    def open(cls, url: str, **options) -> "Store":
+    def open(cls, url: str, *, step_lag: int = DEFAULT_LAG, **options) -> "Store":
         """Open a store.
 
         Parameters
@@ -64,8 +69,12 @@ class Store:
             acknowledged update survives a crash of the process; "full": also
             a power loss), ``busy_timeout`` (seconds) and ``request_window``.
             They may also be given as URL query parameters.
+        step_lag : int
+            A training step still open when a contribution this many steps
+            ahead arrives is closed and applied with what arrived (see
+            :meth:`update_many`).
         """
-        return cls(open_backend(url, options), url)
+        return cls(open_backend(url, options), url, step_lag=step_lag)
 
     def close(self) -> None:
         self._backend.close()
@@ -180,12 +189,38 @@ class Store:
 
     # --- statistics -------------------------------------------------------
 
-    def update_many(self, updates: Mapping, *, request_id: str | None = None) -> dict[str, RunningStats]:
+    def update_many(self, updates: Mapping, *, request_id: str | None = None, step: int | None = None,
+                    rank: int | None = None, world_size: int | None = None,
+                    run: str | None = None) -> dict[str, RunningStats]:
         """Push one batch's moments to several layers in one transaction.
 
         All layers update or none does (any invalid moments, unknown or frozen
-        layer aborts the whole call); each layer's version grows by one.
-        A layer that already applied ``request_id`` is left as it is.
+        layer aborts the whole call).
+
+        Without ``step``, each layer takes one update of its convention now
+        (its version grows by one).  With ``step``, ``rank`` and ``world_size``
+        the moments are this rank's *contribution* to a data-parallel training
+        step: kept durably until all ``world_size`` ranks of that step have
+        contributed, then merged in rank order and applied as ONE update with
+        the global count, exactly as one process that saw the concatenated
+        batch (see :mod:`normsvc.store.steps`).  The call never waits for the
+        other ranks; a layer's ``RunningStats.last_step >= step`` tells that
+        the step has been applied.  A step still open when a contribution
+        :attr:`step_lag` steps ahead arrives is applied with what came.
+
+        Parameters
+        ----------
+        updates : mapping of str to Moments
+        request_id : str, optional
+            An idempotency key bound to the request's content: the same id
+            with the same content is a retry (nothing changes, the current
+            statistics come back); with other content, AlreadyExists.
+        step, rank, world_size : int, optional
+            A step contribution (all three, or none).
+        run : str, optional
+            The run the step belongs to (with ``step``); default
+            :func:`normsvc.config.default_run`.  A new run starts fresh; a
+            step already applied in this run is refused, never skipped.
 
         Returns
         -------
@@ -194,12 +229,26 @@ class Store:
         """
         validation.mapping(updates, "updates", "Moments")
         request_id = validation.request_id(request_id)
+        key = validation.step_key(step, rank, world_size, run)
         if not updates:
             return {}
-        now = time.time()
-        fns = {name: mutations.update(m, now) for name, m in updates.items()}
-        out = self._backend.mutate(list(updates), lambda r: fns[r.name](r), request_id)
-        return {name: out[name].stats for name in updates}
+        now, closed = time.time(), {}
+        if key is None:
+            fns = {name: mutations.update(m, now) for name, m in updates.items()}
+        else:
+            fns = {name: mutations.contribute(m, key, now, lag=self.step_lag, closed=closed)
+                   for name, m in updates.items()}
+        digest = validation.request_digest("update", key, updates)
+        out = self._backend.mutate(list(updates), lambda r: fns[r.name](r), request_id, digest=digest)
+        self._report_closed(closed, key)
+        return {name: out[name].report() for name in updates}
+
+    def _report_closed(self, closed: dict, key) -> None:
+        if self.on_incomplete is None:
+            return
+        for layer, steps in closed.items():
+            for step, ranks, world_size in steps:
+                self.on_incomplete(layer, key.run, step, ranks, world_size)
 
     def put_stats(self, stats: Mapping, *, create: Mapping | None = None,
                   request_id: str | None = None) -> dict[str, RunningStats]:
@@ -240,13 +289,48 @@ class Store:
         if not names:
             return {}
         fresh = {name: new_record(name, config) for name, config in configs.items()}
-        out = self._backend.mutate(names, mutations.put(values, time.time()), request_id, create=fresh)
-        return {name: out[name].stats for name in names}
+        digest = validation.request_digest("put", None, {n: (v.mean, v.variance, v.count, v.num_batches)
+                                                         for n, v in values.items()})
+        out = self._backend.mutate(names, mutations.put(values, time.time()), request_id, create=fresh,
+                                   digest=digest)
+        return {name: out[name].report() for name in names}
 
-    def export(self, path, layers=None, naming: str = "keras", *, dtype: str = "float64") -> list[str]:
-        """Write running statistics to a safetensors file; see :mod:`normsvc.store.safetensors_io`."""
-        return safetensors_io.export_stats(self, path, layers=layers, naming=naming, dtype=dtype)
+    def export(self, path, layers=None, naming: str = "keras", *, prefix: str | None = None,
+               strip_prefix: str | bool | None = None, dtype: str = "float64") -> list[str]:
+        """Write running statistics to a safetensors file; see :mod:`normsvc.store.safetensors_io`.
 
-    def import_(self, path, naming: str = "keras", *, layers=None) -> list[str]:
-        """Load running statistics from a safetensors file, all or nothing; see :mod:`normsvc.store.safetensors_io`."""
-        return safetensors_io.import_stats(self, path, naming=naming, layers=layers)
+        Parameters
+        ----------
+        path : str or path
+            The file to write (replaced atomically).
+        layers : str or list of str, optional
+            These layers (LayerNotFound for one that does not exist).
+        naming : {"keras", "torch"}
+            Tensor names: ``{layer}/moving_mean`` or ``{layer}.running_mean``.
+        prefix : str, optional
+            Instead of ``layers``: every layer whose name starts with it
+            (InvalidArgument when none does).  Left out with ``layers``: every layer.
+        strip_prefix : str or True, optional
+            Removed from every layer name in the file (True: ``prefix``), so
+            the file holds a model's statistics under the model's own names;
+            InvalidArgument naming a layer that does not start with it.
+        dtype : {"float64", "float32"}
+            Element type of the tensors.
+
+        Returns
+        -------
+        list of str
+            The layers exported, named as in the store.
+        """
+        return safetensors_io.export_stats(self, path, layers=layers, naming=naming, prefix=prefix,
+                                           strip_prefix=strip_prefix, dtype=dtype)
+
+    def import_(self, path, naming: str = "keras", *, layers=None, add_prefix: str | None = None) -> list[str]:
+        """Load running statistics from a safetensors file, all or nothing; see :mod:`normsvc.store.safetensors_io`.
+
+        ``layers`` (names as in the file) picks some of the file's layers;
+        ``add_prefix`` is put before every name of the file (a file exported
+        with ``strip_prefix`` goes back under a model's namespace).  Returns
+        the layers written, named as in the store.
+        """
+        return safetensors_io.import_stats(self, path, naming=naming, layers=layers, add_prefix=add_prefix)

@@ -176,6 +176,9 @@ def stats_to_pb(stats: RunningStats, out: pb.RunningStats | None = None) -> pb.R
     out.frozen = bool(stats.frozen)
     nanos = int(round(stats.updated_at * 1e9))
     out.updated_at.seconds, out.updated_at.nanos = divmod(nanos, 1_000_000_000)
+    out.run = stats.run
+    if stats.last_step is not None:
+        out.last_step = stats.last_step
     return out
 
 
@@ -186,7 +189,8 @@ def stats_from_pb(msg: pb.RunningStats) -> RunningStats:
         mean, variance = _f64(msg.mean, "stats.mean"), _f64(msg.variance, "stats.variance")
     return RunningStats(
         mean, variance, float(msg.count), int(msg.num_batches), int(msg.version), bool(msg.frozen),
-        msg.updated_at.seconds + msg.updated_at.nanos * 1e-9,
+        msg.updated_at.seconds + msg.updated_at.nanos * 1e-9, msg.run,
+        msg.last_step if msg.HasField("last_step") else None,
     )
 
 

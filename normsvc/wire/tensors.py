@@ -160,13 +160,23 @@ def _valid_m2(count, mean, variance, m2):  # pragma: no cover - compiled
     return True
 
 
-def decode_moments(msg: pb.Moments, *, field: str, max_elements: int | None = None) -> Moments:
+def decode_moments(msg: pb.Moments, *, field: str, max_elements: int | None = None, owned: bool = False) -> Moments:
     """Validated :class:`Moments` from a message: finite, count >= 0, variance >= 0, shapes agree.
 
     This is the one check of a pushed message: the Moments are built without
     repeating it (the store still checks what it needs of any Moments, such as
-    a positive count and the layer's shape).
+    a positive count and the layer's shape).  Their arrays may be read-only
+    views of the message's bytes, unless ``owned``: then they are arrays the
+    caller owns and may write (what a client hands its user).
     """
+    moments = _decode_moments(msg, field, max_elements)
+    if owned:
+        count, mean, m2 = (a if a.flags.writeable else a.copy() for a in (moments.count, moments.mean, moments.m2))
+        moments = Moments._checked(count, mean, m2)
+    return moments
+
+
+def _decode_moments(msg: pb.Moments, field: str, max_elements: int | None) -> Moments:
     for part in ("count", "mean", "variance"):
         if not msg.HasField(part):
             raise tensor_error(f"{field}.{part}", "is missing: expected a tensor")

@@ -103,8 +103,45 @@ def test_export_and_import(populated, capsys, tmp_path):
         np.testing.assert_allclose(client.layer("net/bn1").stats().mean, [0.45, 0.55, 0.65])
 
 
+@pytest.mark.parametrize("naming, leaves", [
+    ("keras", ["/moving_mean", "/moving_variance"]),
+    ("torch", [".running_mean", ".running_var", ".num_batches_tracked"]),
+])
+def test_export_a_prefix_in_float32_and_import_it_under_another(populated, capsys, tmp_path, naming, leaves):
+    from safetensors.numpy import load_file
+
+    path, target = tmp_path / "net.safetensors", ["--target", populated]
+    code, out, err = cli(capsys, "export", str(path), *target, "--prefix", "net/", "--strip-prefix",
+                         "--dtype", "float32", "--naming", naming)
+    assert code == 0 and err == "" and out == f"exported 2 layers to {path}\n"
+    tensors = load_file(path)
+    assert set(tensors) == {name + leaf for name in ("bn1", "ln") for leaf in leaves}
+    with Client(populated) as client:
+        for name in ("bn1", "ln"):
+            stats = client.layer(f"net/{name}").stats()
+            for leaf, want in zip(leaves, (stats.mean, stats.variance)):
+                assert tensors[name + leaf].dtype == np.float32
+                np.testing.assert_array_equal(tensors[name + leaf], want.astype(np.float32))
+    code, out, err = cli(capsys, "import", str(path), *target, "--naming", naming, "--add-prefix", "copy/")
+    assert code == 0 and err == "" and out == f"imported 2 layers from {path}: copy/bn1, copy/ln\n"
+    with Client(populated) as client:
+        original, copy = client.layer("net/bn1").stats(), client.layer("copy/bn1").stats()
+        np.testing.assert_allclose(copy.mean, original.mean, rtol=2 ** -24)  # one float32 rounding
+        assert (copy.count, copy.num_batches) == (original.count, original.num_batches)
+    # --strip-prefix with a value, for named layers
+    code, out, _ = cli(capsys, "export", str(path), *target, "--layer", "other/gn", "--strip-prefix", "other/")
+    assert code == 0 and out == f"exported 1 layer to {path}\n"
+    assert set(load_file(path)) == {"gn/moving_mean", "gn/moving_variance"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["layers", "show", "missing"], "normsvc layers show: no layer named 'missing'"),
+    (["export", "x.safetensors", "--strip-prefix"], "normsvc export: strip_prefix=True removes the prefix given"),
+    (["export", "x.safetensors", "--layer", "net/bn1", "--prefix", "net/"],
+     "normsvc export: layers=['net/bn1'] and prefix='net/' both select layers"),
+    (["export", "x.safetensors", "--prefix", "nothing/"], "normsvc export: no layer starts with prefix 'nothing/'"),
+    (["export", "x.safetensors", "--prefix", "net/", "--strip-prefix", "other/"],
+     "normsvc export: layer 'net/bn1' does not start with strip_prefix 'other/'"),
     (["layers", "freeze", "missing"], "normsvc layers freeze: no layer named 'missing'"),
     (["layers", "delete", "bad//name"], "normsvc layers delete: layer name 'bad//name' is not valid"),
     (["import", "no-such-file.safetensors"], "normsvc import: no file 'no-such-file.safetensors' to import"),

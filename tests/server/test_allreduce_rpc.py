@@ -106,7 +106,7 @@ def test_duplicate_ranks_are_rejected(memory_server, connect, rng):
         if memory_server.rendezvous.pending():
             break
         t.join(0.05)
-    assert memory_server.rendezvous.pending() == {("job", 1): [0]}
+    assert memory_server.rendezvous.pending() == {(("", "job"), 1): [0]}
     with raises_code(C.ALREADY_EXISTS, "rank 0 already joined") as info:
         stubs[1].AllReduceMoments(request(1, 0, 2, {"bn": m}), timeout=10)
     assert rich_details(info.value)["ErrorInfo"].reason == "DUPLICATE_RANK"

@@ -106,11 +106,25 @@ def test_prefixes_limit_the_layers_a_token_touches(secured, rng):
             world_size=1, moments=[pb.LayerMoments(layer="team-b/bn")]), metadata=trainer)
 
 
-def test_health_and_reflection_stay_open(secured):
-    server, stub = secured
-    health = health_pb2_grpc.HealthStub(stub.channel)
-    response = health.Check(health_pb2.HealthCheckRequest(service="normsvc.v1.NormService"))
-    assert response.status == health_pb2.HealthCheckResponse.SERVING
+def test_export_prefix_and_import_add_prefix_are_what_a_token_must_cover(secured):
+    _, stub = secured
+    trainer, team_admin = auth("w-token"), auth("ta-token")
+    exported = stub.ExportStats(pb.ExportStatsRequest(prefix="team-a/", strip_prefix="team-a/"), metadata=trainer)
+    assert list(exported.layers) == ["team-a/bn"]
+    with raises_code(C.PERMISSION_DENIED, "prefix 'team-b/'"):
+        stub.ExportStats(pb.ExportStatsRequest(prefix="team-b/"), metadata=trainer)
+    # the file names "bn": the layers an import writes are add_prefix + the file's names
+    with raises_code(C.PERMISSION_DENIED, "every layer"):
+        stub.ImportStats(pb.ImportStatsRequest(safetensors=exported.safetensors), metadata=team_admin)
+    with raises_code(C.PERMISSION_DENIED, "'team-b/bn'"):
+        stub.ImportStats(pb.ImportStatsRequest(safetensors=exported.safetensors, names=["bn"],
+                                               add_prefix="team-b/"), metadata=team_admin)
+    imported = stub.ImportStats(pb.ImportStatsRequest(safetensors=exported.safetensors, add_prefix="team-a/copy/"),
+                                metadata=team_admin)
+    assert list(imported.layers) == ["team-a/copy/bn"]
+    imported = stub.ImportStats(pb.ImportStatsRequest(safetensors=exported.safetensors, names=["bn"],
+                                                      add_prefix="team-a/"), metadata=team_admin)
+    assert list(imported.layers) == ["team-a/bn"]
 
 
 def test_tokens_file_errors(tmp_path):

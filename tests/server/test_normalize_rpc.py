@@ -1,4 +1,4 @@
-"""Normalize and NormalizeStream; limits (RESOURCE_EXHAUSTED, and the server keeps serving)."""
+"""Normalize and NormalizeStream (their limits: test_limits.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 from server_util import decode, encode, moments_of, pb, raises_code, rich_details, stats_arrays, update_request
 
 from normsvc import ops
-from normsvc.server.limits import Limits
 from normsvc.wire.tensors import Assembler, chunks
 
 C = grpc.StatusCode
@@ -144,34 +143,6 @@ def test_normalize_stream_errors(memory_server, connect, rng):
         call(stream_requests("nope", x, 512))
     result, y = call([header] + body)  # and a good one after all that
     np.testing.assert_array_equal(y, ops.batch_norm(x, axis=-1, epsilon=1e-3)[0])
-
-
-def test_limits_are_resource_exhausted_and_the_server_keeps_serving(start_server, connect, rng):
-    server = start_server(limits=Limits(max_message_mb=1, max_tensor_elements=10_000,
-                                        max_layers_per_request=3, max_layers=4))
-    stub = connect(server, options=[("grpc.max_send_message_length", 64 * MiB)])
-    create(stub, "bn")
-    with raises_code(C.RESOURCE_EXHAUSTED) as info:  # a message over 1 MiB: gRPC's own limit
-        normalize(stub, "bn", rng.normal(size=(300_000,)).astype(np.float32))
-    with raises_code(C.RESOURCE_EXHAUSTED, "at most 10000") as info:
-        normalize(stub, "bn", rng.normal(size=(200, 100)).astype(np.float32))
-    assert rich_details(info.value)["ErrorInfo"].reason == "TENSOR_TOO_LARGE"
-    big = rng.normal(size=(20_000,))
-    with raises_code(C.RESOURCE_EXHAUSTED, "at most 10000"):  # refused on the header, before any bytes
-        read_stream(stub.NormalizeStream(stream_requests("bn", big, 4096)))
-    with raises_code(C.RESOURCE_EXHAUSTED, "at most 3"):
-        stub.GetLayer(pb.GetLayerRequest(names=["bn"] * 4))
-    for name in ("a", "b", "c"):
-        create(stub, name)
-    with raises_code(C.RESOURCE_EXHAUSTED, "delete layers"):
-        create(stub, "d")
-    create(stub, "a")  # an existing layer is not a new one
-    # and it still serves
-    y = decode(normalize(stub, "bn", rng.normal(size=(16, 4))).y, field="y")
-    assert y.shape == (16, 4)
-    registry = server.metrics.registry
-    assert registry.get_sample_value("normsvc_rpc_requests_total",
-                                     {"method": "Normalize", "code": "RESOURCE_EXHAUSTED"}) >= 1
 
 
 def test_concurrent_normalize_calls_run_the_parallel_kernels_safely(memory_server, connect, rng):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from normsvc import Store
+from normsvc.errors import AlreadyExists
 from normsvc.store import InvalidArgument, LayerNotFound
 from normsvc.config import make_config
 from normsvc.store.records import new_record
@@ -38,23 +39,38 @@ def test_request_ids_are_per_layer(store, rng):
     a, b = store.create_layer("a"), store.create_layer("b")
     a.update(batch_moments(rng), request_id="r")
     assert b.update(batch_moments(rng), request_id="r").version == 1
-    store.create_layer("c")
-    # a retry that names one more layer: only the layer that has not seen "r" takes it
-    out = store.update_many({n: batch_moments(rng) for n in "abc"}, request_id="r")
-    assert [out[n].version for n in "abc"] == [1, 1, 1]
+
+
+def test_a_request_id_is_bound_to_its_content(store, assert_unchanged, rng):
+    # an idempotency key: the same id with the same content is a retry, with other content an error
+    a, _, _ = (store.create_layer(n) for n in "abc")
+    m = {"a": batch_moments(rng), "b": batch_moments(rng)}
+    first = store.update_many(m, request_id="step-1")
+    assert store.update_many(m, request_id="step-1") == first  # the retry: nothing changes
+    other = {"a": batch_moments(rng), "b": m["b"]}
+    for request in (other, {"a": m["a"]}, {**m, "c": m["a"]}):  # other moments, fewer or more layers
+        with assert_unchanged(store), pytest.raises(AlreadyExists, match="request_id 'step-1' was used for "
+                                                                          "another request") as info:
+            store.update_many(request, request_id="step-1")
+        assert info.value.reason == "REQUEST_ID_REUSED" and info.value.field == "request_id"
+    # the same id for another kind of call is another request too
+    with pytest.raises(AlreadyExists, match="request_id 'step-1'"):
+        a.freeze(request_id="step-1")
+    assert a.freeze(request_id="freeze-1").frozen and a.freeze(request_id="freeze-1").version == 2
 
 
 def test_request_window_is_bounded(store_url, rng):
     with Store.open(store_url, request_window=3) as store:
         layer = store.create_layer("bn")
-        layer.update(batch_moments(rng), request_id="old")
-        layer.update(batch_moments(rng), request_id="old")
+        old = batch_moments(rng)
+        layer.update(old, request_id="old")
+        layer.update(old, request_id="old")
         assert layer.stats().version == 1
         for _ in range(2):
             layer.update(batch_moments(rng))
-        assert layer.update(batch_moments(rng), request_id="old").version == 3  # still remembered
+        assert layer.update(old, request_id="old").version == 3  # still remembered
         layer.update(batch_moments(rng))
-        assert layer.update(batch_moments(rng), request_id="old").version == 5  # forgotten: applied again
+        assert layer.update(old, request_id="old").version == 5  # forgotten: applied again
 
 
 def test_returned_arrays_do_not_alias_the_store(store, rng):

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from normsvc import Moments, Store
+from normsvc import AlreadyExists, Moments, Store
 
 _CHILD = textwrap.dedent("""
     import sys
@@ -95,11 +95,15 @@ def test_acknowledged_updates_survive_kill_9(tmp_path, rng, synchronous):
             for s in stats:  # all or nothing across the layers of one update_many
                 assert (s.num_batches, s.version, s.count) == (batches, batches, 2.0 * batches)
                 np.testing.assert_allclose(s.mean, np.arange(8.0))
-            # the acknowledged request ids were persisted with the updates: retrying is a no-op
+            # the acknowledged request ids were persisted with the updates (and their content):
+            # retrying is a no-op, the same id with other content an error
             last = acked[-1]
-            m = Moments(2.0, np.zeros(8), np.zeros(8))
+            m = Moments(2.0, np.arange(8.0), np.full(8, 2.0))
             again = store.update_many({n: m for n in LAYERS}, request_id=f"step-{last}")
             assert all(s.num_batches == batches for s in again.values())
+            with pytest.raises(AlreadyExists, match=f"request_id 'step-{last}'"):
+                store.update_many({n: Moments(2.0, np.zeros(8), np.zeros(8)) for n in LAYERS},
+                                  request_id=f"step-{last}")
         applied = batches
 
 

@@ -42,7 +42,7 @@ def test_records_round_trip_exactly(config):
 
 def test_the_current_format_is_written():
     data = json.loads(encode_config(CONFIGS[1]))
-    assert data["format"] == FORMAT == 2
+    assert data["format"] == FORMAT == 3
     assert data["config"] == CONFIGS[1].to_dict()
 
 

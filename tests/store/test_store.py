@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from normsvc.errors import AlreadyExists
+
 import normsvc
 from normsvc import Moments, RunningStats
 from normsvc.store import (
@@ -255,8 +257,10 @@ def test_put_stats_is_all_or_nothing(store, assert_unchanged, rng, spoiler, fiel
 def test_put_stats_request_id_applies_once(store):
     store.create_layer("bn")
     store.put_stats({"bn": _values([1.0])}, create={"new": {}}, request_id="r")
-    again = store.put_stats({"bn": _values([5.0])}, create={"new": {}}, request_id="r")
+    again = store.put_stats({"bn": _values([1.0])}, create={"new": {}}, request_id="r")
     assert again["bn"].mean.tolist() == [1.0] and again["bn"].version == 1
+    with pytest.raises(AlreadyExists, match="request_id 'r'"):  # the same id for other values
+        store.put_stats({"bn": _values([5.0])}, create={"new": {}}, request_id="r")
 
 
 def test_put_stats_argument_checks(store):
