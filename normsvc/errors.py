@@ -99,6 +99,16 @@ class NormsvcError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    #: what was wrong and what was expected, without the field's path, when the message is
+    #: ``"<field>: <description>"`` (tensor errors; see :meth:`moved`)
+    description = None
+
+    def moved(self, field: str) -> None:
+        """Report the same fault at another field path (a stream's header instead of ``x``)."""
+        self.field = field
+        if self.description is not None:
+            self.message = f"{field}: {self.description}"
+
 
 #: The name this base had when only the store raised it.
 StoreError = NormsvcError
@@ -119,17 +129,11 @@ class InvalidType(InvalidArgument, TypeError):
 class InvalidTensor(InvalidArgument):
     """A tensor or moments message that does not describe a valid array.
 
-    Built by :func:`normsvc.wire.tensors.tensor_error`, its message is
-    ``"<field>: <description>"``; :meth:`moved` reports the same fault at
-    another field path (a stream's header instead of ``x``).
+    Built by :func:`normsvc.wire.tensors.tensor_error`: its message is
+    ``"<field>: <description>"``.
     """
 
     reason = "INVALID_TENSOR"
-    #: what was wrong and what was expected, without the field's path
-    description = None
-
-    def moved(self, field: str) -> None:
-        self.field, self.message = field, f"{field}: {self.description or self.message}"
 
 
 class LayerNotFound(NormsvcError, LookupError):

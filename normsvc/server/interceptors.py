@@ -95,7 +95,9 @@ class MetricsInterceptor(_Cached):
 
         def record(context, start, failed):
             code = context.code()
-            if code is None:
+            if code is None and failed and not context.is_active():
+                code = grpc.StatusCode.CANCELLED  # the caller went away (a stream it cancelled)
+            elif code is None:
                 code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
             counter = requests.get(code)
             if counter is None:

@@ -54,6 +54,24 @@ class Limits:
                 field=field,
             )
 
+    def check_statistics(self, shape: tuple, field: str) -> None:
+        """A layer's statistics shape: at most ``max_tensor_elements`` values, and an answer that fits a message."""
+        n = 1
+        for size in shape:
+            n *= size
+        if n > self.max_tensor_elements:
+            raise ResourceExhausted(
+                f"{field} gives the layer {n} statistics per tensor: expected at most {self.max_tensor_elements}",
+                field=field,
+            )
+        if 16 * n + 64 * 1024 > self.max_message_bytes:  # mean and variance, float64, in one answer
+            raise ResourceExhausted(
+                f"{field} gives the layer {n} statistics per tensor: its answers would exceed the "
+                f"{self.max_message_mb} MiB message limit (expected at most "
+                f"{(self.max_message_bytes - 64 * 1024) // 16})",
+                field=field,
+            )
+
     def check_layer_count(self, n: int) -> None:
         if n >= self.max_layers:
             raise ResourceExhausted(

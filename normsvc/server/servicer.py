@@ -17,7 +17,8 @@ import tempfile
 
 from .._proto import normsvc_pb2 as pb
 from .._proto import normsvc_pb2_grpc as pb_grpc
-from ..errors import InvalidArgument, InvalidTensor, LayerNotFound, NormsvcError
+from ..config import make_config
+from ..errors import InvalidArgument, LayerNotFound, NormsvcError
 from ..store.validation import validate_name
 from ..wire import framing
 from ..wire import messages as convert
@@ -75,11 +76,18 @@ def _stream_fields():
     except NormsvcError as exc:
         old = exc.field
         if old and not (old == "chunk" or old.startswith("header")):
-            field = _STREAM_FIELDS.get(old) or f"header.{old}"
-            if isinstance(exc, InvalidTensor):
-                exc.moved(field)  # its message begins with the field's path
-            else:
-                exc.field = field
+            exc.moved(_STREAM_FIELDS.get(old) or f"header.{old}")
+        raise
+
+
+@contextlib.contextmanager
+def _config_fields():
+    """Config errors at their CreateLayerRequest path (``config.epsilon``)."""
+    try:
+        yield
+    except NormsvcError as exc:
+        if exc.field and exc.field != "name" and not exc.field.startswith("config."):
+            exc.field = f"config.{exc.field}"
         raise
 
 
@@ -163,15 +171,16 @@ class NormServicer(pb_grpc.NormServiceServicer):
     def CreateLayer(self, request, context):
         kwargs = convert.config_kwargs(request.config)
         try:
+            with _config_fields():
+                declared = make_config(**kwargs).declared_shape
+            if declared is not None:  # checked before the store allocates statistics of that shape
+                field = "config.num_features" if request.config.num_features else "config.groups"
+                self.limits.check_statistics(declared, field)
             self.store.layer(request.name)
         except LayerNotFound:
             self.limits.check_layer_count(len(self.store.list_layers(limit=self.limits.max_layers)))
-        try:
+        with _config_fields():
             layer = self.store.create_layer(request.name, **kwargs)
-        except NormsvcError as exc:
-            if exc.field and exc.field != "name":
-                exc.field = f"config.{exc.field}"
-            raise
         response = pb.CreateLayerResponse()
         convert.layer_to_pb(layer.name, layer.config(), layer.stats(), response.layer)
         return response
@@ -372,7 +381,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
                 f.write(request.safetensors)
             try:
                 layers = self.store.import_(path, naming=naming, layers=list(request.names) or None,
-                                            add_prefix=request.add_prefix)
+                                            add_prefix=request.add_prefix, max_layers=self.limits.max_layers)
             except NormsvcError as exc:
                 # the store speaks of a file at a path; the caller sent bytes, and the path is the server's
                 exc.message = exc.message.replace(repr(path), "the file").replace(path, "the file")

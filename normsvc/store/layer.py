@@ -159,8 +159,9 @@ class Layer:
     # --- helpers ----------------------------------------------------------
 
     def _mutate(self, fn, request_id, what: str) -> RunningStats:
-        out = self._backend.mutate([self.name], fn, validation.request_id(request_id),
-                                   digest=validation.request_digest(what, None, {}))
+        request_id = validation.request_id(request_id)
+        digest = None if request_id is None else validation.request_digest(what, None, {})
+        out = self._backend.mutate([self.name], fn, request_id, digest=digest)
         return out[self.name].report()
 
     def _call(self, cfg: LayerConfig, x, running: RunningStats | None = None, **kwargs):

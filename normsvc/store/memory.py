@@ -15,9 +15,8 @@ __all__ = ["MemoryBackend"]
 
 
 def _copy(record: Record) -> Record:
-    """Records handed out own their arrays, so callers cannot edit the stored state."""
-    s = record.stats
-    return replace(record, stats=replace(s, mean=s.mean.copy(), variance=s.variance.copy()))
+    """Records handed out own their arrays, so callers cannot edit the stored state (nor each other's)."""
+    return replace(record, stats=record.stats.copy())
 
 
 class MemoryBackend(Backend):

@@ -28,7 +28,9 @@ Mutation = Callable[[Record], "Record | None"]
 
 def updated(record: Record, stats: RunningStats, now: float) -> Record:
     """``record`` with new statistics, one version on, stamped ``now``."""
-    return replace(record, stats=replace(stats, version=record.stats.version + 1, updated_at=now))
+    s = stats  # built directly: dataclasses.replace costs more than the update itself on the hot path
+    new = RunningStats(s.mean, s.variance, s.count, s.num_batches, record.stats.version + 1, s.frozen, now)
+    return Record(record.name, record.config, new, record.steps)
 
 
 def update(moments, now: float) -> Mutation:
@@ -67,7 +69,11 @@ def contribute(moments, key: StepKey, now: float, *, lag: int, closed: dict) -> 
     """
 
     def fn(record: Record) -> Record | None:
-        validation.batch(record.name, record.config, known_shape(record), moments)
+        # while the layer learns its shape, the contributions already waiting fix it
+        shape = known_shape(record)
+        if shape is None:
+            shape = step_state.pending_shape(record.steps, record.config.sample_ndim)
+        validation.batch(record.name, record.config, shape, moments, whole=key.world_size == 1)
         step_state.check_not_frozen(record.stats.frozen, record.name)
         steps = step_state.admit(record.steps, key, moments, record.name)
         closed[record.name] = []

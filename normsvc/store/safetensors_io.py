@@ -53,7 +53,7 @@ import numpy as np
 from .. import prefixes
 from ..running import RunningStats
 from . import validation
-from ..errors import InvalidArgument, StoreUnavailable
+from ..errors import InvalidArgument, ResourceExhausted, StoreUnavailable
 from .records import Record, known_shape
 
 __all__ = ["NAMINGS", "FILE_FORMAT", "export_stats", "import_stats"]
@@ -161,7 +161,8 @@ def _save_atomically(tensors: dict, metadata: dict, path: str) -> None:
 # --- import ---------------------------------------------------------------------
 
 
-def import_stats(store, path, *, naming: str = "keras", layers=None, add_prefix=None) -> list[str]:
+def import_stats(store, path, *, naming: str = "keras", layers=None, add_prefix=None,
+                 max_layers: int | None = None) -> list[str]:
     """Load statistics from ``path`` into the store, all or nothing; returns the layer names imported.
 
     ``layers`` are names as the file has them; each goes into the layer
@@ -169,7 +170,8 @@ def import_stats(store, path, *, naming: str = "keras", layers=None, add_prefix=
     InvalidArgument (nothing changed) when the file is not safetensors, its
     metadata is malformed, or any layer's config or statistics fail the
     store's checks (``field="path"``), or a name is no valid layer name with
-    ``add_prefix`` (``field="add_prefix"``).
+    ``add_prefix`` (``field="add_prefix"``); ResourceExhausted when the store
+    would then hold more than ``max_layers`` layers.
     """
     spec = _naming(naming)
     add = prefixes.text(add_prefix, "add_prefix")
@@ -190,11 +192,25 @@ def import_stats(store, path, *, naming: str = "keras", layers=None, add_prefix=
         for name, parts in sorted(found.items()):
             target = _renamed(name, add=add)
             configs[target], stats[target] = _entry(name, parts, info.get(name, {}), naming)
+        _check_room(store, configs, max_layers)
         store.put_stats({k: v for k, v in stats.items() if v is not None}, create=configs)
     except InvalidArgument as exc:
         field = exc.field if exc.field in ("layers", "add_prefix") else "path"
         raise InvalidArgument(f"{where!r}: {exc.message}", layer=exc.layer, field=field) from None
     return sorted(configs)
+
+
+def _check_room(store, names, max_layers: int | None) -> None:
+    if max_layers is None:
+        return
+    held = set(store.list_layers())
+    new = len(set(names) - held)
+    if new and len(held) + new > max_layers:
+        raise ResourceExhausted(
+            f"the import would create {new} layers in a store that holds {len(held)}: expected at most "
+            f"{max_layers} layers in all (delete layers first, or import fewer)",
+            field="safetensors", reason="TOO_MANY_LAYERS",
+        )
 
 
 def _read(path: str) -> tuple[dict, dict]:

@@ -166,7 +166,10 @@ def admit(steps: Steps, key: StepKey, moments: Moments, layer: str) -> Steps | N
                 f"of layer {layer!r}: expected the same moments again (a retry) or a later step",
                 layer=layer, field="rank", reason="CONTRIBUTION_CONFLICT",
             )
-    new = Contribution(key.step, key.rank, key.world_size, fingerprint, moments)
+    # kept beyond the call: a copy, so the caller may reuse its arrays
+    owned = Moments._trusted(np.array(moments.count, dtype=np.float64), np.array(moments.mean, dtype=np.float64),
+                             np.array(moments.m2, dtype=np.float64))
+    new = Contribution(key.step, key.rank, key.world_size, fingerprint, owned)
     pending = tuple(sorted((*steps.pending, new), key=lambda c: (c.step, c.rank)))
     return replace(steps, pending=pending)
 
@@ -204,10 +207,20 @@ def merge(parts: list, sample_ndim: int | None) -> Moments:
         for m in moments[1:]:
             merged = merged.merge(m)
         return merged
-    means = [np.atleast_1d(m.mean) for m in moments]
+    # per-sample moments: every position of layer/rms moments is a sample (flatten them); instance and
+    # group moments keep their (N, C) layout and stack along N
+    flat = sample_ndim is None
+    means = [m.mean.reshape(-1) if flat else np.atleast_1d(m.mean) for m in moments]
     counts = [np.broadcast_to(m.count, m.mean.shape).reshape(mean.shape) for m, mean in zip(moments, means)]
-    m2s = [np.atleast_1d(m.m2) for m in moments]
+    m2s = [m.m2.reshape(mean.shape) for m, mean in zip(moments, means)]
     return Moments(np.concatenate(counts), np.concatenate(means), np.concatenate(m2s))
+
+
+def pending_shape(steps: Steps, sample_ndim: int | None) -> tuple | None:
+    """The statistics shape of the contributions waiting (None when none waits, or any shape fits)."""
+    if not steps.pending or sample_ndim is None:
+        return None
+    return steps.pending[0].moments.mean.shape[sample_ndim:]
 
 
 def check_not_frozen(frozen: bool, layer: str) -> None:

@@ -238,7 +238,7 @@ class Store:
         else:
             fns = {name: mutations.contribute(m, key, now, lag=self.step_lag, closed=closed)
                    for name, m in updates.items()}
-        digest = validation.request_digest("update", key, updates)
+        digest = None if request_id is None else validation.request_digest("update", key, updates)
         out = self._backend.mutate(list(updates), lambda r: fns[r.name](r), request_id, digest=digest)
         self._report_closed(closed, key)
         return {name: out[name].report() for name in updates}
@@ -289,8 +289,8 @@ class Store:
         if not names:
             return {}
         fresh = {name: new_record(name, config) for name, config in configs.items()}
-        digest = validation.request_digest("put", None, {n: (v.mean, v.variance, v.count, v.num_batches)
-                                                         for n, v in values.items()})
+        digest = None if request_id is None else validation.request_digest(
+            "put", None, {n: (v.mean, v.variance, v.count, v.num_batches) for n, v in values.items()})
         out = self._backend.mutate(names, mutations.put(values, time.time()), request_id, create=fresh,
                                    digest=digest)
         return {name: out[name].report() for name in names}
@@ -325,12 +325,16 @@ class Store:
         return safetensors_io.export_stats(self, path, layers=layers, naming=naming, prefix=prefix,
                                            strip_prefix=strip_prefix, dtype=dtype)
 
-    def import_(self, path, naming: str = "keras", *, layers=None, add_prefix: str | None = None) -> list[str]:
+    def import_(self, path, naming: str = "keras", *, layers=None, add_prefix: str | None = None,
+                max_layers: int | None = None) -> list[str]:
         """Load running statistics from a safetensors file, all or nothing; see :mod:`normsvc.store.safetensors_io`.
 
         ``layers`` (names as in the file) picks some of the file's layers;
         ``add_prefix`` is put before every name of the file (a file exported
         with ``strip_prefix`` goes back under a model's namespace).  Returns
-        the layers written, named as in the store.
+        the layers written, named as in the store.  ``max_layers`` refuses
+        (ResourceExhausted, nothing changed) an import after which the store
+        would hold more layers than that.
         """
-        return safetensors_io.import_stats(self, path, naming=naming, layers=layers, add_prefix=add_prefix)
+        return safetensors_io.import_stats(self, path, naming=naming, layers=layers, add_prefix=add_prefix,
+                                           max_layers=max_layers)

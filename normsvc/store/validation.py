@@ -195,7 +195,7 @@ def _sample_ndim(cfg: LayerConfig, mean: np.ndarray, layer: str) -> int:
     return sample_ndim
 
 
-def batch(name: str, cfg: LayerConfig, shape: tuple | None, moments) -> BatchStatistics:
+def batch(name: str, cfg: LayerConfig, shape: tuple | None, moments, *, whole: bool = True) -> BatchStatistics:
     """Check pushed moments against a layer and reduce them to its statistics shape.
 
     Parameters
@@ -229,7 +229,8 @@ def batch(name: str, cfg: LayerConfig, shape: tuple | None, moments) -> BatchSta
     if moments.count.ndim:
         moments = Moments(count, mean, moments.m2)
     stats = batch_statistics(moments, sample_ndim, pool=not cfg.norm.centered)
-    if cfg.convention == "torch" and stats.unit_count <= 1:
+    # torch needs more than one value per channel in the whole batch; one rank's share may hold one
+    if whole and cfg.convention == "torch" and stats.unit_count <= 1:
         raise InvalidArgument(
             f"moments.count={stats.unit_count:g} per statistic for torch-convention layer {name!r}: "
             "the unbiased variance needs more than 1 value per channel (as torch requires in training)",

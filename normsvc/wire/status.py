@@ -6,8 +6,11 @@ the client turns a failed call back into the same exception class with
 ``reason`` (see :mod:`normsvc.errors`).
 
 Every status carries an ``ErrorInfo`` with ``domain="normsvc"``, the error's
-``reason`` and ``metadata["layer"]`` when a layer is concerned.  By code it
-also carries:
+``reason``, ``metadata["layer"]`` when a layer is concerned and
+``metadata["field"]`` when a request field is at fault.  Messages longer than
+:data:`MAX_MESSAGE` characters are cut (they travel three times in the
+trailing metadata, which clients cap at 8 to 16 KiB).  By code it also
+carries:
 
 ===================  ==========================================================
 code                 details
@@ -47,6 +50,8 @@ log = logging.getLogger("normsvc.server")
 
 #: ErrorInfo.domain of every normsvc error.
 DOMAIN = "normsvc"
+#: Longest message sent (characters); the rest is cut and counted.
+MAX_MESSAGE = 1024
 _DETAILS_KEY = "grpc-status-details-bin"
 
 
@@ -88,6 +93,12 @@ def _known(exc: BaseException) -> errors.NormsvcError:
     return errors.Internal(f"internal error ({type(exc).__name__}); see the server log")
 
 
+def _cut(message: str) -> str:
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return f"{message[:MAX_MESSAGE]}... ({len(message) - MAX_MESSAGE} more characters)"
+
+
 def _pack(status: status_pb2.Status, detail) -> None:
     any_msg = any_pb2.Any()
     any_msg.Pack(detail)
@@ -97,9 +108,9 @@ def _pack(status: status_pb2.Status, detail) -> None:
 def to_status(exc: BaseException) -> grpc.Status:
     """The gRPC status (code, message, rich details) that reports ``exc`` to the caller."""
     err = _known(exc)
-    code, reason, message, field, layer = err.code, err.reason, err.message, err.field, err.layer
+    code, reason, message, field, layer = err.code, err.reason, _cut(err.message), err.field, err.layer
     status = status_pb2.Status(code=getattr(code_pb2, code), message=message)
-    meta = {"layer": layer} if layer else {}
+    meta = {key: value for key, value in (("layer", layer), ("field", field)) if value}
     _pack(status, error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=meta))
     if code == "INVALID_ARGUMENT":
         if field:  # a violation names a request field; no BadRequest when no one field is at fault
@@ -137,6 +148,7 @@ def _details(error) -> tuple[str | None, str | None, str | None]:
                 if info.domain == DOMAIN:
                     reason = info.reason
                     layer = info.metadata.get("layer") or None
+                    field = field or info.metadata.get("field") or None
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)

@@ -1072,6 +1072,23 @@ async function main() {
       { type: E, request: { names: [K, ''] }, field: 'names[1]' });
     expectError('ExportStats of an unknown layer', await call('ExportStats', { names: [`${P}io/none`] }), grpc.status.NOT_FOUND,
       { layer: `${P}io/none` });
+    const ep = expectOk('ExportStats prefix with strip_prefix', await call('ExportStats', { prefix: `${P}io/`, strip_prefix: `${P}io/` }));
+    if (ep) {
+      const keys = Object.keys(parse(ep.safetensors)).filter((k) => k !== '__metadata__').sort();
+      check('prefix selects its layers, strip_prefix removes it from their names',
+        same(keys, ['keras/moving_mean', 'keras/moving_variance', 'torch/moving_mean', 'torch/moving_variance']), show(keys));
+      check('ExportStats answers the store\'s names', same(ep.layers, [K, Q]), show(ep.layers));
+      const back = expectOk('ImportStats add_prefix', await call('ImportStats', { safetensors: ep.safetensors, names: ['keras'], add_prefix: `${P}io/copy/` }));
+      if (back) check('ImportStats puts the file\'s names under add_prefix', same(back.layers, [`${P}io/copy/keras`]), show(back.layers));
+      expectError('ImportStats add_prefix that makes no valid name', await call('ImportStats', { safetensors: ep.safetensors, add_prefix: 'a//' }),
+        grpc.status.INVALID_ARGUMENT, { type: 'normsvc.v1.ImportStatsRequest', field: 'add_prefix' });
+    }
+    expectError('ExportStats names and prefix', await call('ExportStats', { names: [K], prefix: `${P}io/` }), grpc.status.INVALID_ARGUMENT,
+      { type: E, field: 'prefix' });
+    expectError('ExportStats a prefix no layer has', await call('ExportStats', { prefix: `${P}io/none/` }), grpc.status.INVALID_ARGUMENT,
+      { type: E, field: 'prefix' });
+    expectError('ExportStats strip_prefix a layer lacks', await call('ExportStats', { names: [K], strip_prefix: `${P}other/` }),
+      grpc.status.INVALID_ARGUMENT, { type: E, field: 'strip_prefix', layer: K });
 
     if (ek) {
       const before = await get(K);

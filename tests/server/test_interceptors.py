@@ -238,9 +238,6 @@ def test_a_stream_is_in_flight_until_it_ends(memory_server, connect):
     assert sample(registry, "normsvc_rpc_latency_seconds_count", method="WatchLayer") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="MetricsInterceptor counts a stream the client cancelled as UNKNOWN: "
-                   "the generator gets GeneratorExit and context.code() is None, so record() takes it for a "
-                   "failure; its final status is CANCELLED")
 def test_a_cancelled_stream_is_counted_as_cancelled(memory_server, connect):
     stub = connect(memory_server)
     registry = memory_server.metrics.registry

@@ -121,9 +121,6 @@ def test_normalize_stream_is_refused_on_its_header_before_any_bytes(limited, rng
     assert_serving(stub, rng)
 
 
-@pytest.mark.xfail(strict=True, reason="servicer._stream_fields moves the field of a TensorTooLarge to "
-                   "header.shape but leaves its message at 'x.shape: ...' (only InvalidTensor.moved rewrites "
-                   "the message), a path NormalizeStreamRequest does not have")
 def test_normalize_stream_s_refusal_names_the_header_s_field_in_its_message(limited):
     _, stub = limited
     header = _header_over_the_limit()
@@ -137,8 +134,6 @@ def test_exactly_max_tensor_elements_is_accepted(limited):
     assert y.shape == (2_500, 4) and versions(stub, "bn") == [1]
 
 
-@pytest.mark.xfail(strict=True, reason="CreateLayer does not check num_features against max_tensor_elements: "
-                   "a tiny request makes the server allocate statistics of any size")
 def test_create_layer_with_num_features_over_max_tensor_elements_is_refused(limited):
     _, stub = limited
     with raises_code(C.RESOURCE_EXHAUSTED, "expected at most 10000"):
@@ -198,8 +193,6 @@ def test_create_layer_past_max_layers_is_refused(limited, rng):
     assert_serving(stub, rng)
 
 
-@pytest.mark.xfail(strict=True, reason="ImportStats creates layers without checking max_layers: a server "
-                   "limited to 4 layers ends up holding 6")
 def test_import_stats_past_max_layers_is_refused(start_server, connect, limited):
     _, stub = limited
     source = connect(start_server())
@@ -211,8 +204,6 @@ def test_import_stats_past_max_layers_is_refused(start_server, connect, limited)
     assert layer_names(stub) == ["bn"]
 
 
-@pytest.mark.xfail(strict=True, reason="a CreateLayer whose answer is over max_message_mb fails with "
-                   "RESOURCE_EXHAUSTED after the layer was created: a refused request changed the store")
 def test_an_answer_over_max_message_mb_changes_nothing(limited):
     _, stub = limited
     try:  # 200_000 float64 means and variances: 3.2 MB of statistics in the answer

@@ -38,3 +38,11 @@ def test_put_stats_keeps_no_reference_to_the_callers_arrays(store):
     stats = store.layer("bn").stats()
     assert stats.mean.tolist() == [1.0, 2.0] and stats.variance.tolist() == [3.0, 4.0]
 
+
+def test_copy_owns_its_arrays_and_keeps_every_other_field():
+    stats = RunningStats(np.arange(3.0), np.ones(3), 8.0, 2, 5, True, 12.5)
+    copy = stats.copy()
+    assert copy == stats and type(copy) is RunningStats
+    assert not np.shares_memory(copy.mean, stats.mean) and not np.shares_memory(copy.variance, stats.variance)
+    copy.mean[:] = -1.0
+    assert stats.mean.tolist() == [0.0, 1.0, 2.0]

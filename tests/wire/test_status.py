@@ -101,7 +101,8 @@ def test_to_status_gives_the_code_error_info_and_the_detail_of_the_code(cls, lay
     assert proto.code == getattr(code_pb2, code) and proto.message == MESSAGE
     info = details.pop("ErrorInfo")
     assert (info.domain, info.reason) == ("normsvc", reason)
-    assert dict(info.metadata) == ({"layer": LAYER} if layer else {})
+    # the layer and the field at fault, for every code (BadRequest only exists for INVALID_ARGUMENT)
+    assert dict(info.metadata) == ({"layer": LAYER, "field": FIELD} if layer else {})
     if detail == "BadRequest":
         if field is None:  # no one field at fault: no BadRequest at all
             assert details == {}
@@ -241,19 +242,12 @@ def test_without_a_layer_or_field_none_comes_back(servers, cls):
     assert type(got) is EXPECTED[cls][2] and (got.layer, got.field) == (None, None)
 
 
-@pytest.mark.xfail(strict=True, reason="to_status puts the field of a RESOURCE_EXHAUSTED error in "
-                   "QuotaFailure.subject, but from_rpc_error reads fields from BadRequest only: "
-                   "TensorTooLarge(field='x') raised by the server reaches the client with field None")
 @pytest.mark.parametrize("cls", [errors.ResourceExhausted, errors.TensorTooLarge], ids=lambda cls: cls.__name__)
 def test_the_field_of_a_resource_exhausted_error_comes_back(servers, cls):
     got = _fail(servers, "interceptor", cls("x has 20000 elements: expected at most 10000", field="x"))
     assert type(got) is cls and got.field == "x"
 
 
-@pytest.mark.xfail(strict=True, reason="to_status sends the whole message three times in the trailing "
-                   "metadata (grpc-message, Status.message, the detail's description); past the client's "
-                   "16 KiB metadata limit the caller gets RESOURCE_EXHAUSTED 'Stream removed' instead of "
-                   "the error (e.g. ResetStats with a 20000-character request_id, echoed by validation)")
 def test_a_long_message_still_reaches_the_client_as_its_error(servers):
     message = "request_id='" + "r" * 20_000 + "': expected None or a string of 1 to 256 characters"
     got = _fail(servers, "interceptor", errors.InvalidArgument(message, field="request_id"))
