@@ -289,16 +289,18 @@ class NormServicer(pb_grpc.NormServiceServicer):
 
     # --- compute -------------------------------------------------------------
 
-    def _normalize(self, name, x, mode, has_update, update, gamma, beta, request_id, rpc):
-        """Run the layer's normalize; returns (y, batch Moments or None, RunningStats or None)."""
-        training = convert.training(mode)
-        update = training and (not has_update or update)
+    def _normalize(self, params, x, rpc):
+        """Run the layer's normalize with ``params`` (a NormalizeRequest or a stream's header: layer,
+        mode, update, gamma, beta, request_id); returns (y, batch Moments or None, RunningStats or None)."""
+        name = params.layer
+        training = convert.training(params.mode)
+        update = training and (not params.HasField("update") or params.update)
         max_el = self.limits.max_tensor_elements
-        gamma = decode(gamma, field="gamma", max_elements=max_el) if gamma is not None else None
-        beta = decode(beta, field="beta", max_elements=max_el) if beta is not None else None
+        gamma, beta = (decode(getattr(params, f), field=f, max_elements=max_el) if params.HasField(f) else None
+                       for f in ("gamma", "beta"))
         layer = self._layer(name)
         y, moments = layer.normalize(x, training=training, update=update, gamma=gamma, beta=beta,
-                                     request_id=request_id or None, return_moments=True, **self._device)
+                                     request_id=params.request_id or None, return_moments=True, **self._device)
         stats = None
         if update and moments is not None:  # no moments: a frozen layer normalized with its running stats
             stats = layer.stats()
@@ -311,12 +313,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
         if not request.HasField("x"):
             raise InvalidArgument("x is missing: expected a tensor", field="x")
         x = decode(request.x, field="x", max_elements=self.limits.max_tensor_elements)
-        y, moments, stats = self._normalize(
-            request.layer, x, request.mode, request.HasField("update"), request.update,
-            request.gamma if request.HasField("gamma") else None,
-            request.beta if request.HasField("beta") else None,
-            request.request_id, "Normalize",
-        )
+        y, moments, stats = self._normalize(request, x, "Normalize")
         del x
         response = _with_results(pb.NormalizeResponse(), moments, stats)
         # y's bytes go into the answer once, not three times (Tensor, message, serialization)
@@ -337,12 +334,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
                                           "only chunks after the header", field="chunk")
                 x.add(msg.chunk)
             x = x.array()
-            y, moments, stats = self._normalize(
-                h.layer, x, h.mode, h.HasField("update"), h.update,
-                h.gamma if h.HasField("gamma") else None,
-                h.beta if h.HasField("beta") else None,
-                h.request_id, "NormalizeStream",
-            )
+            y, moments, stats = self._normalize(h, x, "NormalizeStream")
         del x
         result = _with_results(pb.NormalizeStreamResult(dtype=h.dtype, shape=y.shape), moments, stats)
         yield pb.NormalizeStreamResponse(result=result)

@@ -155,7 +155,7 @@ def test_four_worker_processes_reproduce_torch_and_keras(tmp_path):
             assert len(rep["seen"]) == G.steps * len(targets) * len(CASES)
             for server, name, t, s_run, last_step, mean, variance, num_batches, version in rep["seen"]:
                 assert s_run == run
-                assert last_step is None or last_step <= t + 3
+                assert last_step is None or last_step <= t  # no step completes before this rank sent it
                 assert version == (0 if last_step is None else last_step + 1)
                 assert_golden(G.cases[name], mean, variance, num_batches, last_step)
                 checked += last_step is not None
