@@ -80,6 +80,9 @@ def _add_serve(sub) -> None:
                    help="where kernels run (NORMSVC_DEVICE, default auto)")
     p.add_argument("--workers", type=int, default=_env_number("WORKERS", 64),
                    help="server threads (NORMSVC_WORKERS, default 64)")
+    p.add_argument("--step-lag", type=int, default=_env_number("STEP_LAG", 8),
+                   help="a training step still open when a contribution this many steps ahead arrives is applied "
+                   "with the ranks that came (NORMSVC_STEP_LAG, default 8)")
     p.add_argument("--grace", type=float, default=_env_number("GRACE", 10.0, float),
                    help="seconds in-flight calls get to finish on SIGTERM (NORMSVC_GRACE, default 10)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
@@ -128,6 +131,7 @@ def _serve(args) -> int:
             device=args.device,
             workers=args.workers,
             limits=limits,
+            step_lag=args.step_lag,
         )
     except (OSError, ValueError) as exc:
         print(f"normsvc serve: {exc}", file=sys.stderr)

@@ -38,7 +38,8 @@ from . import norms
 from .errors import InvalidArgument
 from .running import CONVENTIONS, DEFAULTS
 
-__all__ = ["DEFAULT", "LayerConfig", "make_config", "default_axis", "default_run", "RUN_VARIABLES"]
+__all__ = ["DEFAULT", "LayerConfig", "make_config", "default_axis", "default_run", "step_arguments",
+           "RUN_VARIABLES"]
 
 class _Default:
     """Marks an argument left out, where None is itself a meaningful value."""
@@ -156,6 +157,44 @@ def default_run() -> str:
             step = os.environ.get("SLURM_STEP_ID", "") if name == "SLURM_JOB_ID" else ""
             return f"{value}.{step}" if step else value
     return ""
+
+
+#: Largest step number (int64 on the wire) and world size; longest run id.
+MAX_STEP = 2**62
+MAX_WORLD_SIZE = 1 << 20
+MAX_RUN_LENGTH = 256
+
+
+def _int_in(value, field: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise InvalidArgument(f"{field}={value!r}: expected an int from {low} to {high}", field=field)
+    return int(value)
+
+
+def step_arguments(step, rank, world_size, run) -> tuple | None:
+    """A step contribution's ``(run, step, rank, world_size)``, checked; None for a plain update.
+
+    Shared by the Store and the Client (which checks before sending, since
+    the wire cannot tell ``rank=0`` from no rank).  ``run`` left out is
+    :func:`default_run` of this process.
+    """
+    if step is None and rank is None and world_size is None:
+        if run is not None:
+            raise InvalidArgument("run without step: expected step, rank and world_size with it", field="run")
+        return None
+    given = {"step": step, "rank": rank, "world_size": world_size}
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise InvalidArgument(
+            f"a step contribution needs step, rank and world_size: {', '.join(missing)} missing", field=missing[0])
+    world_size = _int_in(world_size, "world_size", 1, MAX_WORLD_SIZE)
+    rank = _int_in(rank, "rank", 0, world_size - 1)
+    step = _int_in(step, "step", 0, MAX_STEP)
+    run = default_run() if run is None else run
+    if not isinstance(run, str) or len(run) > MAX_RUN_LENGTH:
+        raise InvalidArgument(f"run={run!r}: expected a string of at most {MAX_RUN_LENGTH} characters",
+                              field="run")
+    return run, step, rank, world_size
 
 
 def default_axis(kind: str, convention: str) -> int:

@@ -29,7 +29,7 @@ import numpy as np
 from .. import prefixes
 from .._proto import normsvc_pb2 as pb
 from ..errors import InvalidArgument, InvalidType
-from ..config import DEFAULT, default_run, make_config
+from ..config import DEFAULT, default_run, make_config, step_arguments
 from ..wire import framing
 from ..wire.messages import (
     config_from_pb,
@@ -214,26 +214,12 @@ def update(name, moments, request_id, **step):
     return (yield from update_many({name: moments}, request_id, **step))[name]
 
 
-def _int_field(value, field: str):
-    """An int argument for an int64 field; the server checks its range (as the Store does)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidArgument(f"{field}={value!r}: expected an int", field=field)
-    return int(value)
-
-
 def _step_fields(request, step, rank, world_size, run) -> None:
-    """A step contribution's fields; the run defaults to this process's (``default_run``)."""
-    if step is not None:
-        request.step = _int_field(step, "step")
-        run = default_run() if run is None else run
-    if rank is not None:
-        request.rank = _int_field(rank, "rank")
-    if world_size is not None:
-        request.world_size = _int_field(world_size, "world_size")
-    if run is not None:
-        if not isinstance(run, str):
-            raise InvalidArgument(f"run={run!r}: expected a string", field="run")
-        request.run = run
+    """A step contribution's fields, checked here as the Store checks them (the wire cannot
+    tell ``rank=0`` from no rank); the run defaults to this process's (``default_run``)."""
+    checked = step_arguments(step, rank, world_size, run)
+    if checked is not None:
+        request.run, request.step, request.rank, request.world_size = checked
 
 
 def set_state(method, name, request_id):

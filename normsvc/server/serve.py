@@ -241,7 +241,14 @@ def serve(
     owns_store = isinstance(store, str)
     store = Store.open(store, step_lag=step_lag) if owns_store else store
     metrics = Metrics()
-    store.on_incomplete = lambda layer, run, step, ranks, world_size: metrics.steps_closed_incomplete.inc()
+    theirs = store.on_incomplete  # a Store passed in may have its own hook: call both
+
+    def on_incomplete(*args):
+        metrics.steps_closed_incomplete.inc()
+        if theirs is not None:
+            theirs(*args)
+
+    store.on_incomplete = on_incomplete
     try:
         hub = WatchHub()
         rendezvous = Rendezvous(

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..moments import Moments
 from ..running import BatchStatistics, RunningStats, batch_statistics
-from ..config import LayerConfig, default_run, make_config
+from ..config import LayerConfig, make_config, step_arguments
 from ..errors import InvalidArgument
 from .steps import StepKey, digest
 
@@ -74,44 +74,16 @@ def request_id(value) -> str | None:
     return value
 
 
-#: Largest step number and world size (int64 on the wire; a world of 2**20 ranks is plenty).
-MAX_STEP = 2**62
-MAX_WORLD_SIZE = 1 << 20
-#: Longest run id.
-MAX_RUN_LENGTH = 256
-
-
 def positive_int(value, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise InvalidArgument(f"{field}={value!r}: expected a positive int", field=field)
     return int(value)
 
 
-def _int_in(value, field: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise InvalidArgument(f"{field}={value!r}: expected an int from {low} to {high}", field=field)
-    return int(value)
-
-
 def step_key(step, rank, world_size, run) -> StepKey | None:
-    """The contribution's key, or None for a plain update (no step, rank, world_size or run)."""
-    given = {"step": step, "rank": rank, "world_size": world_size}
-    if step is None and rank is None and world_size is None:
-        if run is not None:
-            raise InvalidArgument("run without step: expected step, rank and world_size with it", field="run")
-        return None
-    missing = [name for name, value in given.items() if value is None]
-    if missing:
-        raise InvalidArgument(
-            f"a step contribution needs step, rank and world_size: {', '.join(missing)} missing", field=missing[0])
-    world_size = _int_in(world_size, "world_size", 1, MAX_WORLD_SIZE)
-    rank = _int_in(rank, "rank", 0, world_size - 1)
-    step = _int_in(step, "step", 0, MAX_STEP)
-    run = default_run() if run is None else run
-    if not isinstance(run, str) or len(run) > MAX_RUN_LENGTH:
-        raise InvalidArgument(f"run={run!r}: expected a string of at most {MAX_RUN_LENGTH} characters",
-                              field="run")
-    return StepKey(run, step, rank, world_size)
+    """The contribution's key, or None for a plain update (see :func:`normsvc.config.step_arguments`)."""
+    checked = step_arguments(step, rank, world_size, run)
+    return None if checked is None else StepKey(*checked)
 
 
 def request_digest(what: str, key: StepKey | None, values: Mapping) -> bytes:

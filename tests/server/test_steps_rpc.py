@@ -245,6 +245,53 @@ def test_a_rerun_after_a_restart_is_refused_never_skipped(tmp_path, rng, no_laun
 
 
 # --------------------------------------------------------------------------
+# the rule for incomplete steps, over gRPC
+# --------------------------------------------------------------------------
+def test_a_step_missing_a_rank_is_closed_after_the_lag(start_server, tmp_path, rng):
+    server = start_server(f"sqlite:///{tmp_path / 'stats.db'}", step_lag=3)
+    case = G.cases["torch_m0.1"]
+    run = uuid.uuid4().hex
+    with normsvc.Client(server.address) as client:
+        layers = [client.create_layer("dp/bn", **case.layer_kwargs)] * WORLD
+        push_step(layers, case, 0, run, rng, ranks=[3, 0, 1])  # rank 2 never sends step 0
+        for t in (1, 2):
+            stats = push_step(layers, case, t, run, rng)
+        assert (stats.last_step, stats.version) == (None, 0)  # complete, but waiting for step 0
+        stats = push_step(layers, case, 3, run, rng, ranks=[2])  # 3 steps ahead: step 0 closes with 3 ranks
+        assert (stats.last_step, stats.num_batches, stats.version) == (2, 3, 3)
+        registry = server.metrics.registry
+        assert registry.get_sample_value("normsvc_steps_closed_incomplete_total") == 1
+        # independent reference: numpy over the 3 ranks' data, then the two complete steps
+        x = np.concatenate([case.x[0, w] for w in (0, 1, 3)])
+        n = x.size // x.shape[1]
+        batches = [(n, x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3)))]
+        batches += [(G.count_per_step, G.step_mean[t], G.step_variance[t]) for t in (1, 2)]
+        mean, var = np.zeros(5), np.ones(5)
+        for k, bm, bv in batches:
+            mean, var = 0.9 * mean + 0.1 * bm, 0.9 * var + 0.1 * bv * k / (k - 1)
+        np.testing.assert_allclose(stats.mean, mean, rtol=1e-10)
+        np.testing.assert_allclose(stats.variance, var, rtol=1e-10)
+        with pytest.raises(normsvc.FailedPrecondition) as info:  # the late rank: refused, never merged
+            layers[2].update(golden_moments(case, 0, 2), step=0, rank=2, world_size=WORLD, run=run)
+        assert info.value.reason == "STEP_APPLIED"
+        stats = push_step(layers, case, 3, run, rng, ranks=[1, 3, 0])
+        assert (stats.last_step, stats.num_batches) == (3, 4)
+        assert registry.get_sample_value("normsvc_steps_closed_incomplete_total") == 1
+
+
+def test_normsvc_serve_takes_step_lag(rng):
+    server = ServerProcess(["--port", "0", "--store", "memory://", "--log-level", "WARNING", "--step-lag", "2"])
+    try:
+        case = G.cases["torch_m0.1"]
+        with normsvc.Client(server.address) as client:
+            layers = [client.create_layer("dp/bn", **case.layer_kwargs)] * WORLD
+            push_step(layers, case, 0, "r", rng, ranks=[0, 1, 2])
+            assert push_step(layers, case, 2, "r", rng, ranks=[0]).last_step == 0
+    finally:
+        server.kill()
+
+
+# --------------------------------------------------------------------------
 # request ids through the client (in-process servers over memory and sqlite)
 # --------------------------------------------------------------------------
 def test_a_reused_request_id_with_other_data_is_refused(server, rng):
@@ -304,6 +351,52 @@ def test_conflicting_contribution_and_ended_run_through_the_client(server, rng):
         stats = push_step([layer] * WORLD, case, 0, "b", rng, ranks=[3, 1, 2])
         assert (stats.run, stats.last_step) == ("b", 0)
         assert_golden(case, stats.mean, stats.variance, stats.num_batches, 0)
+
+
+# --------------------------------------------------------------------------
+# argument validation through the client: as the Store's
+# --------------------------------------------------------------------------
+# the wire cannot tell rank=0 or world_size=0 from "not set": the client checks them as the Store does
+BAD_KEYS = [
+    (dict(step=0, rank=0), "world_size"),
+    (dict(rank=0, world_size=2), "step"),
+    (dict(rank=1), "step"),
+    (dict(world_size=2), "step"),
+    (dict(step=0, rank=2, world_size=2), "rank"),
+    (dict(step=0, rank=-1, world_size=2), "rank"),
+    (dict(step=-1, rank=0, world_size=2), "step"),
+    (dict(step=1.0, rank=0, world_size=2), "step"),
+    (dict(step=True, rank=0, world_size=2), "step"),
+    (dict(step=0, rank=0, world_size=0), "world_size"),
+    (dict(step=0, rank="0", world_size=2), "rank"),
+    (dict(step=0, rank=0, world_size=2, run=5), "run"),
+    (dict(step=0, rank=0, world_size=2, run="r" * 257), "run"),
+    (dict(step=2**62 + 1, rank=0, world_size=2), "step"),
+    (dict(run="job"), "run"),
+    (dict(rank=0), "step"),
+    (dict(rank=0, run=""), "step"),
+    (dict(step=0, world_size=2), "rank"),
+    (dict(step=0), "rank"),
+    (dict(step=2**63, rank=0, world_size=2), "step"),
+    (dict(step=0, rank=0, world_size=2**31), "world_size"),
+]
+
+
+@pytest.mark.parametrize("key, field", BAD_KEYS, ids=lambda v: "-".join(v) if isinstance(v, dict) else v)
+def test_bad_step_arguments_are_refused_by_the_client_as_by_the_store(memory_server, rng, key, field):
+    case = G.cases["torch_m0.1"]
+    with normsvc.Client(memory_server.address) as client:
+        layer = client.create_layer("dp/bn", **case.layer_kwargs)
+        layer.update(golden_moments(case, 0, 1), step=0, rank=1, world_size=2, run="")  # rank 1 pending
+        before = layer.stats()
+        try:
+            with pytest.raises(normsvc.InvalidArgument) as info:
+                layer.update(golden_moments(case, 0, 0), **key)
+            assert info.value.field == field, info.value
+        finally:
+            assert layer.stats() == before
+        stats = layer.update(golden_moments(case, 0, 3), step=0, rank=0, world_size=2, run="")
+        assert (stats.last_step, stats.num_batches) == (0, 1)
 
 
 # --------------------------------------------------------------------------
