@@ -80,6 +80,18 @@ def _add_serve(sub) -> None:
                    help="where kernels run (NORMSVC_DEVICE, default auto)")
     p.add_argument("--workers", type=int, default=_env_number("WORKERS", 64),
                    help="server threads (NORMSVC_WORKERS, default 64)")
+    p.add_argument("--max-streams", type=int, default=_env_number("MAX_STREAMS", None),
+                   help="most calls that hold a thread while they last (WatchLayer and NormalizeStream streams, "
+                   "ranks waiting in AllReduceMoments), all callers together; more are refused at once, so unary "
+                   "calls and health checks always find a thread (NORMSVC_MAX_STREAMS, default: workers minus "
+                   "max(2, workers/4), 48 of 64; at most workers - 1)")
+    p.add_argument("--max-streams-per-token", type=int, default=_env_number("MAX_STREAMS_PER_TOKEN", None),
+                   help="the same, per token; callers without a token count as one (NORMSVC_MAX_STREAMS_PER_TOKEN, "
+                   "default: half of --max-streams with --tokens, all of it without); an AllReduceMoments "
+                   "step holds one per rank, so keep world_size within it")
+    p.add_argument("--max-stream-mb", type=int, default=_env_number("MAX_STREAM_MB", None),
+                   help="MiB of NormalizeStream buffers at once, all streams together; each reserves twice its "
+                   "tensor (x and y) before allocating (NORMSVC_MAX_STREAM_MB, default 8 x --max-message-mb)")
     p.add_argument("--step-lag", type=int, default=_env_number("STEP_LAG", 8),
                    help="a training step still open when a contribution this many steps ahead arrives is applied "
                    "with the ranks that came (NORMSVC_STEP_LAG, default 8)")
@@ -113,6 +125,9 @@ def _serve(args) -> int:
         max_tensor_elements=args.max_tensor_elements,
         max_layers=args.max_layers,
         max_layers_per_request=args.max_layers_per_request,
+        max_streams=args.max_streams,
+        max_streams_per_token=args.max_streams_per_token,
+        max_stream_mb=args.max_stream_mb,
     )
     stop = threading.Event()
     signals = {}

@@ -163,7 +163,9 @@ class NormServiceServicer:
         (300 s unless configured otherwise); then it fails with
         DEADLINE_EXCEEDED and withdraws its moments. A rank that joins a step
         twice, or a step that completed, is ALREADY_EXISTS (reason
-        DUPLICATE_RANK).
+        DUPLICATE_RANK). A waiting rank holds one of the server's stream slots
+        (see WatchLayer), and so does the last while it reduces: a world_size
+        over the slots a token may hold cannot meet.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,7 +174,12 @@ class NormServiceServicer:
     def WatchLayer(self, request, context):
         """Streams every new version of the layers' running statistics. Ends with
         NOT_FOUND when a watched layer is deleted, UNAVAILABLE when the server
-        shuts down.
+        shuts down. Each open stream (WatchLayer, NormalizeStream, a rank waiting
+        in AllReduceMoments) holds one of the server's stream slots: when the
+        server's (max_streams) or the token's (max_streams_per_token) are all
+        taken, the call is refused at once with RESOURCE_EXHAUSTED, reason
+        TOO_MANY_STREAMS, QuotaFailure subject the limit; unary calls and the
+        health service never wait for them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,6 +196,12 @@ class NormServiceServicer:
 
     def NormalizeStream(self, request_iterator, context):
         """Normalize for tensors larger than one message: x and y travel in chunks.
+        The header reserves twice x's bytes (x and y) of the server's stream
+        buffer budget (max_stream_bytes) before anything is allocated, until the
+        stream ends or is cancelled: a tensor over the whole budget is
+        RESOURCE_EXHAUSTED (reason TENSOR_TOO_LARGE, field header.shape), one
+        over what other streams left free RESOURCE_EXHAUSTED (reason
+        STREAM_BUDGET_EXHAUSTED; retry later). It holds a stream slot too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

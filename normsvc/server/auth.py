@@ -7,8 +7,15 @@ A tokens file (JSON) lists who may do what::
       {"name": "ops", "token": "0ther", "role": "admin"}
     ]}
 
-``prefixes`` defaults to ``[""]`` (every layer).  Roles nest,
-read < write < admin:
+``prefixes`` defaults to ``[""]`` (every layer).  A prefix is matched
+character by character; one that ends with ``/`` is a namespace: since a
+layer name has no empty, ``.`` or ``..`` part
+(:func:`~normsvc.store.validation.validate_name`), ``team/`` covers exactly
+the names whose first part is ``team``, and ``team/../other/x`` is no name
+at all.  A prefix without the final ``/`` also covers longer parts (``team``
+covers ``team-b/x``).  A prefix that no valid name can start with
+(``/team/``, ``team//``, ``../``) is refused when the file is loaded.  Roles
+nest, read < write < admin:
 
 =====  =================================================================
 read   GetLayer, ListLayers, WatchLayer, ExportStats, Normalize without an
@@ -38,6 +45,7 @@ from pathlib import Path
 
 from .._proto import normsvc_pb2 as pb
 from ..errors import InvalidArgument, PermissionDenied, Unauthenticated
+from ..store.validation import validate_name
 
 __all__ = ["ROLES", "Principal", "TokenTable", "RULES", "authorize"]
 
@@ -85,6 +93,8 @@ class TokenTable:
             prefixes = e.get("prefixes", [""])
             if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes) or not prefixes:
                 raise InvalidArgument(f"{where}: 'prefixes' must be a non-empty list of strings")
+            for p in prefixes:
+                _check_prefix(p, where)
             if e["token"] in principals:
                 raise InvalidArgument(f"{where}: the same token appears twice")
             principals[e["token"]] = Principal(str(e.get("name", f"token{i}")), e["role"], tuple(prefixes))
@@ -97,6 +107,16 @@ class TokenTable:
             if hmac.compare_digest(known, digest):
                 found = principal
         return found
+
+
+def _check_prefix(prefix: str, where: str) -> None:
+    """InvalidArgument unless some valid layer name starts with ``prefix`` ("" covers every name)."""
+    try:
+        if prefix:
+            validate_name(prefix + "x")
+    except InvalidArgument:
+        raise InvalidArgument(f"{where}: prefix {prefix!r} begins no valid layer name: expected '' or the start "
+                              "of one, e.g. 'team/' (no leading or doubled '/', no '.' or '..' part)") from None
 
 
 def _digest(token: str) -> bytes:

@@ -1,4 +1,4 @@
-"""Server interceptors: metrics (outermost), errors, auth (innermost).
+"""Server interceptors: metrics (outermost), errors, stream limits, auth (innermost).
 
 * :class:`MetricsInterceptor` counts every call by method and final status
   code and times it (streams: until their last message).
@@ -6,6 +6,10 @@
   status with rich details, through :func:`normsvc.wire.status.to_status` (the one place
   that maps exceptions to codes); a request that did not parse
   (:mod:`.decoding`) becomes INVALID_ARGUMENT here, before auth sees it.
+* :class:`StreamLimitInterceptor` admits the calls that hold a thread while
+  they last (streams, ranks waiting in AllReduceMoments) within
+  ``max_streams`` and ``max_streams_per_token`` (:class:`.limits.StreamSlots`),
+  before anything of the call is read, and refuses the others at once.
 * :class:`AuthInterceptor` checks the bearer token and the token's role and
   layer prefixes against the request (:mod:`.auth`); health and reflection
   stay open.
@@ -24,16 +28,26 @@ import time
 import grpc
 
 from . import auth
+from ..errors import Unauthenticated
 from ..wire.status import abort
 from .decoding import checked, raise_if_undecodable
 
-__all__ = ["MetricsInterceptor", "ErrorInterceptor", "AuthInterceptor", "wrap_handler"]
+__all__ = ["MetricsInterceptor", "ErrorInterceptor", "StreamLimitInterceptor", "AuthInterceptor", "wrap_handler",
+           "WAITING_METHODS"]
 
 
 def wrap_handler(handler, decorate):
-    """A copy of ``handler`` whose behaviour is ``decorate(behaviour, response_streaming)``."""
+    """A copy of ``handler`` whose behaviour is ``decorate(behaviour, response_streaming)``.
+
+    A non-blocking behaviour (grpc.health.v1's Watch: it answers through a
+    callback and returns at once) is left as it is: it holds no thread, and
+    a wrapper would make it hold one for as long as the watch lasts.
+    """
     if handler is None:
         return None
+    if any(getattr(getattr(handler, attr), "experimental_non_blocking", False)
+           for attr in ("unary_stream", "stream_stream")):
+        return handler
     for attr, factory, streaming in (
         ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
         ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
@@ -95,8 +109,8 @@ class MetricsInterceptor(_Cached):
 
         def record(context, start, failed):
             code = context.code()
-            if code is None and failed and not context.is_active():
-                code = grpc.StatusCode.CANCELLED  # the caller went away (a stream it cancelled)
+            if code is None and not context.is_active():
+                code = grpc.StatusCode.CANCELLED  # the caller went away (a stream it cancelled, ended or not)
             elif code is None:
                 code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
             counter = requests.get(code)
@@ -154,7 +168,7 @@ class ErrorInterceptor(_Cached):
                     except GeneratorExit:
                         raise
                     except Exception as exc:
-                        if _aborted(context):
+                        if _aborted(context) or not context.is_active():  # no one left to tell (cancelled)
                             raise
                         abort(context, exc)
             else:
@@ -165,6 +179,55 @@ class ErrorInterceptor(_Cached):
                         if _aborted(context):
                             raise
                         abort(context, exc)
+            return wrapper
+
+        return wrap_handler(handler, decorate)
+
+
+#: Unary methods whose calls wait for other callers, holding their thread meanwhile.
+WAITING_METHODS = (auth.SERVICE + "AllReduceMoments",)
+
+
+class StreamLimitInterceptor(_Cached):
+    """Streams of every service (NormService's, reflection's) and :data:`WAITING_METHODS` take a
+    slot of ``slots`` (:class:`.limits.StreamSlots`) for as long as they last; other calls pass.
+
+    A call counts against its token (the name of its entry in the tokens file) when it
+    carries a valid one; calls without one, and every call of a server without tokens,
+    count together.  Placed outside :class:`AuthInterceptor`, so that a NormalizeStream
+    takes its slot before its header is read.
+    """
+
+    def __init__(self, slots, tokens: auth.TokenTable | None = None):
+        super().__init__()
+        self.slots = slots
+        self.tokens = tokens
+
+    def _token(self, context):
+        """The name of the call's valid token, or None."""
+        if self.tokens is None:
+            return None
+        try:
+            token = auth.bearer_token(context.invocation_metadata())
+        except Unauthenticated:
+            return None
+        principal = self.tokens.lookup(token) if token is not None else None
+        return principal.name if principal is not None else None
+
+    def _wrap(self, handler, full_method: str):
+        if not (handler.request_streaming or handler.response_streaming or full_method in WAITING_METHODS):
+            return handler
+        method, slots = _short(full_method), self.slots
+
+        def decorate(behaviour, streaming):
+            if streaming:
+                def wrapper(request, context):
+                    with slots.held(self._token(context), method):
+                        yield from behaviour(request, context)
+            else:
+                def wrapper(request, context):
+                    with slots.held(self._token(context), method):
+                        return behaviour(request, context)
             return wrapper
 
         return wrap_handler(handler, decorate)

@@ -9,6 +9,8 @@ normsvc_rpc_in_flight                  gauge      method
 normsvc_layer_updates_total            counter    layer, rpc
 normsvc_allreduce_steps_total          counter    outcome
 normsvc_steps_closed_incomplete_total  counter
+normsvc_streams_open                   gauge
+normsvc_stream_bytes_reserved          gauge
 =====================================  =========  =======================
 
 ``normsvc_layer_updates_total`` counts running-statistics updates per layer
@@ -16,6 +18,8 @@ normsvc_steps_closed_incomplete_total  counter
 a step contribution counts when its step is applied).
 ``normsvc_steps_closed_incomplete_total`` counts (layer, step) pairs closed
 before all their ranks came (see :mod:`normsvc.store.steps`).
+``normsvc_streams_open`` and ``normsvc_stream_bytes_reserved`` show how much
+of ``max_streams`` and ``max_stream_bytes`` is taken (:mod:`.limits`).
 """
 
 from __future__ import annotations
@@ -53,7 +57,19 @@ class Metrics:
             "normsvc_steps_closed_incomplete", "Training steps of a layer closed before all their ranks came",
             registry=self.registry,
         )
+        self.streams_open = Gauge(
+            "normsvc_streams_open", "Calls holding a stream slot (streams, ranks waiting in AllReduceMoments)",
+            registry=self.registry,
+        )
+        self.stream_bytes_reserved = Gauge(
+            "normsvc_stream_bytes_reserved", "Bytes of NormalizeStream buffers reserved", registry=self.registry,
+        )
         self._http = None
+
+    def follow_capacity(self, streams, budget) -> None:
+        """Report the slots ``streams`` (StreamSlots) and the bytes ``budget`` (StreamBudget) hold."""
+        self.streams_open.set_function(lambda: streams.open)
+        self.stream_bytes_reserved.set_function(lambda: budget.used)
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> int:
         """Expose /metrics on ``port`` (0: a free one); returns the bound port."""

@@ -32,8 +32,8 @@ from ..store.steps import DEFAULT_LAG
 from . import auth, reflection
 from .allreduce import Rendezvous
 from .decoding import tolerant
-from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
-from .limits import Limits
+from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, StreamLimitInterceptor
+from .limits import Limits, StreamBudget, StreamSlots
 from .metrics import Metrics
 from .servicer import SERIALIZED_RESPONSES, NormServicer
 from .watch import WatchHub
@@ -67,10 +67,12 @@ def resolve_device(device: str) -> str:
 
 
 class Server:
-    """A running server: ``port``, ``address``, ``store``, ``metrics``, ``rendezvous``; ``stop()`` ends it."""
+    """A running server: ``port``, ``address``, ``store``, ``metrics``, ``rendezvous``, ``limits``
+    (resolved for this server), ``streams`` (:class:`.limits.StreamSlots`), ``stream_budget``
+    (:class:`.limits.StreamBudget`); ``stop()`` ends it."""
 
     def __init__(self, grpc_server, *, port, host, store, owns_store, health_servicer, hub,
-                 rendezvous, metrics, metrics_port, device, tls):
+                 rendezvous, metrics, metrics_port, device, tls, limits=None, streams=None, stream_budget=None):
         self._server = grpc_server
         self.port = port
         self.host = host
@@ -83,6 +85,9 @@ class Server:
         self.metrics_port = metrics_port
         self.device = device
         self.tls = tls
+        self.limits = limits
+        self.streams = streams
+        self.stream_budget = stream_budget
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._stopping = False
@@ -216,8 +221,13 @@ def serve(
     device : {"cpu", "cuda", "auto"}
         Where the kernels run (see :func:`resolve_device`).
     workers : int
-        Threads serving calls; each WatchLayer stream and each rank waiting in
-        AllReduceMoments holds one while it lasts.
+        Threads serving calls; each WatchLayer or NormalizeStream stream (and
+        server reflection stream) and each rank waiting in AllReduceMoments
+        holds one while it lasts.  At most ``limits.max_streams`` of them
+        (default: all but ``max(2, workers // 4)``) go to such calls, and at
+        most ``limits.max_streams_per_token`` to one token's; beyond them the
+        call is refused at once (RESOURCE_EXHAUSTED), so unary calls and
+        health checks always find a thread.
     limits : Limits, optional
         Request limits (:class:`.limits.Limits`).
     allreduce_max_wait : float
@@ -229,13 +239,13 @@ def serve(
         arrives is closed and applied with what arrived (see UpdateStats);
         only for a store given by URL (an open Store keeps its own).
     """
-    limits = _limits(limits, max_message_mb)
+    if isinstance(tokens, (str, Path)):
+        tokens = auth.TokenTable.load(tokens)
+    limits = _limits(limits, max_message_mb).for_server(workers, tokens=tokens is not None)
     if (tls_cert is None) != (tls_key is None):
         raise InvalidArgument("tls_cert and tls_key go together: pass both to serve TLS, or neither")
     if tls_client_ca is not None and tls_cert is None:
         raise InvalidArgument("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
-    if isinstance(tokens, (str, Path)):
-        tokens = auth.TokenTable.load(tokens)
     device = resolve_device(device)
 
     owns_store = isinstance(store, str)
@@ -255,9 +265,12 @@ def serve(
             max_wait=allreduce_max_wait,
             on_outcome=lambda outcome: metrics.allreduce_steps.labels(outcome).inc(),
         )
+        stream_budget = StreamBudget(limits.max_stream_bytes)
         servicer = NormServicer(store, limits=limits, hub=hub, rendezvous=rendezvous, metrics=metrics,
-                                watch_poll=watch_poll, device=device)
-        server, health_servicer = _grpc_server(servicer, metrics, tokens, limits, workers)
+                                watch_poll=watch_poll, device=device, stream_budget=stream_budget)
+        streams = StreamSlots(limits.max_streams, limits.max_streams_per_token)
+        metrics.follow_capacity(streams, stream_budget)
+        server, health_servicer = _grpc_server(servicer, metrics, tokens, limits, workers, streams)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         bound = _listen(server, target, tls_cert, tls_key, tls_client_ca)
         server.start()
@@ -274,7 +287,8 @@ def serve(
              f":{bound}", tls, "tokens" if tokens is not None else "off", device, getattr(store, "url", store))
     return Server(server, port=bound, host=host, store=store, owns_store=owns_store,
                   health_servicer=health_servicer, hub=hub, rendezvous=rendezvous, metrics=metrics,
-                  metrics_port=bound_metrics, device=device, tls=tls)
+                  metrics_port=bound_metrics, device=device, tls=tls, limits=limits, streams=streams,
+                  stream_budget=stream_budget)
 
 
 def _limits(limits: Limits | None, max_message_mb) -> Limits:
@@ -290,9 +304,9 @@ def _limits(limits: Limits | None, max_message_mb) -> Limits:
     return limits
 
 
-def _grpc_server(servicer, metrics, tokens, limits: Limits, workers: int):
+def _grpc_server(servicer, metrics, tokens, limits: Limits, workers: int, streams: StreamSlots):
     """The grpc server with NormService, health and reflection registered (not yet listening)."""
-    interceptors = [MetricsInterceptor(metrics), ErrorInterceptor()]
+    interceptors = [MetricsInterceptor(metrics), ErrorInterceptor(), StreamLimitInterceptor(streams, tokens)]
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens))
     options = [

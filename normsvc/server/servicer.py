@@ -24,7 +24,7 @@ from ..wire import framing
 from ..wire import messages as convert
 from ..wire.tensors import DTYPE_CODES, Assembler, chunks, decode, decode_moments, encode_moments
 from .allreduce import Rendezvous
-from .limits import Limits
+from .limits import Limits, StreamBudget
 from .watch import DELETED, WatchHub, follow
 
 __all__ = ["NormServicer", "SERIALIZED_RESPONSES"]
@@ -33,6 +33,9 @@ __all__ = ["NormServicer", "SERIALIZED_RESPONSES"]
 #: tensor is copied into the answer once; serve() registers them with a pass-through serializer.
 SERIALIZED_RESPONSES = ("Normalize",)
 _Y_FIELD = pb.NormalizeResponse.DESCRIPTOR.fields_by_name["y"].number
+
+#: Bytes a repeated message field adds to each entry's own: its tag and a length of up to 5 bytes.
+_ENTRY_OVERHEAD = 6
 
 #: Room AllReduceMoments leaves before the caller's deadline to answer DEADLINE_EXCEEDED itself.
 DEADLINE_MARGIN = 0.05
@@ -128,9 +131,10 @@ def _required(names, field: str) -> None:
 class NormServicer(pb_grpc.NormServiceServicer):
     def __init__(self, store, *, limits: Limits | None = None, hub: WatchHub | None = None,
                  rendezvous: Rendezvous | None = None, metrics=None, watch_poll: float = 2.0,
-                 device: str = "cpu"):
+                 device: str = "cpu", stream_budget: StreamBudget | None = None):
         self.store = store
         self.limits = limits or Limits()
+        self.stream_budget = stream_budget or StreamBudget(self.limits.max_stream_bytes)
         self.hub = hub or WatchHub()
         self.rendezvous = rendezvous or Rendezvous()
         self.metrics = metrics
@@ -209,16 +213,25 @@ class NormServicer(pb_grpc.NormServiceServicer):
                                       "of the previous page", field="page_token") from None
         names = self.store.list_layers(request.prefix, after=after, limit=size + 1)
         response = pb.ListLayersResponse()
+        room, last = limits.max_answer_bytes, None  # a page ends before its encoding outgrows a message
         for name in names[:size]:
             try:
                 layer = self.store.layer(name)
                 config = layer.config()
                 stats = layer.stats() if request.include_stats else None
             except LayerNotFound:  # deleted since the listing
+                last = name
                 continue
-            convert.layer_to_pb(name, config, stats, response.layers.add())
-        if len(names) > size:
-            response.next_page_token = base64.urlsafe_b64encode(names[size - 1].encode()).decode()
+            entry = convert.layer_to_pb(name, config, stats, response.layers.add())
+            room -= entry.ByteSize() + _ENTRY_OVERHEAD
+            if room < 0 and len(response.layers) > 1:
+                del response.layers[-1]  # the next page starts with it
+                break
+            last = name
+        else:
+            last = last if len(names) > size else None
+        if last is not None:
+            response.next_page_token = base64.urlsafe_b64encode(last.encode()).decode()
         return response
 
     def DeleteLayer(self, request, context):
@@ -328,18 +341,22 @@ class NormServicer(pb_grpc.NormServiceServicer):
         _name(h.layer, "header.layer")
         with _stream_fields():
             x = Assembler(h.dtype, h.shape, field="x", max_elements=self.limits.max_tensor_elements)
-            for i, msg in enumerate(request_iterator, start=1):
-                if msg.WhichOneof("part") != "chunk":
-                    raise InvalidArgument(f"NormalizeStream message {i} is a {msg.WhichOneof('part')}: expected "
-                                          "only chunks after the header", field="chunk")
-                x.add(msg.chunk)
-            x = x.array()
-            y, moments, stats = self._normalize(h, x, "NormalizeStream")
-        del x
-        result = _with_results(pb.NormalizeStreamResult(dtype=h.dtype, shape=y.shape), moments, stats)
-        yield pb.NormalizeStreamResponse(result=result)
-        for chunk in chunks(y, self.limits.stream_chunk_bytes):
-            yield pb.NormalizeStreamResponse(chunk=chunk)
+        # x's buffer and y, reserved before either is allocated; given back however the stream ends
+        what = f"NormalizeStream of {list(x.shape)} x {x.dtype.name} (x and y)"
+        with self.stream_budget.reserve(2 * x.nbytes, field="header.shape", what=what):
+            with _stream_fields():
+                for i, msg in enumerate(request_iterator, start=1):
+                    if msg.WhichOneof("part") != "chunk":
+                        raise InvalidArgument(f"NormalizeStream message {i} is a {msg.WhichOneof('part')}: "
+                                              "expected only chunks after the header", field="chunk")
+                    x.add(msg.chunk)
+                x = x.array()
+                y, moments, stats = self._normalize(h, x, "NormalizeStream")
+            del x
+            result = _with_results(pb.NormalizeStreamResult(dtype=h.dtype, shape=y.shape), moments, stats)
+            yield pb.NormalizeStreamResponse(result=result)
+            for chunk in chunks(y, self.limits.stream_chunk_bytes):
+                yield pb.NormalizeStreamResponse(chunk=chunk)
 
     # --- state ---------------------------------------------------------------
 

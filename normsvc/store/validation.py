@@ -46,17 +46,26 @@ _NAME = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
 
 
 def validate_name(name) -> str:
-    """A layer name: letters, digits and ``_ . - /`` with non-empty ``/``-separated parts, <= 256 chars."""
+    """A layer name: 1 to 256 ASCII letters, digits and ``_ . - /``.
+
+    Names are opaque keys that ``/`` splits into namespace parts
+    (``encoder/block1/bn``): every part is non-empty (no leading, trailing
+    or doubled ``/``) and none is ``.`` or ``..``, which read as paths and
+    are refused rather than resolved.  So ``team/`` + anything is a name
+    inside the namespace ``team/``, and a token scoped to the prefix
+    ``team/`` (:mod:`normsvc.server.auth`) reaches exactly those names.
+    Dots inside a part are fine (``layer1.0.bn1``, ``..x``).
+    """
     if not isinstance(name, str):
         raise InvalidArgument(f"layer name must be a string, got {type(name).__name__}", field="name")
     if not name or len(name) > MAX_NAME_LENGTH:
         raise InvalidArgument(
             f"layer name has {len(name)} characters: expected 1 to {MAX_NAME_LENGTH}", field="name"
         )
-    if not _NAME.fullmatch(name):
+    if not _NAME.fullmatch(name) or any(part in (".", "..") for part in name.split("/")):
         raise InvalidArgument(
             f"layer name {name!r} is not valid: expected letters, digits and '_', '.', '-', "
-            "with '/' only between non-empty namespace parts (e.g. 'encoder/block1/bn')",
+            "with '/' only between non-empty namespace parts other than '.' and '..' (e.g. 'encoder/block1/bn')",
             field="name",
         )
     return name

@@ -218,17 +218,22 @@ def chunks(array: np.ndarray, size: int):
 
 
 class Assembler:
-    """Collects a tensor sent in chunks (NormalizeStream) into one preallocated buffer.
+    """Collects a tensor sent in chunks (NormalizeStream) into one buffer.
 
     The header (dtype, shape) is validated up front, so an oversized tensor is
-    refused before its bytes arrive.
+    refused before its bytes arrive, and nothing is allocated until the first
+    chunk: the caller can reserve ``nbytes`` in between (the server's
+    :class:`~normsvc.server.limits.StreamBudget`).  The buffer is then
+    allocated whole but uninitialized, so the process's memory grows with the
+    bytes that arrive, not with what the header announced, and the assembled
+    array is a view of it (no copy, no reallocation).
     """
 
     def __init__(self, dtype: int, shape, *, field: str, max_elements: int | None = None):
         self.dtype_code = dtype
         self.dtype, self.shape, self.nbytes = decode_header(dtype, shape, field=field, max_elements=max_elements)
         self.field = field
-        self._buf = bytearray(self.nbytes)
+        self._buf = None
         self._filled = 0
 
     def add(self, chunk: bytes) -> None:
@@ -238,7 +243,9 @@ class Assembler:
                 f"{self.field}.data",
                 f"chunks carry more than the {self.nbytes} bytes of shape {list(self.shape)} x {self.dtype.name}",
             )
-        self._buf[self._filled:end] = chunk
+        if self._buf is None:
+            self._buf = np.empty(self.nbytes, dtype=np.uint8)
+        self._buf[self._filled:end] = np.frombuffer(chunk, dtype=np.uint8)
         self._filled = end
 
     def array(self, *, finite: bool = True) -> np.ndarray:
@@ -250,4 +257,5 @@ class Assembler:
                 f"x {self.dtype.name}",
             )
         t = pb.Tensor(dtype=self.dtype_code, shape=self.shape)
-        return decode(t, field=self.field, finite=finite, data=self._buf)
+        data = self._buf if self._buf is not None else b""
+        return decode(t, field=self.field, finite=finite, data=data)

@@ -223,7 +223,7 @@ def print_table(title: str, headers, rows, file=None) -> str:
 
 
 def machine() -> str:
-    """Date, CPU count and model, Python and grpc versions: the line each report starts with."""
+    """Date, commit, CPU count and model, Python and grpc versions: the line each report starts with."""
     model = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
@@ -232,7 +232,12 @@ def machine() -> str:
                     model = line.split(":", 1)[1].strip()
                     break
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    return (f"{now}; {os.cpu_count()} CPUs ({model}); Python {platform.python_version()}, "
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=str(REPO), capture_output=True,
+                                text=True, timeout=30).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return (f"{now}; commit {commit}; {os.cpu_count()} CPUs ({model}); Python {platform.python_version()}, "
             f"grpcio {grpc.__version__}; load average {os.getloadavg()[0]:.1f}")
 
 

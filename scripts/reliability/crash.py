@@ -58,6 +58,7 @@ class Workload:
     name = ""
     clients = 4
     retryable = True  # in-flight requests carry a request id: retried after the restart
+    tells_commits = True  # whether a retry that changes nothing shows the request had committed
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -145,9 +146,11 @@ class Imports(Workload):
     retryable = False
     layers = 2000
 
-    def __init__(self, seed):
+    def __init__(self, seed, layers: int = 2000):
         super().__init__(seed)
-        self.file = _import_file(self.layers, seed)
+        self.layers = layers
+        self.name = f"ImportStats of {layers} new layers"
+        self.file = _import_file(layers, seed)
 
     def request(self, client, i):
         return "ImportStats", pb.ImportStatsRequest(safetensors=self.file, add_prefix=f"{self.prefix}c{client}/i{i}/")
@@ -162,7 +165,6 @@ class Imports(Workload):
 
 def _import_file(n: int, seed: int) -> bytes:
     """A safetensors file (as ExportStats writes it) of ``n`` torch layers with statistics."""
-    from normsvc import Moments
     from normsvc.testing import running_server
 
     rng = np.random.default_rng(seed)
@@ -175,7 +177,6 @@ def _import_file(n: int, seed: int) -> bytes:
             updates = [pb.LayerMoments(layer=name, moments=random_moments(rng, FEATURES))
                        for name in names[start:start + 500]]
             stub.UpdateStats(pb.UpdateStatsRequest(updates=updates), timeout=CALL_TIMEOUT)
-        del Moments
         return stub.ExportStats(pb.ExportStatsRequest(naming=pb.NAMING_KERAS), timeout=CALL_TIMEOUT).safetensors
 
 
@@ -206,6 +207,7 @@ class StepContributions(Workload):
     """
 
     name = "step contributions (4 ranks)"
+    tells_commits = False  # a contribution that leaves its step open changes no statistics
     prefix = "crash/steps/"
     layers = ("bn_torch", "bn_keras", "bn_cumulative")
 
@@ -250,9 +252,10 @@ WORKLOADS = {"single": SingleLayer, "multi53": ManyLayers, "import": Imports, "f
 class Client:
     index: int
     next_op: int = 0
-    acked: list = field(default_factory=list)  # (method, request), not yet replayed
+    acked: list = field(default_factory=list)  # (method, request) acknowledged this round
+    resolved: list = field(default_factory=list)  # the in-flight request, when it is (now) applied
     in_flight: tuple | None = None
-    error_at: float = 0.0
+    error: tuple = ()  # (code, whether the kill came first) of the call that ended the round
 
 
 @dataclass
@@ -270,6 +273,7 @@ class Result:
     unexpected: list = field(default_factory=list)
     layers: int = 0
     seconds: float = 0.0
+    tells_commits: bool = True
 
     @property
     def ok(self) -> bool:
@@ -285,7 +289,7 @@ def _push(workload: Workload, client: Client, stub, killed: threading.Event):
             getattr(stub, method)(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as exc:
             client.in_flight = (method, request)
-            client.error_at = (exc.code(), killed.is_set())
+            client.error = (exc.code(), killed.is_set())
             break
         client.acked.append((method, request))
         i += 1
@@ -310,7 +314,7 @@ def run_workload(workload: Workload, synchronous: str, rounds: int, seconds: flo
                  rng: random.Random, log=print) -> Result:
     from normsvc.testing import running_server
 
-    result = Result(workload.name, synchronous)
+    result = Result(workload.name, synchronous, tells_commits=workload.tells_commits)
     started = time.monotonic()
     url = f"sqlite:///{folder / (workload.prefix.strip('/').replace('/', '-') + '-' + synchronous + '.db')}"
     url += f"?synchronous={synchronous}"
@@ -359,10 +363,8 @@ def _round(workload, clients, server, url, ref, seconds, rng, result) -> ServerP
         stub = pb_grpc.NormServiceStub(channel)
         for c in clients:
             _resolve(workload, c, stub, result)
-        ops = [op for c in clients for op in c.acked]
-        result.acknowledged += len(ops) - sum(getattr(c, "resolved", 0) for c in clients)
-        for c in clients:
-            c.resolved = 0
+        result.acknowledged += sum(len(c.acked) for c in clients)
+        ops = [op for c in clients for op in c.acked + c.resolved]
         for method, request in workload.replay_order(ops):
             getattr(ref, method)(request, timeout=CALL_TIMEOUT)
         if workload.retryable:  # the last acknowledged request again: a retry, applied nowhere twice
@@ -372,7 +374,7 @@ def _round(workload, clients, server, url, ref, seconds, rng, result) -> ServerP
                     getattr(stub, method)(request, timeout=CALL_TIMEOUT)
                     getattr(ref, method)(request, timeout=CALL_TIMEOUT)
         for c in clients:
-            c.acked = []
+            c.acked, c.resolved = [], []
         actual = all_layers(stub, workload.prefix)
         _compare(actual, all_layers(ref, workload.prefix), result)
         result.partial += workload.partial(actual, ops)
@@ -382,11 +384,10 @@ def _round(workload, clients, server, url, ref, seconds, rng, result) -> ServerP
 
 def _resolve(workload: Workload, client: Client, stub, result: Result) -> None:
     """After the restart: settle the call that was in flight at the kill (if any)."""
-    client.resolved = 0
     if client.in_flight is None:
         return
     method, request = client.in_flight
-    code, after_kill = client.error_at
+    code, after_kill = client.error
     client.in_flight = None
     if not after_kill:
         result.unexpected.append(f"{method} failed before the kill: {code}")
@@ -400,15 +401,15 @@ def _resolve(workload: Workload, client: Client, stub, result: Result) -> None:
             result.unexpected.append(f"retry of the in-flight {method} failed: {exc.code()} {exc.details()}")
             return
         after = stub.GetLayer(pb.GetLayerRequest(names=_layers_of(request)), timeout=CALL_TIMEOUT)
-        if [stats_key(l.stats) for l in before.layers] == [stats_key(l.stats) for l in after.layers]:
+        if workload.tells_commits and [stats_key(x.stats) for x in before.layers] == \
+                [stats_key(x.stats) for x in after.layers]:
             result.committed_unacked += 1  # the retry changed nothing: it had committed before the kill
     else:
         present = len(all_layers(stub, request.add_prefix, include_stats=False))
         if present == 0:
             return  # not applied: nothing to replay
         result.committed_unacked += 1
-    client.acked.append((method, request))
-    client.resolved = 1
+    client.resolved.append((method, request))
     client.next_op += 1
 
 
@@ -418,15 +419,21 @@ def _layers_of(request) -> list:
     return [request.name]
 
 
-def run(workloads=tuple(WORKLOADS), synchronous=("normal", "full"), rounds: int = 10, seconds: float = 1.0,
-        seed: int = 0, folder=None, log=print) -> list[Result]:
+def every(workloads=tuple(WORKLOADS), synchronous=("normal", "full")) -> list:
+    return [(w, s) for w in workloads for s in synchronous]
+
+
+def run(pairs=None, rounds: int = 10, seconds: float = 1.0, seed: int = 0, folder=None, log=print,
+        import_layers: int = 2000) -> list[Result]:
+    """``rounds`` kills for each (workload key, synchronous setting) of ``pairs`` (default: all of them)."""
     rng = random.Random(seed)
     results = []
     with tempfile.TemporaryDirectory(prefix="normsvc-crash-", dir=folder) as tmp:
-        for key in workloads:
-            workload = WORKLOADS[key](seed)
-            for sync in synchronous:
-                results.append(run_workload(workload, sync, rounds, seconds, Path(tmp), rng, log=log))
+        made = {}
+        for key, sync in pairs or every():
+            if key not in made:
+                made[key] = Imports(seed, import_layers) if key == "import" else WORKLOADS[key](seed)
+            results.append(run_workload(made[key], sync, rounds, seconds, Path(tmp), rng, log=log))
     return results
 
 
@@ -435,7 +442,8 @@ HEADERS = ("workload", "synchronous", "kill -9", "acknowledged", "in flight at k
 
 
 def rows(results):
-    return [(r.workload, r.synchronous.upper(), r.kills, r.acknowledged, r.in_flight, r.committed_unacked, r.lost,
+    return [(r.workload, r.synchronous.upper(), r.kills, r.acknowledged, r.in_flight,
+             r.committed_unacked if r.tells_commits else "-", r.lost,
              r.duplicated, r.partial, r.mismatched, len(r.unexpected), r.layers, r.seconds) for r in results]
 
 
@@ -446,8 +454,8 @@ def main(argv=None) -> int:
     p.add_argument("--synchronous", action="append", choices=("normal", "full"), help="only these (repeatable)")
     args = p.parse_args(argv)
     print(machine(), flush=True)
-    results = run(tuple(args.workload or WORKLOADS), tuple(args.synchronous or ("normal", "full")),
-                  args.rounds, args.seconds, args.seed)
+    pairs = every(tuple(args.workload or WORKLOADS), tuple(args.synchronous or ("normal", "full")))
+    results = run(pairs, args.rounds, args.seconds, args.seed)
     print_table(f"kill -9 of `normsvc serve` (sqlite), {args.rounds} kills per row", HEADERS, rows(results))
     for r in results:
         for line in r.unexpected[:10]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import grpc
 import pytest
 
@@ -49,3 +51,13 @@ def stub(server, connect):
 def mstub(memory_server, connect):
     """A stub to a memory-store server (for tests that do not depend on the backend)."""
     return connect(memory_server)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """Certificates (``server_util.make_pki``): a CA, a server and a client certificate; skips without openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl CLI")
+    from server_util import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))

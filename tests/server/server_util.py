@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -21,7 +22,7 @@ from normsvc.wire.tensors import decode, encode, encode_moments
 
 __all__ = [
     "pb", "encode", "decode", "moments_of", "entry", "update_request", "raises_code", "rich_details",
-    "make_pki", "ServerProcess", "stats_arrays",
+    "make_pki", "ServerProcess", "stats_arrays", "wait_until",
 ]
 
 
@@ -66,6 +67,14 @@ def raises_code(code: grpc.StatusCode, match: str | None = None):
     assert err.code() == code, f"expected {code}, got {err.code()}: {err.details()}"
     if match is not None:
         assert match in err.details(), f"{match!r} not in {err.details()!r}"
+
+
+def wait_until(predicate, timeout=10.0):
+    """Poll ``predicate`` until it holds; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 # --- certificates (openssl CLI) ---------------------------------------------

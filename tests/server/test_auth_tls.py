@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_util import encode, make_pki, moments_of, pb, raises_code, read, update_request
+from server_util import encode, moments_of, pb, raises_code, read, rich_details, update_request
 
 from normsvc.server.auth import TokenTable
 
@@ -127,6 +127,23 @@ def test_export_prefix_and_import_add_prefix_are_what_a_token_must_cover(secured
     assert list(imported.layers) == ["team-a/bn"]
 
 
+@pytest.mark.parametrize("name", ["team-a/../team-b/x", "team-a/./x", "team-a/..", "team-a/x/../../team-b/bn"])
+def test_a_prefix_ending_with_a_slash_is_a_namespace_no_name_escapes(secured, name):
+    _, stub = secured
+    trainer, admin = auth("w-token"), auth("a-token")  # trainer: write under "team-a/"
+    with raises_code(C.INVALID_ARGUMENT, "'..'") as info:
+        stub.CreateLayer(pb.CreateLayerRequest(name=name), metadata=trainer)
+    assert rich_details(info.value)["BadRequest"].field_violations[0].field == "name"
+    exported = stub.ExportStats(pb.ExportStatsRequest(prefix="team-a/", strip_prefix="team-a/"), metadata=admin)
+    with raises_code(C.INVALID_ARGUMENT, "is not valid") as info:  # "bn" under add_prefix name + "/"
+        stub.ImportStats(pb.ImportStatsRequest(safetensors=exported.safetensors, add_prefix=name + "/"),
+                         metadata=admin)
+    assert rich_details(info.value)["BadRequest"].field_violations[0].field == "add_prefix"
+    names = [layer.name for layer in stub.ListLayers(pb.ListLayersRequest(), metadata=admin).layers]
+    assert names == ["team-a/bn", "team-b/bn"]
+    stub.CreateLayer(pb.CreateLayerRequest(name="team-a/..x/bn"), metadata=trainer)  # dots inside a part are fine
+
+
 def test_tokens_file_errors(tmp_path):
     bad = tmp_path / "bad.json"
     for doc, message in (
@@ -134,6 +151,10 @@ def test_tokens_file_errors(tmp_path):
         ('{"tokens": [{"token": "x", "role": "root"}]}', "role 'root'"),
         ('{"tokens": [{"role": "read"}]}', "non-empty string 'token'"),
         ('{"tokens": [{"token": "x", "role": "read", "prefixes": "a/"}]}', "prefixes"),
+        ('{"tokens": [{"token": "x", "role": "read", "prefixes": ["../"]}]}', "prefix '../' begins no valid"),
+        ('{"tokens": [{"token": "x", "role": "read", "prefixes": ["/team/"]}]}', "prefix '/team/'"),
+        ('{"tokens": [{"token": "x", "role": "read", "prefixes": ["team//"]}]}', "prefix 'team//'"),
+        ('{"tokens": [{"token": "x", "role": "read", "prefixes": ["team/./"]}]}', "prefix 'team/./'"),
         ('{"tokens": [{"token": "x", "role": "read"}, {"token": "x", "role": "admin"}]}', "twice"),
         ('[]', "expected"),
     ):
@@ -143,13 +164,6 @@ def test_tokens_file_errors(tmp_path):
 
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl CLI")
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _health(stub):

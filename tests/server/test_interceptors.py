@@ -7,7 +7,6 @@ interceptors themselves, for what NormService cannot be made to do on purpose.
 
 from __future__ import annotations
 
-import time
 from concurrent import futures
 
 import grpc
@@ -16,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_status import rpc_status
-from server_util import encode, pb, raises_code
+from server_util import encode, pb, raises_code, wait_until
 
 from normsvc.errors import LayerNotFound
 from normsvc.server.auth import Principal, TokenTable
@@ -30,13 +29,6 @@ KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 def sample(registry, name: str, **labels) -> float:
     return registry.get_sample_value(name, labels) or 0.0
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 # --- a tiny generic service behind the interceptors -------------------------------------

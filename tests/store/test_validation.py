@@ -9,13 +9,15 @@ from normsvc.store import validation
 from store_testing import batch_moments, np_moments
 
 
-@pytest.mark.parametrize("name", ["bn", "a/b/c", "layer1.0.bn1", "x-y_z.9", "B" * 256, "model/block.1/bn-2"])
+@pytest.mark.parametrize("name", ["bn", "a/b/c", "layer1.0.bn1", "x-y_z.9", "B" * 256, "model/block.1/bn-2",
+                                  ".x", "a/..b", "a/b..", "..."])
 def test_valid_names(store, name):
     store.create_layer(name)
     assert store.layer(name).name == name
 
 
-@pytest.mark.parametrize("name", ["", "B" * 257, "a b", "a//b", "/a", "a/", "caf\u00e9", "a\nb", "a:b", "a*", 5, None])
+@pytest.mark.parametrize("name", ["", "B" * 257, "a b", "a//b", "/a", "a/", "caf\u00e9", "a\nb", "a:b", "a*", 5, None,
+                                  ".", "..", "a/../b", "team/../other/x", "a/./b", "./a", "a/.."])
 def test_invalid_names(store, name):
     with pytest.raises(InvalidArgument) as info:
         store.create_layer(name)
