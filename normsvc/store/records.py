@@ -32,8 +32,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..config import LayerConfig
-from ..errors import FailedPrecondition
+from ..config import LayerConfig, make_config
+from ..errors import FailedPrecondition, InvalidArgument
 from ..running import RunningStats, initial_state
 from .steps import Steps, decode_pending, encode_pending
 
@@ -117,12 +117,26 @@ def encode_config(config: LayerConfig) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def decode_config(text: str) -> LayerConfig:
-    """A config JSON of any format up to :data:`FORMAT`."""
+    """A config JSON of any format up to :data:`FORMAT`, checked as ``create_layer`` checks one.
+
+    Every way in validates a config before storing it; this catches state
+    written otherwise (an older normsvc, a hand-edited file): such a layer is
+    FailedPrecondition to every call, with a message that says what to do,
+    instead of an internal error.
+    """
     data = json.loads(text)
     version = check_format(data.get("format", 1), "a stored layer config")
     for step in range(version, FORMAT):
         data = UPGRADES[step](data)
-    return LayerConfig.from_dict(data["config"])
+    try:
+        config = LayerConfig.from_dict(data["config"])
+        if make_config(**config.to_dict()) == config:
+            return config
+        problem = "it differs from what create_layer resolves for it"
+    except (InvalidArgument, TypeError, ValueError, KeyError) as exc:
+        problem = str(exc)
+    raise FailedPrecondition(f"the stored config is invalid ({problem}): expected one create_layer accepts; "
+                             "delete the layer and create it again", field="config")
 
 
 @functools.lru_cache(maxsize=64)
@@ -184,4 +198,9 @@ def decode_record(name: str, fields: Mapping) -> Record:
         bool(int(fields["frozen"])),
         float(fields["updated_at"]),
     )
-    return Record(name, decode_config(fields["config"]), stats, _steps(fields))
+    try:
+        config = decode_config(fields["config"])
+    except FailedPrecondition as exc:
+        exc.layer, exc.message = name, f"layer {name!r}: {exc.message}"
+        raise
+    return Record(name, config, stats, _steps(fields))

@@ -66,3 +66,31 @@ def test_new_records_start_at_version_0():
     assert lazy.stats.version == 0 and lazy.stats.mean.shape == () and known_shape(lazy) is None
     group = new_record("gn", make_config(kind="group", groups=4))
     assert known_shape(group) == (4,)
+
+
+@pytest.mark.parametrize("change", [{"kind": "bogus"}, {"convention": "bogus"}, {"momentum": 7.0},
+                                    {"epsilon": -5.0}, {"axis": "abc"}, {"groups": 4}, {"shape": 1}])
+def test_a_stored_config_is_checked_when_read(change, tmp_path):
+    # state written otherwise (an older normsvc, a hand-edited file) is refused with a clear error,
+    # never served as an internal error
+    import sqlite3
+
+    from normsvc import Store
+    from normsvc.errors import FailedPrecondition
+
+    url = f"sqlite:///{tmp_path / 'stats.db'}"
+    with Store.open(url) as store:
+        store.create_layer("good")
+        store.create_layer("bad")
+    with sqlite3.connect(tmp_path / "stats.db") as conn:
+        text = conn.execute("SELECT config FROM layers WHERE name = 'bad'").fetchone()[0]
+        data = json.loads(text)
+        data["config"].update(change)
+        conn.execute("UPDATE layers SET config = ? WHERE name = 'bad'", (json.dumps(data),))
+    with Store.open(url) as store:
+        assert store.layer("good").stats().version == 0
+        with pytest.raises(FailedPrecondition, match="layer 'bad': the stored config is invalid") as info:
+            store.layer("bad").stats()
+        assert info.value.layer == "bad" and "create it again" in str(info.value)
+        store.delete_layer("bad")  # and the way out works
+        assert store.list_layers() == ["good"]
