@@ -4,9 +4,11 @@ Both drivers (:mod:`.sync`, :mod:`.aio`) hold one :class:`Transport` and ask
 it for the :class:`Attempts` of every call, so the policy lives here once:
 
 * every call has a deadline (``timeout``, default 30 s) that covers its retries;
-* UNAVAILABLE is retried with exponential backoff and jitter (:class:`Retry`).
-  That is safe because every mutation carries a ``request_id`` that the
-  retry reuses, and the server applies a request id once;
+* UNAVAILABLE is retried with exponential backoff and jitter (:class:`Retry`),
+  and so is CANCELLED, which this client never causes on a call it retries (a
+  server shutting down cancels calls it had not started).  That is safe
+  because every mutation carries a ``request_id`` that the retry reuses, and
+  the server applies a request id once;
 * every other status ends the call at once, as the matching
   :mod:`normsvc.errors` class (:func:`normsvc.wire.status.from_rpc_error`).
 """
@@ -57,9 +59,13 @@ CHANNEL_OPTIONS = [
 RAW_METHODS = {"Normalize": framing.normalize_response}
 
 
+#: What a retry may cure: the server out of reach, or one that cancelled the call while shutting down.
+_RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
 @dataclass(frozen=True)
 class Retry:
-    """How UNAVAILABLE is retried: at most ``attempts`` tries in all, with the
+    """How UNAVAILABLE (and CANCELLED) is retried: at most ``attempts`` tries in all, with the
     n-th retry after a random delay in ``[b/2, b]``,
     ``b = min(max_backoff, initial_backoff * multiplier**(n-1))``, and never
     past the call's deadline.  ``Retry(attempts=1)`` turns retries off.
@@ -212,7 +218,7 @@ class Attempts:
     def retry_after(self, error: grpc.RpcError) -> float:
         """Seconds to wait after ``error`` before the next try; raises when there is none."""
         self.failed += 1
-        unavailable = error.code() == grpc.StatusCode.UNAVAILABLE
+        unavailable = error.code() in _RETRIED
         delay = self.transport.retry.delay(self.failed, self.deadline) if unavailable else None
         if delay is None:
             where = f"{self.method} on {self.transport.target}"

@@ -22,10 +22,6 @@ def test_calls_accepted_before_sigterm_finish(tmp_path):
     assert r.accepted_then_failed == 0 and r.ok
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "graceful shutdown: some calls sent as the server stops are refused with CANCELLED instead of "
-    "UNAVAILABLE (at the signal, and not applied: scripts/reliability/sigterm.py counts them), and Client "
-    "retries only UNAVAILABLE, so the caller gets normsvc.Cancelled for a call it could safely retry"))
 def test_a_call_refused_by_a_server_shutting_down_is_retried_not_cancelled():
     from normsvc import Client, Moments
     from normsvc.server import serve
