@@ -18,7 +18,7 @@ import tempfile
 from .._proto import normsvc_pb2 as pb
 from .._proto import normsvc_pb2_grpc as pb_grpc
 from ..config import make_config
-from ..errors import InvalidArgument, LayerNotFound, NormsvcError
+from ..errors import InvalidArgument, LayerNotFound, NormsvcError, ResourceExhausted
 from ..store.validation import validate_name
 from ..wire import framing
 from ..wire import messages as convert
@@ -194,9 +194,16 @@ class NormServicer(pb_grpc.NormServiceServicer):
         self.limits.check_layers_per_request(len(request.names), "names")
         _names(request.names, "names")
         response = pb.GetLayerResponse()
-        for name in request.names:
+        room = self.limits.max_answer_bytes  # refused before the answer outgrows a message
+        for i, name in enumerate(request.names):
             layer = self.store.layer(name)
-            convert.layer_to_pb(name, layer.config(), layer.stats(), response.layers.add())
+            entry = convert.layer_to_pb(name, layer.config(), layer.stats(), response.layers.add())
+            room -= entry.ByteSize() + _ENTRY_OVERHEAD
+            if room < 0:
+                raise ResourceExhausted(
+                    f"the answer for names[0:{i + 1}] outgrows the {self.limits.max_message_mb} MiB message "
+                    f"limit: expected fewer layers per GetLayer (ask names[{i}:] in another call)",
+                    field="names", reason="ANSWER_TOO_LARGE")
         return response
 
     def ListLayers(self, request, context):

@@ -252,3 +252,15 @@ def test_list_layers_pages_are_bounded(start_server, connect):
     first, token = page(100)  # over the maximum: the maximum, not an error
     assert first == names[:5] and token
     assert page(100, token) == (names[5:], "")
+
+
+def test_a_get_layer_answer_that_would_outgrow_a_message_is_refused(start_server, connect):
+    # each layer fits a message on its own; four of them together do not: refused, not sent half-built
+    stub = connect(start_server(limits=Limits(max_message_mb=1)))
+    for name in ("a", "b", "c", "d"):
+        create(stub, name, num_features=[20_000])  # 320 KB of statistics each
+    assert len(stub.GetLayer(pb.GetLayerRequest(names=["a", "b"]), timeout=10).layers) == 2
+    with raises_code(C.RESOURCE_EXHAUSTED, "outgrows the 1 MiB message limit") as info:
+        stub.GetLayer(pb.GetLayerRequest(names=["a", "b", "c", "d"]), timeout=10)
+    assert rich_details(info.value)["ErrorInfo"].reason == "ANSWER_TOO_LARGE"
+    assert "ask names[3:] in another call" in info.value.details()  # a, b, c fit (3 x 320 KB)
