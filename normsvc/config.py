@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from . import norms
 from .errors import InvalidArgument
-from .running import CONVENTIONS, DEFAULTS
+from .running import CONVENTIONS, DEFAULTS, RunningStats
 
-__all__ = ["DEFAULT", "LayerConfig", "make_config", "default_axis", "default_run", "step_arguments",
+__all__ = ["DEFAULT", "LayerConfig", "LayerInfo", "make_config", "default_axis", "default_run", "step_arguments",
            "RUN_VARIABLES"]
 
 class _Default:
@@ -127,6 +128,14 @@ class LayerConfig:
     def matches(self, other: "LayerConfig", known_shape: tuple | None) -> bool:
         """Whether a create with ``other`` is the same layer as this one (see :meth:`differences`)."""
         return not self.differences(other, known_shape)
+
+
+class LayerInfo(NamedTuple):
+    """A layer's name, config and statistics (``describe`` of a Store or a Client)."""
+
+    name: str
+    config: LayerConfig
+    stats: RunningStats | None
 
 
 def _int(value, field: str) -> int:

@@ -1,21 +1,13 @@
-"""The values a client returns besides the Store's (RunningStats, Moments, LayerConfig)."""
+"""The values a client returns besides the Store's (RunningStats, Moments, LayerConfig, LayerInfo)."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+from ..config import LayerInfo
 from ..running import RunningStats
-from ..config import LayerConfig
 
 __all__ = ["LayerInfo", "LayerStats", "AllReduceResult"]
-
-
-class LayerInfo(NamedTuple):
-    """A layer's name, config and statistics (:meth:`Client.describe <normsvc.client.Client.describe>`)."""
-
-    name: str
-    config: LayerConfig
-    stats: RunningStats | None
 
 
 class LayerStats(NamedTuple):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from ..running import RunningStats
 from . import mutations, safetensors_io, validation
 from .backend import Backend, open_backend
-from ..config import DEFAULT, make_config
+from ..config import DEFAULT, LayerInfo, make_config
 from ..errors import ConfigConflict, InvalidArgument, LayerNotFound
 from .layer import Layer
 from .records import known_shape, new_record
@@ -180,6 +180,15 @@ class Store:
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise InvalidArgument(f"limit={limit!r}: expected None or a positive int", field="limit")
         return self._backend.names(prefix, after, limit)
+
+    def describe(self, names=None, *, prefix: str = "") -> list[LayerInfo]:
+        """Name, config and statistics of ``names`` (all must exist), or of every layer under ``prefix``."""
+        if names is None:
+            names = self.list_layers(prefix)
+        elif isinstance(names, str):
+            names = [names]
+        records = [self._backend.require(validate_name(name)) for name in names]
+        return [LayerInfo(r.name, r.config, r.report()) for r in records]
 
     def delete_layer(self, name: str) -> None:
         """Delete a layer, its statistics and its request ids; LayerNotFound if absent."""

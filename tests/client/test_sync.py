@@ -90,6 +90,9 @@ def scenario(s, prefix: str, tmp_path) -> list:
     out.append(s.list_layers(prefix))
     out.append(s.list_layers(prefix, after=f"{prefix}/cum", limit=2))
     out.append(s.list_layers(f"{prefix}/b"))
+    out.append([(i.name, i.config, i.stats.version, i.stats.num_batches) for i in s.describe(prefix=f"{prefix}/b")])
+    out.append([(i.name, i.config) for i in s.describe(f"{prefix}/gn")])
+    out.append(attempt(s.describe, [f"{prefix}/missing"]))
     path = tmp_path / f"{type(s).__name__}.safetensors"
     out.append(s.export(path, naming="torch"))
     out.append(s.export(path, layers=[f"{prefix}/bn", f"{prefix}/gn"], dtype="float32"))
