@@ -80,7 +80,7 @@ def contribute(moments, key: StepKey, now: float, *, lag: int, closed: dict) -> 
         if steps is None:
             return None  # a retry of a contribution already here
         ready, steps = step_state.due(steps, key.step, lag)
-        record = replace(record, steps=steps)
+        record = Record(record.name, record.config, record.stats, steps)
         for step, parts, complete in ready:
             record = update(step_state.merge(parts, record.config.sample_ndim), now)(record)
             if not complete:

@@ -171,7 +171,7 @@ def admit(steps: Steps, key: StepKey, moments: Moments, layer: str) -> Steps | N
                              np.array(moments.m2, dtype=np.float64))
     new = Contribution(key.step, key.rank, key.world_size, fingerprint, owned)
     pending = tuple(sorted((*steps.pending, new), key=lambda c: (c.step, c.rank)))
-    return replace(steps, pending=pending)
+    return Steps(steps.run, steps.last_step, steps.incomplete, steps.ended, pending, steps.origin)
 
 
 def due(steps: Steps, arriving: int, lag: int) -> tuple[list, Steps]:
@@ -192,7 +192,9 @@ def due(steps: Steps, arriving: int, lag: int) -> tuple[list, Steps]:
         ready.append((step, parts, complete))
         pending = pending[len(parts):]
         last, incomplete = step, incomplete + (not complete)
-    return ready, replace(steps, pending=tuple(pending), last_step=last, incomplete=incomplete)
+    if not ready:
+        return ready, steps
+    return ready, Steps(steps.run, last, incomplete, steps.ended, tuple(pending), steps.origin)
 
 
 def merge(parts: list, sample_ndim: int | None) -> Moments:
