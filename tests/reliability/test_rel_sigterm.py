@@ -4,7 +4,6 @@ import collections
 import threading
 
 import numpy as np
-import pytest
 from rel_util import quiet
 
 from reliability import sigterm

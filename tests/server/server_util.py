@@ -10,7 +10,6 @@ import threading
 import time
 
 import grpc
-import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
