@@ -391,17 +391,11 @@ class NormServicer(pb_grpc.NormServiceServicer):
     def ImportStats(self, request, context):
         naming = convert.naming(request.naming)
         _names(request.names, "names")
-        with tempfile.TemporaryDirectory(prefix="normsvc-import-") as tmp:
-            path = os.path.join(tmp, "stats.safetensors")
-            with open(path, "wb") as f:
-                f.write(request.safetensors)
-            try:
-                layers = self.store.import_(path, naming=naming, layers=list(request.names) or None,
-                                            add_prefix=request.add_prefix, max_layers=self.limits.max_layers)
-            except NormsvcError as exc:
-                # the store speaks of a file at a path; the caller sent bytes, and the path is the server's
-                exc.message = exc.message.replace(repr(path), "the file").replace(path, "the file")
-                exc.field = {"path": "safetensors", "layers": "names"}.get(exc.field, exc.field)
-                raise
+        try:
+            layers = self.store.import_(request.safetensors, naming=naming, layers=list(request.names) or None,
+                                        add_prefix=request.add_prefix, max_layers=self.limits.max_layers)
+        except NormsvcError as exc:  # the Store names its arguments; give them their request fields
+            exc.field = {"path": "safetensors", "layers": "names"}.get(exc.field, exc.field)
+            raise
         self._published("ImportStats", {name: self.store.layer(name).stats() for name in layers}, updates=False)
         return pb.ImportStatsResponse(layers=layers)

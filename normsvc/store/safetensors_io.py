@@ -163,7 +163,8 @@ def _save_atomically(tensors: dict, metadata: dict, path: str) -> None:
 
 def import_stats(store, path, *, naming: str = "keras", layers=None, add_prefix=None,
                  max_layers: int | None = None) -> list[str]:
-    """Load statistics from ``path`` into the store, all or nothing; returns the layer names imported.
+    """Load statistics from ``path`` (a file, or the file's bytes) into the store, all or nothing;
+    returns the layer names imported.
 
     ``layers`` are names as the file has them; each goes into the layer
     ``add_prefix + name``, and the names returned are those.  Raises
@@ -176,8 +177,11 @@ def import_stats(store, path, *, naming: str = "keras", layers=None, add_prefix=
     spec = _naming(naming)
     add = prefixes.text(add_prefix, "add_prefix")
     wanted = None if layers is None else set(_layer_names(store, layers))
-    where = os.fspath(path)
-    tensors, metadata = _read(where)
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        where, (tensors, metadata) = "the file", _read_bytes(bytes(path))
+    else:
+        path = os.fspath(path)
+        where, (tensors, metadata) = repr(path), _read(path)
     try:
         info = _layers_metadata(metadata)
         found = _group(tensors, spec)
@@ -196,7 +200,7 @@ def import_stats(store, path, *, naming: str = "keras", layers=None, add_prefix=
         store.put_stats({k: v for k, v in stats.items() if v is not None}, create=configs)
     except InvalidArgument as exc:
         field = exc.field if exc.field in ("layers", "add_prefix") else "path"
-        raise InvalidArgument(f"{where!r}: {exc.message}", layer=exc.layer, field=field) from None
+        raise InvalidArgument(f"{where}: {exc.message}", layer=exc.layer, field=field) from None
     return sorted(configs)
 
 
@@ -226,6 +230,20 @@ def _read(path: str) -> tuple[dict, dict]:
     except Exception as exc:  # safetensors raises its own error types for malformed files
         raise InvalidArgument(f"{path!r} is not a readable safetensors file: {exc}", field="path") from None
     return tensors, metadata
+
+
+def _read_bytes(data: bytes) -> tuple[dict, dict]:
+    """Tensors and string metadata of a safetensors file's bytes (the header is 8 bytes of length, then JSON)."""
+    from safetensors.numpy import load
+
+    try:
+        size = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or size > len(data) - 8:
+            raise ValueError(f"its header claims {size} bytes of the {max(len(data) - 8, 0)} there are")
+        metadata = json.loads(data[8:8 + size]).get("__metadata__") or {}
+        return load(data), metadata
+    except Exception as exc:  # safetensors raises its own error types for malformed files
+        raise InvalidArgument(f"the file is not readable safetensors: {exc}", field="path") from None
 
 
 def _no_constant(name: str):

@@ -338,6 +338,7 @@ class Store:
                 max_layers: int | None = None) -> list[str]:
         """Load running statistics from a safetensors file, all or nothing; see :mod:`normsvc.store.safetensors_io`.
 
+        ``path`` is the file's path, or its bytes (what ImportStats receives).
         ``layers`` (names as in the file) picks some of the file's layers;
         ``add_prefix`` is put before every name of the file (a file exported
         with ``strip_prefix`` goes back under a model's namespace).  Returns

@@ -271,3 +271,18 @@ def test_import_is_one_transaction(store, tmp_path, monkeypatch):
     assert store.import_(path) == sorted(names)
     assert calls == ["mutate"]
     assert all(store.layer(n).stats().version == 1 for n in names)
+
+
+def test_import_from_the_files_bytes(store, tmp_path, rng):
+    # ImportStats hands the store the bytes it received: no temporary file, and no path in any message
+    store.create_layer("net/bn", num_features=3).update(np_moments(rng.normal(size=(8, 3)), [0]))
+    path = tmp_path / "stats.safetensors"
+    store.export(path, naming="torch")
+    data = path.read_bytes()
+    assert store.import_(data, naming="torch", add_prefix="copy/") == ["copy/net/bn"]
+    np.testing.assert_array_equal(store.layer("copy/net/bn").stats().mean, store.layer("net/bn").stats().mean)
+    for bad in (b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{}", data[: len(data) // 2]):
+        with pytest.raises(InvalidArgument, match="^the file") as info:
+            store.import_(bad, naming="torch", add_prefix="other/")
+        assert info.value.field == "path" and str(tmp_path) not in str(info.value)
+    assert not store.list_layers("other/")
