@@ -42,7 +42,13 @@ class MemoryBackend(Backend):
                 f"unknown options for memory://: {sorted({**options, **query})}: expected request_window",
                 field="url",
             )
-        return cls(request_window=int(window))
+        try:
+            checked = int(window)
+        except (TypeError, ValueError):
+            checked = 0
+        if checked < 1:
+            raise InvalidArgument(f"request_window={window!r} for {url!r}: expected a positive int", field="url")
+        return cls(request_window=checked)
 
     def insert(self, record: Record) -> Record:
         with self._lock:

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def populated(server):
-    """A server with three layers, one of them updated and frozen."""
+def populated(start_server):
+    """An in-process server (memory store) with three layers, one of them updated and frozen."""
+    server = start_server()
     with Client(server.address) as client:
         bn = client.create_layer("net/bn1", convention="torch")
         bn.update(Moments.from_samples(np.arange(12.0).reshape(4, 3)))

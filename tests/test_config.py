@@ -2,7 +2,15 @@
 
 import pytest
 
-from normsvc.store import InvalidArgument, LayerConfig
+from normsvc.store import InvalidArgument, LayerConfig, Store
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request, tmp_path):
+    """A store on each backend (as tests/store/conftest.py's ``store``)."""
+    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'stats.db'}"
+    with Store.open(url) as s:
+        yield s
 
 
 def test_torch_momentum_none_is_kept(store):
