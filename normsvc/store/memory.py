@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 from collections import deque
 from urllib.parse import parse_qsl, urlsplit
 
@@ -16,7 +15,7 @@ __all__ = ["MemoryBackend"]
 
 def _copy(record: Record) -> Record:
     """Records handed out own their arrays, so callers cannot edit the stored state (nor each other's)."""
-    return replace(record, stats=record.stats.copy())
+    return Record(record.name, record.config, record.stats.copy(), record.steps)
 
 
 class MemoryBackend(Backend):

@@ -50,7 +50,8 @@ import numpy as np
 from ..errors import AlreadyExists, FailedPrecondition, FrozenLayer, InvalidArgument
 from ..moments import Moments
 
-__all__ = ["StepKey", "Contribution", "Steps", "DEFAULT_LAG", "MAX_ENDED_RUNS", "digest", "merge", "admit", "due"]
+__all__ = ["StepKey", "Contribution", "Steps", "DEFAULT_LAG", "MAX_ENDED_RUNS", "feed", "digest", "merge", "admit",
+           "due"]
 
 #: A step closes incomplete when a contribution this many steps ahead arrives.
 DEFAULT_LAG = 8
@@ -111,13 +112,18 @@ class Steps:
         return self.last_step is not None or bool(self.pending)
 
 
-def digest(*arrays) -> bytes:
-    """16 bytes that identify the content of float64 arrays (shapes included)."""
-    h = hashlib.blake2b(digest_size=16)
+def feed(h, *arrays) -> None:
+    """Add float64 arrays (shapes included) to a hash."""
     for a in arrays:
         a = np.ascontiguousarray(a, dtype="<f8")
         h.update(struct.pack(f"<{a.ndim + 1}q", a.ndim, *a.shape))
-        h.update(a.tobytes())
+        h.update(a.data)
+
+
+def digest(*arrays) -> bytes:
+    """16 bytes that identify the content of float64 arrays (shapes included)."""
+    h = hashlib.blake2b(digest_size=16)
+    feed(h, *arrays)
     return h.digest()
 
 

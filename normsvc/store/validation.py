@@ -8,6 +8,7 @@ and what was expected.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from ..moments import Moments
 from ..running import BatchStatistics, RunningStats, batch_statistics
 from ..config import LayerConfig, make_config, step_arguments
 from ..errors import InvalidArgument
-from .steps import StepKey, digest
+from .steps import StepKey, feed
 
 __all__ = [
     "positive_int",
@@ -97,16 +98,17 @@ def step_key(step, rank, world_size, run) -> StepKey | None:
 
 def request_digest(what: str, key: StepKey | None, values: Mapping) -> bytes:
     """What a request id is bound to: the kind of call, its step key and every layer's values."""
-    parts = [np.frombuffer(f"{what}|{tuple(key) if key else ''}".encode(), dtype=np.uint8).astype(np.float64)]
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{what}|{tuple(key) if key else ''}".encode())
     for name in sorted(values):
+        h.update(b"\0" + name.encode() + b"\0")
         v = values[name]
-        parts.append(np.frombuffer(name.encode(), dtype=np.uint8).astype(np.float64))
         if isinstance(v, Moments):
-            parts.extend((v.count, v.mean, v.m2))
+            feed(h, v.count, v.mean, v.m2)
         elif isinstance(v, tuple):
-            parts.extend(np.asarray(a, dtype=np.float64) for a in v)
+            feed(h, *v)
         # anything else is refused by the call's own checks before it changes a thing
-    return digest(*parts)
+    return h.digest()
 
 
 def mapping(value, field: str, of: str) -> Mapping:
