@@ -31,6 +31,7 @@ import normsvc
 from golden_steps import load_steps
 from normsvc.config import RUN_VARIABLES
 from server_util import ServerProcess
+from step_keys import BAD_KEYS
 
 G = load_steps()
 CASES = ["torch_m0.1", "torch_cma", "keras_m0.9", "cumulative"]
@@ -357,31 +358,6 @@ def test_conflicting_contribution_and_ended_run_through_the_client(server, rng):
 # argument validation through the client: as the Store's
 # --------------------------------------------------------------------------
 # the wire cannot tell rank=0 or world_size=0 from "not set": the client checks them as the Store does
-BAD_KEYS = [
-    (dict(step=0, rank=0), "world_size"),
-    (dict(rank=0, world_size=2), "step"),
-    (dict(rank=1), "step"),
-    (dict(world_size=2), "step"),
-    (dict(step=0, rank=2, world_size=2), "rank"),
-    (dict(step=0, rank=-1, world_size=2), "rank"),
-    (dict(step=-1, rank=0, world_size=2), "step"),
-    (dict(step=1.0, rank=0, world_size=2), "step"),
-    (dict(step=True, rank=0, world_size=2), "step"),
-    (dict(step=0, rank=0, world_size=0), "world_size"),
-    (dict(step=0, rank="0", world_size=2), "rank"),
-    (dict(step=0, rank=0, world_size=2, run=5), "run"),
-    (dict(step=0, rank=0, world_size=2, run="r" * 257), "run"),
-    (dict(step=2**62 + 1, rank=0, world_size=2), "step"),
-    (dict(run="job"), "run"),
-    (dict(rank=0), "step"),
-    (dict(rank=0, run=""), "step"),
-    (dict(step=0, world_size=2), "rank"),
-    (dict(step=0), "rank"),
-    (dict(step=2**63, rank=0, world_size=2), "step"),
-    (dict(step=0, rank=0, world_size=2**31), "world_size"),
-]
-
-
 @pytest.mark.parametrize("key, field", BAD_KEYS, ids=lambda v: "-".join(v) if isinstance(v, dict) else v)
 def test_bad_step_arguments_are_refused_by_the_client_as_by_the_store(memory_server, rng, key, field):
     case = G.cases["torch_m0.1"]

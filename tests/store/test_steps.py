@@ -19,6 +19,7 @@ from normsvc import AlreadyExists, FailedPrecondition, FrozenLayer, InvalidArgum
 from normsvc.store import steps as steps_mod
 from normsvc.store.steps import Contribution, StepKey, Steps
 from store_testing import np_moments
+from step_keys import BAD_KEYS
 
 G = load_steps()
 RTOL = 1e-6  # the tolerance against the golden records
@@ -489,23 +490,6 @@ def test_per_sample_kinds_merge_to_one_process_over_the_concatenated_batch(store
 # --------------------------------------------------------------------------
 # argument validation
 # --------------------------------------------------------------------------
-BAD_KEYS = [
-    (dict(step=0), "rank"),
-    (dict(step=0, rank=0), "world_size"),
-    (dict(rank=0, world_size=2), "step"),
-    (dict(world_size=2), "step"),
-    (dict(step=0, rank=2, world_size=2), "rank"),
-    (dict(step=0, rank=-1, world_size=2), "rank"),
-    (dict(step=-1, rank=0, world_size=2), "step"),
-    (dict(step=1.0, rank=0, world_size=2), "step"),
-    (dict(step=True, rank=0, world_size=2), "step"),
-    (dict(step=0, rank=0, world_size=0), "world_size"),
-    (dict(step=0, rank="0", world_size=2), "rank"),
-    (dict(step=0, rank=0, world_size=2, run=5), "run"),
-    (dict(step=0, rank=0, world_size=2, run=b"job"), "run"),
-    (dict(step=0, rank=0, world_size=2, run="r" * 257), "run"),
-    (dict(run="job"), "run"),
-]
 
 
 @pytest.mark.parametrize("key, field", BAD_KEYS, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD_KEYS)])
