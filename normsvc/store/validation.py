@@ -43,7 +43,9 @@ MAX_NAME_LENGTH = 256
 MAX_REQUEST_ID_LENGTH = 256
 #: num_batches is stored as a signed 64-bit integer (SQLite INTEGER, torch's int64 num_batches_tracked).
 MAX_NUM_BATCHES = 2**63 - 1
-_NAME = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
+# one regex, one pass: non-empty parts of [A-Za-z0-9_.-] between '/', none exactly '.' or '..'
+_PART = r"(?!\.{1,2}(?:/|$))[A-Za-z0-9_.\-]+"
+_NAME = re.compile(rf"{_PART}(?:/{_PART})*")
 
 
 def validate_name(name) -> str:
@@ -63,7 +65,7 @@ def validate_name(name) -> str:
         raise InvalidArgument(
             f"layer name has {len(name)} characters: expected 1 to {MAX_NAME_LENGTH}", field="name"
         )
-    if not _NAME.fullmatch(name) or any(part in (".", "..") for part in name.split("/")):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(
             f"layer name {name!r} is not valid: expected letters, digits and '_', '.', '-', "
             "with '/' only between non-empty namespace parts other than '.' and '..' (e.g. 'encoder/block1/bn')",
