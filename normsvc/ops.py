@@ -452,9 +452,10 @@ def norm(kind: str, x, *, axis=-1, groups=None, epsilon=1e-3, gamma=None, beta=N
     if entry.grouped:
         groups = norms.DEFAULT_GROUPS if groups is None else groups
     elif groups is not None:
-        raise InvalidArgument(f"groups={groups!r} is only meaningful for group norm, not {kind!r}", field="groups")
+        raise InvalidArgument(f"groups={groups!r} is only meaningful for group norm, not {kind!r}: "
+                              "expected groups left out (None)", field="groups")
     if beta is not None and not entry.centered:
-        raise InvalidArgument(f"{kind} norm has no offset: pass no beta", field="beta")
+        raise InvalidArgument(f"{kind} norm has no offset: expected beta left out (None)", field="beta")
     return _norm(kind, x, axis, groups, epsilon, gamma, beta, mean, variance, device)
 
 

@@ -135,10 +135,12 @@ class Layer:
         record = self._backend.require(self.name)
         cfg = record.config
         if gamma is not None and not cfg.scale:
-            raise InvalidArgument(f"layer {self.name!r} has scale=False: pass no gamma", layer=self.name, field="gamma")
+            raise InvalidArgument(f"layer {self.name!r} has scale=False: expected no gamma", layer=self.name,
+                                  field="gamma")
         if beta is not None and (not cfg.center or not cfg.norm.centered):
             why = f"{cfg.kind} norm has no offset" if not cfg.norm.centered else "it has center=False"
-            raise InvalidArgument(f"layer {self.name!r} takes no beta: {why}", layer=self.name, field="beta")
+            raise InvalidArgument(f"layer {self.name!r} takes no beta ({why}): expected no beta", layer=self.name,
+                                  field="beta")
         if training and not record.stats.frozen:
             y, moments = self._call(cfg, x, gamma=gamma, beta=beta, device=device)
             if not update:
