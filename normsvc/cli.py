@@ -288,9 +288,51 @@ def _layers_show(client, args) -> None:
             ("frozen", _yes(s.frozen)), ("updated", _when(s)), ("mean", _values(s.mean)),
             ("variance", _values(s.variance)),
         ]
+        if c.virtual_batch_size is not None:
+            rows.insert(9, ("virtual_batch_size", c.virtual_batch_size))
+        if c.renorm:
+            clipping = ", ".join(f"{k}={v:g}" for k, v in c.renorm_clipping.items()) or "none"
+            rows[9:9] = [("renorm", f"yes (momentum {c.renorm_momentum:g}, clipping {clipping})")]
+            rows += [(name, _values(value)) for name, value in
+                     zip(("moving_stddev", "renorm_mean", "renorm_stddev"), s.renorm or (None,) * 3)]
         width = max(len(k) for k, _ in rows)
         blocks.append("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     print("\n\n".join(blocks))
+
+
+def _clipping(text: str) -> dict:
+    """``rmax=3,rmin=0.33,dmax=5`` -> renorm_clipping (the store checks the keys and values)."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected KEY=NUMBER with KEY among rmin, rmax, dmax")
+    return out
+
+
+def _axis_option(text: str):
+    axes = [int(a) for a in text.split(",")]
+    return axes[0] if len(axes) == 1 else axes
+
+
+def _layers_create(client, args) -> None:
+    options = {key: getattr(args, key) for key in ("kind", "convention", "groups", "epsilon", "renorm_clipping",
+                                                   "renorm_momentum", "virtual_batch_size")}
+    options = {key: value for key, value in options.items() if value is not None}
+    if args.axis is not None:
+        options["axis"] = args.axis
+    if args.momentum is not None:
+        options["momentum"] = None if args.momentum == "none" else float(args.momentum)
+    if args.num_features is not None:
+        options["num_features"] = tuple(int(n) for n in args.num_features.split(","))
+    if args.renorm:
+        options["renorm"] = True
+    client.create_layer(args.name, **options)
+    print(f"created {args.name} (or it existed with this config)")
 
 
 def _layers_state(verb: str, method: str):
@@ -310,7 +352,7 @@ def _layers_delete(client, args) -> None:
 
 def _add_layers(sub) -> None:
     common = _connection_options()
-    p = sub.add_parser("layers", help="list, show, freeze, unfreeze, reset or delete layers on a server",
+    p = sub.add_parser("layers", help="list, show, create, freeze, unfreeze, reset or delete layers on a server",
                        description="Inspect and manage the layers of a running server.")
     layers = p.add_subparsers(dest="action", metavar="ACTION")
     layers.required = True
@@ -322,6 +364,23 @@ def _add_layers(sub) -> None:
                           description="Config and running statistics of the named layers.")
     q.add_argument("names", nargs="+", metavar="NAME")
     q.set_defaults(run=_with_client("layers show", _layers_show))
+    q = layers.add_parser("create", parents=[common], help="create a layer (nothing changes if it exists alike)",
+                          description="Create a layer with create_layer's options; an existing layer with the "
+                                      "same config is left as it is, one with another config is an error.")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("--kind", choices=("batch", "layer", "instance", "group", "rms"), help="default batch")
+    q.add_argument("--convention", choices=("keras", "torch", "cumulative"), help="default keras")
+    q.add_argument("--axis", type=_axis_option, metavar="AXIS[,AXIS...]", help="default: per convention")
+    q.add_argument("--groups", type=int, help="group norm's groups (default 32, -1: one per channel)")
+    q.add_argument("--epsilon", type=float, help="default: per convention")
+    q.add_argument("--momentum", metavar="M|none", help="default: per convention; none: torch's cumulative average")
+    q.add_argument("--num-features", metavar="N[,N...]", help="the statistics shape (default: from the first batch)")
+    q.add_argument("--renorm", action="store_true", help="batch renormalization (tf.keras renorm=True)")
+    q.add_argument("--renorm-clipping", type=_clipping, metavar="rmin=A,rmax=B,dmax=C",
+                   help="renorm's clipping bounds (default none)")
+    q.add_argument("--renorm-momentum", type=float, help="renorm's momentum (default 0.99)")
+    q.add_argument("--virtual-batch-size", type=int, metavar="V", help="tf.keras' virtual (ghost) batches of V samples")
+    q.set_defaults(run=_with_client("layers create", _layers_create))
     for action, verb, method, what in (
         ("freeze", "froze", "freeze", "stop taking updates (normalize with the running statistics)"),
         ("unfreeze", "unfroze", "unfreeze", "take updates again"),

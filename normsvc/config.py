@@ -18,6 +18,14 @@ layer      per position of the kept axes, any shape    (): averaged over all
 rms        per position of the kept axes, any shape    (): pooled over all
 =========  =========================================  =====================
 
+A batch layer with ``virtual_batch_size`` (tf.keras' ghost batches) takes
+moments per virtual batch, shape ``(B / v, *features)``, and averages them
+over the virtual batches as tf.keras does (the mean of the means and of the
+variances): its moments are per sample of that leading axis, like instance
+norm's.  ``renorm`` (tf.keras' batch renormalization) keeps three more
+per-feature statistics next to the moving mean and variance (see
+:mod:`normsvc.running`).
+
 "Averaged over N" is what torch's ``InstanceNorm(track_running_stats=True)``
 does: the batch statistic is the mean of the per-instance means and of the
 per-instance variances (unbiased with each instance's own count, for the torch
@@ -73,6 +81,18 @@ class LayerConfig:
     center: bool = True
     scale: bool = True
     num_features: tuple | None = None
+    renorm: bool = False
+    renorm_rmin: float | None = None
+    renorm_rmax: float | None = None
+    renorm_dmax: float | None = None
+    renorm_momentum: float | None = None
+    virtual_batch_size: int | None = None
+
+    @property
+    def renorm_clipping(self) -> dict:
+        """tf.keras' ``renorm_clipping``: the bounds set among rmin, rmax and dmax."""
+        bounds = {"rmin": self.renorm_rmin, "rmax": self.renorm_rmax, "dmax": self.renorm_dmax}
+        return {key: value for key, value in bounds.items() if value is not None}
 
     @property
     def norm(self) -> norms.Norm:
@@ -82,7 +102,7 @@ class LayerConfig:
     @property
     def sample_ndim(self) -> int | None:
         """Leading axes of the pushed moments that are averaged away (None: all of them)."""
-        return self.norm.sample_ndim
+        return 1 if self.virtual_batch_size is not None else self.norm.sample_ndim
 
     @property
     def stat_ndim(self) -> int:
@@ -103,11 +123,21 @@ class LayerConfig:
             d["axis"] = list(self.axis)
         if self.num_features is not None:
             d["num_features"] = list(self.num_features)
+        for key in _CLIPPING:
+            del d[f"renorm_{key}"]
+        if self.renorm:
+            d["renorm_clipping"] = self.renorm_clipping
+        else:  # tf.keras' options appear only where set
+            del d["renorm"], d["renorm_momentum"]
+        if self.virtual_batch_size is None:
+            del d["virtual_batch_size"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerConfig":
         d = dict(d)
+        for key, value in (d.pop("renorm_clipping", None) or {}).items():
+            d[f"renorm_{key}"] = value
         if isinstance(d.get("axis"), list):
             d["axis"] = tuple(d["axis"])
         if d.get("num_features") is not None:
@@ -136,6 +166,10 @@ class LayerInfo(NamedTuple):
     name: str
     config: LayerConfig
     stats: RunningStats | None
+
+
+#: The bounds of tf.keras' ``renorm_clipping``.
+_CLIPPING = ("rmin", "rmax", "dmax")
 
 
 def _int(value, field: str) -> int:
@@ -269,6 +303,10 @@ def make_config(
     center=True,
     scale=True,
     num_features=None,
+    renorm=False,
+    renorm_clipping=None,
+    renorm_momentum=None,
+    virtual_batch_size=None,
 ) -> LayerConfig:
     """Validate ``create_layer`` arguments and resolve the convention's defaults.
 
@@ -328,7 +366,8 @@ def make_config(
         if not isinstance(value, (bool, np.bool_)):
             raise InvalidArgument(f"{flag} must be a bool, got {value!r}", field=flag)
 
-    cfg = LayerConfig(kind, axis, groups, epsilon, momentum, convention, bool(center), bool(scale), None)
+    extras = _keras_extras(kind, convention, renorm, renorm_clipping, renorm_momentum, virtual_batch_size)
+    cfg = LayerConfig(kind, axis, groups, epsilon, momentum, convention, bool(center), bool(scale), None, **extras)
     shape = _num_features(num_features, cfg.stat_ndim)
     declared = cfg.declared_shape
     if shape is not None and declared is not None and shape != declared:
@@ -336,4 +375,55 @@ def make_config(
             f"num_features={num_features!r} contradicts the {kind} layer's statistics shape {declared}",
             field="num_features",
         )
-    return LayerConfig(kind, axis, groups, epsilon, momentum, convention, bool(center), bool(scale), shape)
+    return LayerConfig(kind, axis, groups, epsilon, momentum, convention, bool(center), bool(scale), shape,
+                       **extras)
+
+
+def _keras_extras(kind, convention, renorm, clipping, renorm_momentum, virtual_batch_size) -> dict:
+    """tf.keras' batch renormalization and virtual batches, checked: LayerConfig's fields for them."""
+    if not isinstance(renorm, (bool, np.bool_)):
+        raise InvalidArgument(f"renorm must be a bool, got {renorm!r}", field="renorm")
+    out = {}
+    if renorm or virtual_batch_size is not None:
+        what = "renorm" if renorm else "virtual_batch_size"
+        if kind != "batch" or convention != "keras":
+            raise InvalidArgument(
+                f"{what} is tf.keras' BatchNormalization option: expected kind='batch' with convention='keras', "
+                f"got kind={kind!r}, convention={convention!r}", field=what)
+    if virtual_batch_size is not None:
+        out["virtual_batch_size"] = _int(virtual_batch_size, "virtual_batch_size")
+        if out["virtual_batch_size"] < 1:
+            raise InvalidArgument(f"virtual_batch_size={virtual_batch_size}: expected a positive int",
+                                  field="virtual_batch_size")
+    if not renorm:
+        for field, value in (("renorm_clipping", clipping), ("renorm_momentum", renorm_momentum)):
+            if value is not None:
+                raise InvalidArgument(f"{field}={value!r} without renorm=True: expected it left out (None)",
+                                      field=field)
+        return out
+    out["renorm"] = True
+    momentum = 0.99 if renorm_momentum is None else renorm_momentum  # tf.keras' default
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= momentum <= 1.0:
+        raise InvalidArgument(f"renorm_momentum={renorm_momentum!r}: expected a number in [0, 1]",
+                              field="renorm_momentum")
+    out["renorm_momentum"] = float(momentum)
+    clipping = {} if clipping is None else clipping
+    if not isinstance(clipping, dict) or set(clipping) - set(_CLIPPING):
+        raise InvalidArgument(f"renorm_clipping={clipping!r}: expected a dict with keys among rmin, rmax, dmax",
+                              field="renorm_clipping")
+    for key, value in clipping.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(value):
+            raise InvalidArgument(f"renorm_clipping[{key!r}]={value!r}: expected a finite number",
+                                  field="renorm_clipping")
+        out[f"renorm_{key}"] = float(value)
+    rmin, rmax, dmax = (out.get(f"renorm_{key}") for key in _CLIPPING)
+    if rmin is not None and rmax is not None and rmin > rmax:
+        raise InvalidArgument(f"renorm_clipping has rmin={rmin} > rmax={rmax}: expected rmin <= rmax",
+                              field="renorm_clipping")
+    if dmax is not None and dmax < 0:
+        raise InvalidArgument(f"renorm_clipping has dmax={dmax}: expected dmax >= 0", field="renorm_clipping")
+    return out

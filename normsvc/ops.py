@@ -56,6 +56,7 @@ __all__ = [
     "moments",
     "normalize",
     "batch_norm",
+    "batch_renorm",
     "layer_norm",
     "instance_norm",
     "group_norm",
@@ -460,7 +461,7 @@ def norm(kind: str, x, *, axis=-1, groups=None, epsilon=1e-3, gamma=None, beta=N
 
 
 def batch_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None,
-               device="auto"):
+               virtual_batch_size=None, device="auto"):
     """Batch normalization (Keras ``BatchNormalization``).
 
     Statistics are taken per feature over every axis but ``axis``.
@@ -478,6 +479,11 @@ def batch_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, va
         for each ``a`` in ``sorted(axis)``).
     mean, variance : array of the kept axes' shape, optional
         Inference mode: normalize with these (running) statistics instead.
+    virtual_batch_size : int, optional
+        Training mode: "ghost" batches, as tf.keras' ``virtual_batch_size``.
+        The batch (axis 0) splits into ``B / v`` virtual batches of ``v``
+        samples, each normalized with its own statistics; like tf.keras,
+        sample ``i`` belongs to virtual batch ``i % (B / v)``.
     device : "auto", "cpu" or "cuda"
         Where to compute: "auto" follows x (CUDA arrays on the GPU); "cuda"
         also moves a host array to the GPU and returns numpy.
@@ -485,9 +491,119 @@ def batch_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, va
     Returns
     -------
     (y, Moments)
-        ``y`` like ``x``; the batch moments per feature (None in inference mode).
+        ``y`` like ``x``; the batch moments per feature (None in inference
+        mode), with virtual batches per virtual batch and feature (shape
+        ``(B / v, *features)``).
     """
-    return _norm("batch", x, axis, None, epsilon, gamma, beta, mean, variance, device)
+    if virtual_batch_size is None or (mean is not None and variance is not None):
+        # inference normalizes every sample with the same statistics: no virtual batches
+        return _norm("batch", x, axis, None, epsilon, gamma, beta, mean, variance, device)
+    xv, axes, affine = _virtual(x, axis, virtual_batch_size, device)
+    y, m = _norm("batch", xv, axes, None, epsilon, _tiled(gamma, affine), _tiled(beta, affine), mean, variance,
+                 device)
+    return y.reshape(x.shape), m
+
+
+def batch_renorm(x, renorm_mean, renorm_stddev, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, rmin=None,
+                 rmax=None, dmax=None, virtual_batch_size=None, device="auto"):
+    """Batch renormalization (Ioffe 2017), a training step of tf.keras' ``BatchNormalization(renorm=True)``.
+
+    The batch is normalized with its own statistics and then corrected
+    towards the renorm moving averages ``renorm_mean`` / ``renorm_stddev``
+    (the values before this step's update)::
+
+        s = sqrt(var + epsilon)
+        r = clip(s / max(renorm_stddev, sqrt(epsilon)), rmin, rmax)
+        d = clip((mean - renorm_mean) / max(renorm_stddev, sqrt(epsilon)), -dmax, dmax)
+        y = ((x - mean) / s * r + d) * gamma + beta
+
+    ``r`` and ``d`` are constants of the step (tf.keras stops their
+    gradients).  An unset ``rmin``, ``rmax`` or ``dmax`` does not clip that
+    side; ``rmin = rmax = 1`` and ``dmax = 0`` is plain batch norm.  With
+    ``virtual_batch_size`` each virtual batch is normalized with its own
+    statistics and ``mean``/``var`` above are their averages, as tf.keras does.
+    Inference uses the moving mean and variance: :func:`batch_norm` with
+    ``mean`` and ``variance``.
+
+    Returns
+    -------
+    (y, Moments)
+        As :func:`batch_norm` in training mode: the batch moments per
+        feature, or per virtual batch and feature (shape ``(B / v, *features)``).
+    """
+    for name, value in (("rmin", rmin), ("rmax", rmax), ("dmax", dmax)):
+        if value is not None and not (isinstance(value, (int, float, np.floating, np.integer))
+                                      and not isinstance(value, bool) and math.isfinite(value)):
+            raise InvalidArgument(f"{name}={value!r}: expected a finite number or None", field=name)
+    if rmin is not None and rmax is not None and rmin > rmax:
+        raise InvalidArgument(f"rmin={rmin} > rmax={rmax}: expected rmin <= rmax", field="rmin")
+    if dmax is not None and dmax < 0:
+        raise InvalidArgument(f"dmax={dmax}: expected a number >= 0", field="dmax")
+    eps = _epsilon(epsilon)
+    if virtual_batch_size is None:
+        xv, axes, affine = _shaped(x), axis, ()
+    else:
+        xv, axes, affine = _virtual(x, axis, virtual_batch_size, device)
+    prep = _prepare("batch", xv.shape, _axis_key(axes), None)
+    m = moments(xv, [a for a in range(xv.ndim) if a not in normalize_axes(axes, xv.ndim)], device=device)
+    features = prep.affine_shape[len(affine):]
+    bmean, bvar = m.mean, m.variance
+    if affine:  # the averages over the virtual batches
+        bmean, bvar = bmean.mean(axis=0), bvar.mean(axis=0)
+    floor = math.sqrt(eps)
+    rm = _param(renorm_mean, "renorm_mean", features, "one value per feature", scalar=True)
+    rs = np.maximum(_param(renorm_stddev, "renorm_stddev", features, "one value per feature", scalar=True), floor)
+    s = np.sqrt(bvar + eps)
+    r, d = s / rs, (bmean - rm) / rs
+    if rmin is not None:
+        r = np.maximum(r, rmin)
+    if rmax is not None:
+        r = np.minimum(r, rmax)
+    if dmax is not None:
+        d = np.clip(d, -dmax, dmax)
+    g = r if gamma is None else r * _param(gamma, "gamma", features, "one value per feature")
+    b = d if gamma is None else d * _param(gamma, "gamma", features, "one value per feature")
+    if beta is not None:
+        b = b + _param(beta, "beta", features, "one value per feature")
+    y, _ = _norm("batch", xv, axes, None, eps, _tiled(g, affine), _tiled(b, affine), m.mean, m.variance, device)
+    return (y if virtual_batch_size is None else y.reshape(x.shape)), m
+
+
+def _virtual(x, axis, virtual_batch_size, device):
+    """``x`` as tf.keras splits it into virtual batches: shape ``(v, B / v, ...)``, so sample ``i``
+    belongs to virtual batch ``i % (B / v)``; returns it, its kept axes (the virtual-batch axis
+    first) and the leading affine shape ``(B / v,)``."""
+    x = _shaped(x)
+    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, (int, np.integer)) \
+            or virtual_batch_size < 1:
+        raise InvalidArgument(f"virtual_batch_size={virtual_batch_size!r}: expected a positive int",
+                              field="virtual_batch_size")
+    batch = x.shape[0]
+    if batch % virtual_batch_size:
+        raise InvalidArgument(
+            f"virtual_batch_size={virtual_batch_size} does not divide the batch of {batch}: expected a batch "
+            f"size that is a multiple of it", field="virtual_batch_size")
+    count = batch // int(virtual_batch_size)
+    axes = normalize_axes(axis, x.ndim)
+    if 0 in axes:
+        raise InvalidArgument(f"axis={axis!r} keeps the batch axis 0: virtual batches split it", field="axis")
+    xv = x.reshape((int(virtual_batch_size), count) + tuple(x.shape[1:]))
+    return xv, (1,) + tuple(a + 1 for a in axes), (count,)
+
+
+def _shaped(x):
+    """``x`` with a shape to reshape by: a CUDA array as it is (the device path takes it), anything
+    else as a validated numpy array."""
+    x = _detached(x)
+    return x if _is_cuda_array(x) else _input(x, "cpu")
+
+
+def _tiled(value, lead: tuple):
+    """A per-feature affine parameter repeated for each virtual batch (``lead`` = its count)."""
+    if value is None or not lead:
+        return value
+    value = np.asarray(value, dtype=np.float64)
+    return np.broadcast_to(value, lead + value.shape)
 
 
 def layer_norm(x, *, axis=-1, epsilon=1e-3, gamma=None, beta=None, mean=None, variance=None,

@@ -21,6 +21,15 @@ per feature and folds it in with one of three conventions:
     torch's ``momentum=None`` it counts the spread between batch means, and
     batches weigh by their sample count.  Starts empty (count 0).
 
+Batch renormalization (``renorm``, keras convention only, as tf.keras'
+``BatchNormalization(renorm=True)``) keeps three more per-feature values:
+``moving_stddev``, the moving average of the batch's ``sqrt(var + eps)``
+with ``m`` (``variance`` is then ``max(moving_stddev**2 - eps, 0)``), and
+``renorm_mean`` / ``renorm_stddev``, the moving averages of the batch mean
+and ``sqrt(var + eps)`` with ``renorm_momentum``, which the training
+forward corrects towards (:func:`normsvc.ops.batch_renorm`).  They start at
+1, 0 and 1.
+
 Everything here is a pure function on float64 numpy arrays; the store
 (:mod:`normsvc.store`) keeps the values and makes the updates atomic.
 
@@ -111,6 +120,9 @@ class RunningStats:
     last_step : int or None
         The last step of ``run`` applied: a contribution to step ``s`` has
         been applied once ``last_step >= s`` (None: no step yet).
+    moving_stddev, renorm_mean, renorm_stddev : ndarray of float64 or None
+        Batch renormalization's statistics (see above); None for a layer
+        without renorm.
     """
 
     mean: np.ndarray
@@ -122,11 +134,22 @@ class RunningStats:
     updated_at: float = 0.0
     run: str = ""
     last_step: int | None = None
+    moving_stddev: np.ndarray | None = None
+    renorm_mean: np.ndarray | None = None
+    renorm_stddev: np.ndarray | None = None
+
+    @property
+    def renorm(self) -> tuple | None:
+        """``(moving_stddev, renorm_mean, renorm_stddev)``, or None without renorm."""
+        return None if self.renorm_mean is None else (self.moving_stddev, self.renorm_mean, self.renorm_stddev)
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, RunningStats):
             return NotImplemented
         same = lambda a, b: a.shape == b.shape and np.array_equal(a, b)
+        mine, theirs = self.renorm, other.renorm
+        if (mine is None) != (theirs is None) or (mine is not None and not all(map(same, mine, theirs))):
+            return False
         return (
             same(self.mean, other.mean)
             and same(self.variance, other.variance)
@@ -148,6 +171,9 @@ class RunningStats:
         fields = new.__dict__
         fields.update(self.__dict__)
         fields["mean"], fields["variance"] = self.mean.copy(), self.variance.copy()
+        if self.renorm_mean is not None:
+            fields["moving_stddev"] = self.moving_stddev.copy()
+            fields["renorm_mean"], fields["renorm_stddev"] = self.renorm_mean.copy(), self.renorm_stddev.copy()
         return new
 
 
@@ -217,23 +243,32 @@ def batch_statistics(moments: Moments, sample_ndim: int, *, pool: bool = False) 
     return BatchStatistics(pooled_mean, within / n, n, k, pooled)
 
 
-def initial_state(convention: str, shape: tuple = ()) -> RunningStats:
-    """Statistics before any batch: mean 0 and variance 1 (keras, torch), or empty (cumulative)."""
+def initial_state(convention: str, shape: tuple = (), *, renorm: bool = False) -> RunningStats:
+    """Statistics before any batch: mean 0 and variance 1 (keras, torch), or empty (cumulative);
+    with ``renorm``, moving_stddev 1, renorm_mean 0 and renorm_stddev 1 (tf.keras' initial values)."""
     mean = np.zeros(shape)
     variance = np.zeros(shape) if convention == "cumulative" else np.ones(shape)
+    if renorm:
+        return RunningStats(mean, variance, moving_stddev=np.ones(shape), renorm_mean=np.zeros(shape),
+                            renorm_stddev=np.ones(shape))
     return RunningStats(mean, variance)
 
 
 def apply_update(
-    state: RunningStats, batch: BatchStatistics, *, convention: str, momentum: float | None
+    state: RunningStats, batch: BatchStatistics, *, convention: str, momentum: float | None,
+    renorm: tuple | None = None,
 ) -> RunningStats:
     """Fold one batch into ``state`` (whose mean/variance must have the batch's shape).
 
-    Returns new statistics with ``count`` and ``num_batches`` advanced; version,
-    frozen and updated_at are left for the caller.
+    ``renorm`` is ``(renorm_momentum, epsilon)`` for a layer with batch
+    renormalization (keras convention).  Returns new statistics with
+    ``count`` and ``num_batches`` advanced; version, frozen and updated_at
+    are left for the caller.
     """
     mean, var = state.mean, state.variance
     num_batches = state.num_batches + 1
+    if renorm is not None:
+        return _renorm_update(state, batch, momentum, *renorm)
     if convention == "keras":
         m = momentum
         new_mean = mean * m + batch.mean * (1.0 - m)
@@ -257,6 +292,25 @@ def apply_update(
         state.version,
         state.frozen,
         state.updated_at,
+    )
+
+
+def _renorm_update(state: RunningStats, batch: BatchStatistics, m: float, rm: float, eps: float) -> RunningStats:
+    """tf.keras' renorm update: the moving mean and stddev with ``m``, the renorm averages with
+    ``rm``, and the moving variance derived from the moving stddev."""
+    stddev = np.sqrt(batch.variance + eps)
+    moving_stddev = state.moving_stddev * m + stddev * (1.0 - m)
+    return RunningStats(
+        np.asarray(state.mean * m + batch.mean * (1.0 - m), dtype=np.float64),
+        np.maximum(moving_stddev * moving_stddev - eps, 0.0),
+        state.count + batch.count,
+        state.num_batches + 1,
+        state.version,
+        state.frozen,
+        state.updated_at,
+        moving_stddev=np.asarray(moving_stddev, dtype=np.float64),
+        renorm_mean=np.asarray(state.renorm_mean * rm + batch.mean * (1.0 - rm), dtype=np.float64),
+        renorm_stddev=np.asarray(state.renorm_stddev * rm + stddev * (1.0 - rm), dtype=np.float64),
     )
 
 
@@ -308,7 +362,7 @@ def fold(state: RunningStats, moments: Moments, *, convention: str, momentum: fl
     """
     mean, var = state.mean, state.variance
     count = moments.count
-    if count.ndim or moments.mean.shape != mean.shape or not mean.size:
+    if count.ndim or moments.mean.shape != mean.shape or not mean.size or state.renorm_mean is not None:
         return None
     k = float(count)
     if not (0.0 < k < math.inf) or (convention == "torch" and k <= 1.0):

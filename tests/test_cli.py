@@ -186,3 +186,27 @@ def test_the_installed_command_against_a_subprocess_server(process_address):
                           timeout=60)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip() == "normsvc layers show: no layer named 'cli/missing': expected an existing layer (create it first)"
+
+
+def test_layers_create_with_renorm_and_virtual_batches(start_server, capsys):
+    address = start_server().address
+    code, out, err = cli(capsys, "layers", "create", "--target", address, "keras/bn", "--renorm",
+                         "--renorm-clipping", "rmax=3,rmin=0.25,dmax=5", "--renorm-momentum", "0.9",
+                         "--virtual-batch-size", "4", "--momentum", "0.95", "--num-features", "3")
+    assert (code, err) == (0, "") and out.strip() == "created keras/bn (or it existed with this config)"
+    with Client(address) as client:
+        config = client.layer("keras/bn").config()
+    assert (config.renorm, config.renorm_clipping, config.renorm_momentum) == (
+        True, {"rmin": 0.25, "rmax": 3.0, "dmax": 5.0}, 0.9)
+    assert (config.virtual_batch_size, config.momentum, config.num_features) == (4, 0.95, (3,))
+    code, out, _ = cli(capsys, "layers", "show", "--target", address, "keras/bn")
+    fields = dict(line.split(None, 1) for line in out.splitlines())
+    assert fields["renorm"] == "yes (momentum 0.9, clipping rmin=0.25, rmax=3, dmax=5)"
+    assert fields["virtual_batch_size"] == "4"
+    assert fields["moving_stddev"] == "[1. 1. 1.]" and fields["renorm_mean"] == "[0. 0. 0.]"
+    # a torch-convention torch layer has no renorm: the store's error, in one line
+    code, _, err = cli(capsys, "layers", "create", "--target", address, "t/bn", "--convention", "torch", "--renorm")
+    assert code == 1 and "renorm is tf.keras' BatchNormalization option" in err
+    with pytest.raises(SystemExit):
+        main(["layers", "create", "--target", address, "x", "--renorm", "--renorm-clipping", "rmax"])
+    assert "expected KEY=NUMBER" in capsys.readouterr().err

@@ -558,3 +558,64 @@ def test_torch_tensors_that_require_grad_are_taken_as_they_are():
     mean, var = t.mean(0), t.var(0, unbiased=False)  # statistics that require grad, too
     np.testing.assert_allclose(normsvc.normalize(t, mean, var, epsilon=0.0), (x - x.mean(0)) / x.std(0), rtol=1e-10)
     assert t.requires_grad and t.grad is None
+
+
+# --- virtual batches and batch renormalization (tf_keras itself: tests/test_golden_tf_keras.py) ---
+
+
+def test_virtual_batches_normalize_each_interleaved_virtual_batch_with_its_own_statistics(rng):
+    x = rng.normal(2.0, 3.0, size=(12, 2, 3)).astype(np.float64)
+    y, m = normsvc.batch_norm(x, virtual_batch_size=4, epsilon=1e-3)
+    assert m.mean.shape == (3, 3) and float(m.count) == 8  # 3 virtual batches of 4 samples x 2 positions
+    for j in range(3):  # tf.keras' split: sample i is in virtual batch i % 3
+        ghost = x[j::3]
+        mu, var = ghost.mean(axis=(0, 1)), ghost.var(axis=(0, 1))
+        np.testing.assert_allclose(m.mean[j], mu, rtol=1e-12)
+        np.testing.assert_allclose(y[j::3], (ghost - mu) / np.sqrt(var + 1e-3), rtol=1e-10, atol=1e-12)
+    # inference ignores virtual batches: every sample takes the same statistics
+    yi, none = normsvc.batch_norm(x, virtual_batch_size=4, mean=np.zeros(3), variance=np.ones(3), epsilon=0.0)
+    assert none is None and np.array_equal(yi, x)
+
+
+@pytest.mark.parametrize("kwargs, field, message", [
+    ({"virtual_batch_size": 5}, "virtual_batch_size", "does not divide the batch of 12"),
+    ({"virtual_batch_size": 0}, "virtual_batch_size", "expected a positive int"),
+    ({"virtual_batch_size": True}, "virtual_batch_size", "expected a positive int"),
+    ({"virtual_batch_size": 4, "axis": [0, 2]}, "axis", "keeps the batch axis 0"),
+])
+def test_bad_virtual_batches_name_the_argument(rng, kwargs, field, message):
+    with pytest.raises(normsvc.InvalidArgument, match=message) as info:
+        normsvc.batch_norm(rng.normal(size=(12, 3, 2)), **kwargs)
+    assert info.value.field == field
+
+
+def test_batch_renorm_corrects_towards_the_renorm_averages(rng):
+    x = rng.normal(1.0, 2.0, size=(32, 4))
+    rmean, rstd, eps = np.array([0.5, 1.0, 1.5, 2.0]), np.array([1.0, 2.0, 4.0, 0.5]), 1e-3
+    gamma, beta = np.array([1.0, 2.0, 0.5, -1.0]), np.array([0.0, 1.0, -1.0, 0.5])
+    y, m = normsvc.batch_renorm(x, rmean, rstd, gamma=gamma, beta=beta, epsilon=eps, rmax=1.5, dmax=0.5)
+    mu, s = x.mean(axis=0), np.sqrt(x.var(axis=0) + eps)
+    r, d = np.minimum(s / rstd, 1.5), np.clip((mu - rmean) / rstd, -0.5, 0.5)
+    np.testing.assert_allclose(y, ((x - mu) / s * r + d) * gamma + beta, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(m.mean, mu, rtol=1e-12)
+    # renorm_stddev below sqrt(epsilon) counts as sqrt(epsilon) (tf.keras' guard against dividing by ~0)
+    y0, _ = normsvc.batch_renorm(x, np.zeros(4), np.zeros(4), epsilon=eps)
+    np.testing.assert_allclose(y0, ((x - mu) / s * (s / np.sqrt(eps)) + mu / np.sqrt(eps)), rtol=1e-10)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"rmin": 2.0, "rmax": 1.0}, "rmin"),
+    ({"dmax": -0.5}, "dmax"),
+    ({"rmax": float("nan")}, "rmax"),
+    ({"rmax": "3"}, "rmax"),
+])
+def test_bad_renorm_clipping_names_the_bound(rng, kwargs, field):
+    with pytest.raises(normsvc.InvalidArgument) as info:
+        normsvc.batch_renorm(rng.normal(size=(8, 2)), np.zeros(2), np.ones(2), **kwargs)
+    assert info.value.field == field
+
+
+def test_renorm_statistics_of_another_shape_are_refused(rng):
+    with pytest.raises(normsvc.InvalidArgument) as info:
+        normsvc.batch_renorm(rng.normal(size=(8, 2)), np.zeros(3), np.ones(2))
+    assert info.value.field == "renorm_mean"

@@ -45,6 +45,12 @@ def test_store_example_runs_and_prints_what_it_says(tmp_path):
     assert {"model/bn1.running_mean", "model/bn1.running_var", "model/bn1.num_batches_tracked"} <= names
 
 
+def test_renorm_example_runs_and_prints_what_it_says(tmp_path):
+    # it continues the store example (its `store` and `np`)
+    lines = _run(_block("## Running statistics") + _block("## Running statistics", 1), tmp_path)
+    assert lines == ["3 3 (16,)", "(16,)"]
+
+
 @pytest.mark.timeout(120)
 def test_client_quickstart_runs_against_a_server(start_server, tmp_path):
     from normsvc.client import Client

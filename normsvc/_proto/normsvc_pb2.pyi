@@ -86,7 +86,7 @@ class Moments(_message.Message):
     def __init__(self, count: _Optional[_Union[Tensor, _Mapping]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class LayerConfig(_message.Message):
-    __slots__ = ("kind", "axis", "groups", "epsilon", "momentum", "convention", "center", "scale", "num_features", "cumulative_average")
+    __slots__ = ("kind", "axis", "groups", "epsilon", "momentum", "convention", "center", "scale", "num_features", "cumulative_average", "renorm", "renorm_rmin", "renorm_rmax", "renorm_dmax", "renorm_momentum", "virtual_batch_size")
     KIND_FIELD_NUMBER: _ClassVar[int]
     AXIS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,12 @@ class LayerConfig(_message.Message):
     SCALE_FIELD_NUMBER: _ClassVar[int]
     NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
     CUMULATIVE_AVERAGE_FIELD_NUMBER: _ClassVar[int]
+    RENORM_FIELD_NUMBER: _ClassVar[int]
+    RENORM_RMIN_FIELD_NUMBER: _ClassVar[int]
+    RENORM_RMAX_FIELD_NUMBER: _ClassVar[int]
+    RENORM_DMAX_FIELD_NUMBER: _ClassVar[int]
+    RENORM_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    VIRTUAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     kind: LayerKind
     axis: _containers.RepeatedScalarFieldContainer[int]
     groups: int
@@ -107,10 +113,16 @@ class LayerConfig(_message.Message):
     scale: bool
     num_features: _containers.RepeatedScalarFieldContainer[int]
     cumulative_average: bool
-    def __init__(self, kind: _Optional[_Union[LayerKind, str]] = ..., axis: _Optional[_Iterable[int]] = ..., groups: _Optional[int] = ..., epsilon: _Optional[float] = ..., momentum: _Optional[float] = ..., convention: _Optional[_Union[Convention, str]] = ..., center: _Optional[bool] = ..., scale: _Optional[bool] = ..., num_features: _Optional[_Iterable[int]] = ..., cumulative_average: _Optional[bool] = ...) -> None: ...
+    renorm: bool
+    renorm_rmin: float
+    renorm_rmax: float
+    renorm_dmax: float
+    renorm_momentum: float
+    virtual_batch_size: int
+    def __init__(self, kind: _Optional[_Union[LayerKind, str]] = ..., axis: _Optional[_Iterable[int]] = ..., groups: _Optional[int] = ..., epsilon: _Optional[float] = ..., momentum: _Optional[float] = ..., convention: _Optional[_Union[Convention, str]] = ..., center: _Optional[bool] = ..., scale: _Optional[bool] = ..., num_features: _Optional[_Iterable[int]] = ..., cumulative_average: _Optional[bool] = ..., renorm: _Optional[bool] = ..., renorm_rmin: _Optional[float] = ..., renorm_rmax: _Optional[float] = ..., renorm_dmax: _Optional[float] = ..., renorm_momentum: _Optional[float] = ..., virtual_batch_size: _Optional[int] = ...) -> None: ...
 
 class RunningStats(_message.Message):
-    __slots__ = ("mean", "variance", "count", "num_batches", "version", "frozen", "updated_at", "run", "last_step")
+    __slots__ = ("mean", "variance", "count", "num_batches", "version", "frozen", "updated_at", "run", "last_step", "moving_stddev", "renorm_mean", "renorm_stddev")
     MEAN_FIELD_NUMBER: _ClassVar[int]
     VARIANCE_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +132,9 @@ class RunningStats(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    MOVING_STDDEV_FIELD_NUMBER: _ClassVar[int]
+    RENORM_MEAN_FIELD_NUMBER: _ClassVar[int]
+    RENORM_STDDEV_FIELD_NUMBER: _ClassVar[int]
     mean: Tensor
     variance: Tensor
     count: float
@@ -129,7 +144,10 @@ class RunningStats(_message.Message):
     updated_at: _timestamp_pb2.Timestamp
     run: str
     last_step: int
-    def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., count: _Optional[float] = ..., num_batches: _Optional[int] = ..., version: _Optional[int] = ..., frozen: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run: _Optional[str] = ..., last_step: _Optional[int] = ...) -> None: ...
+    moving_stddev: Tensor
+    renorm_mean: Tensor
+    renorm_stddev: Tensor
+    def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., count: _Optional[float] = ..., num_batches: _Optional[int] = ..., version: _Optional[int] = ..., frozen: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run: _Optional[str] = ..., last_step: _Optional[int] = ..., moving_stddev: _Optional[_Union[Tensor, _Mapping]] = ..., renorm_mean: _Optional[_Union[Tensor, _Mapping]] = ..., renorm_stddev: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Layer(_message.Message):
     __slots__ = ("name", "config", "stats")

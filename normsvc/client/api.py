@@ -70,14 +70,18 @@ class ClientApi:
 
     def create_layer(self, name: str, *, kind: str = "batch", axis=DEFAULT, groups: int | None = None,
                      epsilon: float | None = None, momentum=DEFAULT, convention: str = "keras",
-                     center: bool = True, scale: bool = True, num_features=None) -> RemoteLayer:
+                     center: bool = True, scale: bool = True, num_features=None, renorm: bool = False,
+                     renorm_clipping: dict | None = None, renorm_momentum: float | None = None,
+                     virtual_batch_size: int | None = None) -> RemoteLayer:
         """Create a layer, or return the existing one if its config is identical.
 
         Arguments as :meth:`normsvc.store.Store.create_layer`; ConfigConflict
         if the name holds another config.
         """
         options = dict(kind=kind, axis=axis, groups=groups, epsilon=epsilon, momentum=momentum,
-                       convention=convention, center=center, scale=scale, num_features=num_features)
+                       convention=convention, center=center, scale=scale, num_features=num_features,
+                       renorm=renorm, renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
+                       virtual_batch_size=virtual_batch_size)
         return self.execute(self._handle(operations.create_layer(name, options)))
 
     def layer(self, name: str) -> RemoteLayer:

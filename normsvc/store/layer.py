@@ -142,7 +142,7 @@ class Layer:
             raise InvalidArgument(f"layer {self.name!r} takes no beta ({why}): expected no beta", layer=self.name,
                                   field="beta")
         if training and not record.stats.frozen:
-            y, moments = self._call(cfg, x, gamma=gamma, beta=beta, device=device)
+            y, moments = self._train(record, x, gamma=gamma, beta=beta, device=device)
             if not update:
                 return (y, moments) if return_moments else y
             try:
@@ -165,6 +165,28 @@ class Layer:
         digest = None if request_id is None else validation.request_digest(what, None, {})
         out = self._backend.mutate([self.name], fn, request_id, digest=digest)
         return out[self.name].report()
+
+    def _train(self, record: Record, x, **kwargs):
+        """The training forward: ``ops.norm`` of the layer's kind, or tf.keras' batch
+        renormalization (corrected towards the layer's renorm statistics) and virtual batches."""
+        cfg = record.config
+        if not cfg.renorm and cfg.virtual_batch_size is None:
+            return self._call(cfg, x, **kwargs)
+        try:
+            if cfg.renorm:
+                stats = record.stats
+                return ops.batch_renorm(x, stats.renorm_mean, stats.renorm_stddev, axis=_axis_arg(cfg.axis),
+                                        epsilon=cfg.epsilon, virtual_batch_size=cfg.virtual_batch_size,
+                                        **cfg.renorm_clipping, **kwargs)
+            return ops.batch_norm(x, axis=_axis_arg(cfg.axis), epsilon=cfg.epsilon,
+                                  virtual_batch_size=cfg.virtual_batch_size, **kwargs)
+        except NormsvcError as exc:
+            if exc.field in ("renorm_mean", "renorm_stddev"):
+                exc.field = "x"
+                exc.message = (f"x of shape {np.shape(x)} does not fit layer {self.name!r}, which keeps "
+                               f"statistics of shape {np.shape(record.stats.mean)}: {exc.message}")
+            exc.layer = exc.layer or self.name
+            raise
 
     def _call(self, cfg: LayerConfig, x, running: RunningStats | None = None, **kwargs):
         """``ops.norm`` of this layer's kind on ``x``; its errors name this layer.

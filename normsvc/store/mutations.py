@@ -29,7 +29,8 @@ Mutation = Callable[[Record], "Record | None"]
 def updated(record: Record, stats: RunningStats, now: float) -> Record:
     """``record`` with new statistics, one version on, stamped ``now``."""
     s = stats  # built directly: dataclasses.replace costs more than the update itself on the hot path
-    new = RunningStats(s.mean, s.variance, s.count, s.num_batches, record.stats.version + 1, s.frozen, now)
+    new = RunningStats(s.mean, s.variance, s.count, s.num_batches, record.stats.version + 1, s.frozen, now,
+                       moving_stddev=s.moving_stddev, renorm_mean=s.renorm_mean, renorm_stddev=s.renorm_stddev)
     return Record(record.name, record.config, new, record.steps)
 
 
@@ -38,7 +39,8 @@ def update(moments, now: float) -> Mutation:
 
     def fn(record: Record) -> Record:
         cfg, stats = record.config, record.stats
-        if cfg.sample_ndim == 0 and not stats.frozen and isinstance(moments, Moments) and known_shape(record) is not None:
+        if cfg.sample_ndim == 0 and not cfg.renorm and not stats.frozen and isinstance(moments, Moments) \
+                and known_shape(record) is not None:
             # the hot path: one compiled pass, or None and the checks below say what is wrong
             new = fold(stats, moments, convention=cfg.convention, momentum=cfg.momentum)
             if new is not None:
@@ -48,11 +50,13 @@ def update(moments, now: float) -> Mutation:
             raise FrozenLayer(f"layer {record.name!r} is frozen and takes no updates: unfreeze it first",
                               layer=record.name)
         if known_shape(record) is None:
-            fresh = initial_state(cfg.convention, batch.mean.shape)
-            stats = replace(stats, mean=fresh.mean, variance=fresh.variance)
+            fresh = initial_state(cfg.convention, batch.mean.shape, renorm=cfg.renorm)
+            stats = replace(stats, mean=fresh.mean, variance=fresh.variance, moving_stddev=fresh.moving_stddev,
+                            renorm_mean=fresh.renorm_mean, renorm_stddev=fresh.renorm_stddev)
+        renorm = (cfg.renorm_momentum, cfg.epsilon) if cfg.renorm else None
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-            new = apply_update(stats, batch, convention=cfg.convention, momentum=cfg.momentum)
-        if not validation.all_finite(new.mean, new.variance):
+            new = apply_update(stats, batch, convention=cfg.convention, momentum=cfg.momentum, renorm=renorm)
+        if not validation.all_finite(new.mean, new.variance, *(new.renorm or ())):
             raise InvalidArgument(f"moments for layer {record.name!r} overflow the running statistics to Inf",
                                   layer=record.name, field="moments.mean")
         return updated(record, new, now)
@@ -110,7 +114,7 @@ def reset(now: float) -> Mutation:
     """
 
     def fn(record: Record) -> Record:
-        fresh = initial_state(record.config.convention, record.stats.mean.shape)
+        fresh = initial_state(record.config.convention, record.stats.mean.shape, renorm=record.config.renorm)
         new = updated(record, replace(fresh, frozen=record.stats.frozen), now)
         return replace(new, steps=Steps(origin=new.stats.version))
 
@@ -130,6 +134,7 @@ def put(values: Mapping[str, RunningStats], now: float) -> Mutation:
         if new is None:
             return None
         _check_shape(record, new.mean.shape)
+        _check_renorm(record, new)
         # values were copied when checked: the caller holds no reference to these arrays
         return updated(record, replace(new, frozen=record.stats.frozen), now)
 
@@ -146,3 +151,13 @@ def _check_shape(record: Record, shape: tuple) -> None:
         return
     raise InvalidArgument(f"layer {record.name!r} keeps {what}: got shape {shape}",
                           layer=record.name, field="stats.mean")
+
+
+def _check_renorm(record: Record, stats: RunningStats) -> None:
+    """Statistics for a renorm layer carry renorm's three arrays; for any other layer, none."""
+    if record.config.renorm and stats.renorm is None:
+        raise InvalidArgument(f"layer {record.name!r} has renorm: expected moving_stddev, renorm_mean and "
+                              "renorm_stddev with its statistics", layer=record.name, field="stats.renorm_mean")
+    if not record.config.renorm and stats.renorm is not None:
+        raise InvalidArgument(f"layer {record.name!r} has no renorm: expected no moving_stddev, renorm_mean or "
+                              "renorm_stddev", layer=record.name, field="stats.renorm_mean")

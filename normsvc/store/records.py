@@ -15,6 +15,11 @@ Storage formats (:data:`FORMAT` is the one written; sqlite also keeps it in
 3. Step contributions: ``steps`` (JSON: run, last_step, incomplete, ended,
    origin) and ``pending`` (the open contributions, bytes of
    :func:`normsvc.store.steps.encode_pending`).  Older records have none.
+4. Batch renormalization and virtual batches: the config may hold
+   ``renorm``, ``renorm_clipping``, ``renorm_momentum`` and
+   ``virtual_batch_size``; ``renorm`` holds moving_stddev, renorm_mean and
+   renorm_stddev (float64 bytes, one after the other, each of the mean's
+   shape), empty for a layer without renorm.  Older records have neither.
 
 Reading upgrades older formats one step at a time (:data:`UPGRADES`), as
 torch's ``_load_from_state_dict`` fills what old checkpoints lack; a format
@@ -51,7 +56,7 @@ __all__ = [
 ]
 
 #: The storage format this code writes.
-FORMAT = 3
+FORMAT = 4
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class Record:
 
 def new_record(name: str, config: LayerConfig) -> Record:
     """A fresh layer at version 0: initial statistics, 0-d while the shape is still unknown."""
-    stats = initial_state(config.convention, config.declared_shape or ())
+    stats = initial_state(config.convention, config.declared_shape or (), renorm=config.renorm)
     return Record(name, config, replace(stats, updated_at=time.time()))
 
 
@@ -105,8 +110,12 @@ def _from_format_2(data: dict) -> dict:
     return {**data, "format": 3}  # the config is unchanged; records of format 2 have no step state
 
 
+def _from_format_3(data: dict) -> dict:
+    return {**data, "format": 4}  # the config is unchanged; records of format 3 have no renorm state
+
+
 #: format n -> the function lifting a decoded config JSON from format n to n + 1.
-UPGRADES = {1: _from_format_1, 2: _from_format_2}
+UPGRADES = {1: _from_format_1, 2: _from_format_2, 3: _from_format_3}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -168,6 +177,7 @@ def encode_record(record: Record) -> dict:
         "updated_at": float(s.updated_at),
         "steps": _steps_json(record.steps),
         "pending": encode_pending(record.steps.pending) if record.steps.pending else b"",
+        "renorm": b"".join(map(_array_bytes, s.renorm)) if s.renorm is not None else b"",
     }
 
 
@@ -186,6 +196,15 @@ def _steps(fields: Mapping) -> Steps:
                  decode_pending(fields.get("pending") or b""), d["origin"])
 
 
+def _renorm(data: bytes, shape: tuple) -> dict:
+    """Renorm's three arrays from a record's ``renorm`` bytes (none for records without renorm)."""
+    if not data:
+        return {}
+    size = len(data) // 3
+    parts = [_array(data[i * size:(i + 1) * size], shape) for i in range(3)]
+    return dict(zip(("moving_stddev", "renorm_mean", "renorm_stddev"), parts))
+
+
 def decode_record(name: str, fields: Mapping) -> Record:
     """Inverse of :func:`encode_record`, for fields written in any format up to :data:`FORMAT`."""
     shape = _shape_from_json(fields["shape"])
@@ -197,6 +216,7 @@ def decode_record(name: str, fields: Mapping) -> Record:
         int(fields["version"]),
         bool(int(fields["frozen"])),
         float(fields["updated_at"]),
+        **_renorm(fields.get("renorm") or b"", shape),
     )
     try:
         config = decode_config(fields["config"])

@@ -10,6 +10,10 @@ torch      ``{layer}.running_mean``, ``{layer}.running_var``,
            ``{layer}.num_batches_tracked`` (int64 scalar)
 =========  ==========================================================
 
+A layer with batch renormalization also has ``{layer}/moving_stddev``,
+``{layer}/renorm_mean`` and ``{layer}/renorm_stddev`` (tf.keras' variable
+names; with the torch naming's ``.``), all three or none.
+
 Values are written as the layer stores them (a torch-convention layer's
 variance is its unbiased running variance, a keras one's the biased moving
 variance): the naming picks names, it converts nothing.  The file's metadata
@@ -66,6 +70,8 @@ NAMINGS = {
 FILE_FORMAT = 1
 _METADATA_KEY = "normsvc"
 _ENTRY_KEYS = ("config", "count", "num_batches")
+#: Batch renormalization's statistics: the same leaf names in both namings.
+_RENORM = ("moving_stddev", "renorm_mean", "renorm_stddev")
 
 
 def _naming(naming) -> dict:
@@ -137,6 +143,8 @@ def export_stats(store, path, *, layers=None, naming: str = "keras", prefix=None
         tensors[key + spec["variance"]] = np.asarray(s.variance, dtype=dtype, order="C")
         if spec["num_batches"]:
             tensors[key + spec["num_batches"]] = np.array(s.num_batches, dtype=np.int64)
+        for leaf, array in zip(_RENORM, s.renorm or ()):
+            tensors[key + leaf] = np.asarray(array, dtype=dtype, order="C")
     metadata = {_METADATA_KEY: json.dumps({"format": FILE_FORMAT, "naming": naming, "layers": meta})}
     _save_atomically(tensors, metadata, os.fspath(path))
     return names
@@ -287,7 +295,7 @@ def _unknown_keys(obj: dict, known: tuple, what: str) -> None:
 
 def _group(tensors: dict, spec: dict) -> dict[str, dict]:
     """{layer: {"mean": arr, "variance": arr, "num_batches": arr}} from tensor names."""
-    roles = {spec["mean"]: "mean", spec["variance"]: "variance"}
+    roles = {spec["mean"]: "mean", spec["variance"]: "variance"} | {leaf: leaf for leaf in _RENORM}
     if spec["num_batches"]:
         roles[spec["num_batches"]] = "num_batches"
     out: dict[str, dict] = {}
@@ -309,9 +317,17 @@ def _entry(name: str, parts: dict, meta: Mapping, naming: str) -> tuple[Mapping,
     if ("mean" in parts) != ("variance" in parts):
         have, lack = ("mean", "variance") if "mean" in parts else ("variance", "mean")
         raise InvalidArgument(f"layer {name!r} has a {have} tensor but no {lack} tensor in the file", layer=name)
+    renorm = {leaf: parts[leaf] for leaf in _RENORM if leaf in parts}
+    if renorm and len(renorm) < len(_RENORM):
+        missing = [leaf for leaf in _RENORM if leaf not in renorm]
+        raise InvalidArgument(f"layer {name!r} has {', '.join(renorm)} but no {', '.join(missing)} tensor in the "
+                              "file: expected all three of renorm's statistics, or none", layer=name)
     if "mean" not in parts:
+        if renorm:
+            raise InvalidArgument(f"layer {name!r} has renorm tensors but no mean and variance in the file",
+                                  layer=name)
         return config, None
-    return config, RunningStats(parts["mean"], parts["variance"], count, num_batches)
+    return config, RunningStats(parts["mean"], parts["variance"], count, num_batches, **renorm)
 
 
 def _int_scalar(tensor: np.ndarray, name: str):

@@ -52,7 +52,8 @@ CREATE TABLE layers (
     frozen      INTEGER NOT NULL,
     updated_at  REAL NOT NULL,
     steps       TEXT,
-    pending     BLOB
+    pending     BLOB,
+    renorm      BLOB
 )""", """
 CREATE TABLE request_ids (
     layer      TEXT NOT NULL,
@@ -64,10 +65,12 @@ CREATE TABLE request_ids (
     "CREATE INDEX request_ids_by_version ON request_ids (layer, version)")
 
 _FIELDS = ("config", "shape", "mean", "variance", "count", "num_batches", "version", "frozen", "updated_at", "steps",
-           "pending")
+           "pending", "renorm")
 #: Columns that format 3 added (step contributions; the content digests of request ids).
 _FORMAT_3 = ("ALTER TABLE layers ADD COLUMN steps TEXT", "ALTER TABLE layers ADD COLUMN pending BLOB",
              "ALTER TABLE request_ids ADD COLUMN digest BLOB")
+#: The column that format 4 added (batch renormalization's statistics).
+_FORMAT_4 = ("ALTER TABLE layers ADD COLUMN renorm BLOB",)
 _SELECT = f"SELECT {', '.join(_FIELDS)} FROM layers WHERE name = ?"
 _INSERT = f"INSERT INTO layers (name, {', '.join(_FIELDS)}) VALUES (?{', ?' * len(_FIELDS)})"
 _STATS = _FIELDS[1:]  # mutate never changes the config
@@ -160,7 +163,10 @@ class SqliteBackend(Backend):
             if found < 3:
                 for statement in _FORMAT_3:
                     conn.execute(statement)
-            # Formats 1 and 2 differ only in the config JSON: rewrite it in the current one.
+            if found < 4:
+                for statement in _FORMAT_4:
+                    conn.execute(statement)
+            # Older formats differ in the config JSON too: rewrite it in the current one.
             rows = conn.execute("SELECT name, config FROM layers").fetchall()
             conn.executemany("UPDATE layers SET config = ? WHERE name = ?",
                              [(encode_config(decode_config(text)), name) for name, text in rows])

@@ -103,6 +103,10 @@ class Store:
         center: bool = True,
         scale: bool = True,
         num_features=None,
+        renorm: bool = False,
+        renorm_clipping: dict | None = None,
+        renorm_momentum: float | None = None,
+        virtual_batch_size: int | None = None,
     ) -> "Layer":
         """Create a layer, or return the existing one if its config is identical.
 
@@ -132,6 +136,18 @@ class Store:
             The statistics shape (see :mod:`normsvc.config`); left out,
             it is learned from the first batch (group, layer and rms layers
             know it from their config).
+        renorm, renorm_clipping, renorm_momentum : optional
+            Batch renormalization as tf.keras' ``BatchNormalization`` takes
+            it (kind "batch", convention "keras"): ``renorm_clipping`` a dict
+            with keys among "rmin", "rmax", "dmax" (unset: no clipping),
+            ``renorm_momentum`` default 0.99.  Training normalizes with
+            :func:`normsvc.ops.batch_renorm`; the statistics keep renorm's
+            moving averages (``RunningStats.renorm_mean`` ...).
+        virtual_batch_size : int, optional
+            tf.keras' ghost batches (kind "batch", convention "keras"):
+            training normalizes each virtual batch with its own statistics,
+            and the layer takes moments per virtual batch, shape
+            ``(B / v, *features)``, averaging them as tf.keras does.
 
         Raises
         ------
@@ -151,6 +167,10 @@ class Store:
             center=center,
             scale=scale,
             num_features=num_features,
+            renorm=renorm,
+            renorm_clipping=renorm_clipping,
+            renorm_momentum=renorm_momentum,
+            virtual_batch_size=virtual_batch_size,
         )
         stored = self._backend.insert(new_record(name, config))
         differences = [] if stored.config == config else stored.config.differences(config, known_shape(stored))

@@ -226,7 +226,8 @@ def batch(name: str, cfg: LayerConfig, shape: tuple | None, moments, *, whole: b
 
 # --- statistics written as they are (Store.put_stats, imports) ----------------
 
-_CONFIG_KEYS = ("kind", "axis", "groups", "epsilon", "momentum", "convention", "center", "scale", "num_features")
+_CONFIG_KEYS = ("kind", "axis", "groups", "epsilon", "momentum", "convention", "center", "scale", "num_features",
+                "renorm", "renorm_clipping", "renorm_momentum", "virtual_batch_size")
 
 
 def config_from_mapping(value, layer: str) -> LayerConfig:
@@ -286,8 +287,9 @@ def _real_array(value, layer: str, field: str) -> np.ndarray:
 def running_values(name: str, stats) -> RunningStats:
     """Check statistics written as they are; returns them as float64 RunningStats.
 
-    Only ``mean``, ``variance``, ``count`` and ``num_batches`` of ``stats``
-    are read; whether the shape fits the layer is for the write to check.
+    Only ``mean``, ``variance``, ``count``, ``num_batches`` and renorm's
+    arrays of ``stats`` are read; whether the shape fits the layer is for
+    the write to check.
     """
     if not isinstance(stats, RunningStats):
         raise InvalidArgument(f"statistics for layer {name!r} must be normsvc.RunningStats, got "
@@ -300,5 +302,16 @@ def running_values(name: str, stats) -> RunningStats:
     if (variance < 0).any():
         raise InvalidArgument(f"layer {name!r} has negative variances: expected variances >= 0",
                               layer=name, field="stats.variance")
+    renorm = {}
+    if stats.renorm is not None:
+        for field, value in zip(("moving_stddev", "renorm_mean", "renorm_stddev"), stats.renorm):
+            renorm[field] = _real_array(value, name, f"stats.{field}")
+            if renorm[field].shape != mean.shape:
+                raise InvalidArgument(f"layer {name!r}: {field} shape {renorm[field].shape} differs from mean "
+                                      f"shape {mean.shape}: expected equal shapes", layer=name, field=f"stats.{field}")
+        for field in ("moving_stddev", "renorm_stddev"):
+            if (renorm[field] < 0).any():
+                raise InvalidArgument(f"layer {name!r} has a negative {field}: expected values >= 0", layer=name,
+                                      field=f"stats.{field}")
     return RunningStats(mean, variance, count(stats.count, name, "stats.count"),
-                        num_batches(stats.num_batches, name, "stats.num_batches"))
+                        num_batches(stats.num_batches, name, "stats.num_batches"), **renorm)

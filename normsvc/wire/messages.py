@@ -99,6 +99,19 @@ def config_kwargs(cfg: pb.LayerConfig, field: str = "config") -> dict:
         kw["momentum"] = cfg.momentum
     if cfg.num_features:
         kw["num_features"] = tuple(cfg.num_features)
+    if cfg.renorm:
+        kw["renorm"] = True
+        kw["renorm_clipping"] = {key: getattr(cfg, f"renorm_{key}") for key in ("rmin", "rmax", "dmax")
+                                 if cfg.HasField(f"renorm_{key}")}
+        if cfg.HasField("renorm_momentum"):
+            kw["renorm_momentum"] = cfg.renorm_momentum
+    else:
+        for name in ("renorm_rmin", "renorm_rmax", "renorm_dmax", "renorm_momentum"):
+            if cfg.HasField(name):
+                raise InvalidArgument(f"{field}.{name} is set without renorm: expected renorm=true, or the "
+                                      f"field unset", field=f"{field}.{name}")
+    if cfg.HasField("virtual_batch_size"):
+        kw["virtual_batch_size"] = cfg.virtual_batch_size
     return kw
 
 
@@ -117,6 +130,13 @@ def config_to_pb(config: LayerConfig, out: pb.LayerConfig) -> pb.LayerConfig:
     out.scale = config.scale
     if config.num_features is not None:
         out.num_features[:] = config.num_features
+    if config.renorm:
+        out.renorm = True
+        out.renorm_momentum = config.renorm_momentum
+        for key, value in config.renorm_clipping.items():
+            setattr(out, f"renorm_{key}", value)
+    if config.virtual_batch_size is not None:
+        out.virtual_batch_size = config.virtual_batch_size
     return out
 
 
@@ -179,7 +199,13 @@ def stats_to_pb(stats: RunningStats, out: pb.RunningStats | None = None) -> pb.R
     out.run = stats.run
     if stats.last_step is not None:
         out.last_step = stats.last_step
+    if stats.renorm is not None:
+        for name, array in zip(_RENORM_FIELDS, stats.renorm):
+            put_f64(array, getattr(out, name))
     return out
+
+
+_RENORM_FIELDS = ("moving_stddev", "renorm_mean", "renorm_stddev")
 
 
 def stats_from_pb(msg: pb.RunningStats) -> RunningStats:
@@ -187,10 +213,13 @@ def stats_from_pb(msg: pb.RunningStats) -> RunningStats:
     mean = variance = None
     if msg.HasField("mean"):
         mean, variance = _f64(msg.mean, "stats.mean"), _f64(msg.variance, "stats.variance")
+    renorm = {}
+    if msg.HasField("renorm_mean"):
+        renorm = {name: _f64(getattr(msg, name), f"stats.{name}") for name in _RENORM_FIELDS}
     return RunningStats(
         mean, variance, float(msg.count), int(msg.num_batches), int(msg.version), bool(msg.frozen),
         msg.updated_at.seconds + msg.updated_at.nanos * 1e-9, msg.run,
-        msg.last_step if msg.HasField("last_step") else None,
+        msg.last_step if msg.HasField("last_step") else None, **renorm,
     )
 
 

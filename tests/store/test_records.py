@@ -25,24 +25,29 @@ CONFIGS = [
     make_config(kind="group", groups=4, axis=1, convention="torch", momentum=None),
     make_config(axis=[1, 3], num_features=(2, 3), convention="cumulative", center=False),
     make_config(kind="rms", axis=[-2, -1], epsilon=1e-6),
+    make_config(renorm=True, renorm_clipping={"rmax": 3.0, "dmax": 5.0}, renorm_momentum=0.9, virtual_batch_size=4),
 ]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_records_round_trip_exactly(config):
     shape = config.declared_shape or (5,)
-    stats = RunningStats(np.linspace(-1, 1, int(np.prod(shape))).reshape(shape) / 3, np.full(shape, np.pi),
-                         96.0, 3, 7, True, 1700000000.25)
+    mean = np.linspace(-1, 1, int(np.prod(shape))).reshape(shape) / 3
+    renorm = {}
+    if config.renorm:  # three more arrays, each its own values
+        renorm = dict(moving_stddev=np.full(shape, 1.5), renorm_mean=-mean, renorm_stddev=np.full(shape, 0.25))
+    stats = RunningStats(mean, np.full(shape, np.pi), 96.0, 3, 7, True, 1700000000.25, **renorm)
     record = Record("enc/bn1", config, stats)
     fields = encode_record(record)
     assert isinstance(fields["mean"], bytes) and isinstance(fields["config"], str)
     back = decode_record("enc/bn1", fields)
     assert back == record and back.stats.mean.dtype == np.float64
+    assert (back.stats.renorm is None) == (fields["renorm"] == b"") == (not config.renorm)
 
 
 def test_the_current_format_is_written():
     data = json.loads(encode_config(CONFIGS[1]))
-    assert data["format"] == FORMAT == 3
+    assert data["format"] == FORMAT == 4
     assert data["config"] == CONFIGS[1].to_dict()
 
 

@@ -286,3 +286,33 @@ def test_import_from_the_files_bytes(store, tmp_path, rng):
             store.import_(bad, naming="torch", add_prefix="other/")
         assert info.value.field == "path" and str(tmp_path) not in str(info.value)
     assert not store.list_layers("other/")
+
+
+@pytest.mark.parametrize("naming, sep", [("keras", "/"), ("torch", ".")])
+def test_renorm_statistics_travel_with_their_layer(store, tmp_path, rng, naming, sep):
+    layer = store.create_layer("m/bn", renorm=True, renorm_clipping={"rmax": 2.0}, num_features=3)
+    for _ in range(2):
+        layer.update(np_moments(rng.normal(1.0, 2.0, size=(6, 3)), [0]))
+    path = tmp_path / "r.safetensors"
+    store.export(path, naming=naming)
+    tensors = load_file(str(path))
+    stats = layer.stats()
+    for leaf, value in zip(("moving_stddev", "renorm_mean", "renorm_stddev"), stats.renorm):
+        np.testing.assert_array_equal(tensors[f"m/bn{sep}{leaf}"], value)
+    with Store.open("memory://") as fresh:
+        fresh.import_(path, naming=naming)
+        back = fresh.layer("m/bn").stats()
+        assert fresh.layer("m/bn").config() == layer.config()
+        for got, want in zip(back.renorm, stats.renorm):
+            np.testing.assert_array_equal(got, want)
+    # all three of renorm's tensors or none; and only for a layer with renorm
+    del tensors[f"m/bn{sep}renorm_stddev"]
+    save_file(tensors, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(InvalidArgument, match="no renorm_stddev tensor in the file"):
+        store.import_(tmp_path / "partial.safetensors", naming=naming)
+    plain = {k: v for k, v in load_file(str(path)).items()}
+    store.create_layer("plain", num_features=3)
+    save_file({k.replace("m/bn", "plain"): v for k, v in plain.items()}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(InvalidArgument, match="'plain' has no renorm: expected no moving_stddev"):
+        store.import_(tmp_path / "plain.safetensors", naming=naming)
+    assert layer.stats() == stats

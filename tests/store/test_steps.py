@@ -638,3 +638,31 @@ def test_a_contribution_of_another_shape_is_refused_when_it_arrives(store_url, r
             for r in range(3):
                 stats = layer.update(m(3), step=t, rank=r, world_size=3, run=RUN)
         assert stats.last_step == 2 and stats.mean.shape == (3,)
+
+
+def test_renorm_and_virtual_batch_layers_take_one_update_per_step(store, rng):
+    """Two ranks push their moments per virtual batch to a renorm layer with virtual batches: each
+    step applies once, with the averages over ALL ranks' virtual batches (tf.keras' rule for one
+    batch made of them), checked against float64 numpy over the concatenated virtual batches."""
+    v, b, c, m, rm, eps = 4, 8, 3, 0.9, 0.8, 1e-3
+    layer = store.create_layer("bn", renorm=True, renorm_momentum=rm, momentum=m, virtual_batch_size=v,
+                               num_features=c, epsilon=eps)
+    mean, var, stddev = np.zeros(c), np.ones(c), np.ones(c)
+    rmean, rstddev = np.zeros(c), np.ones(c)
+    for step in range(3):
+        xs = [rng.normal(rank + step, 1.0 + rank, size=(b, c)) for rank in range(2)]
+        for rank in (1, 0):
+            _, moments = normsvc.ops.batch_norm(xs[rank], virtual_batch_size=v)
+            assert moments.mean.shape == (b // v, c)
+            stats = layer.update(moments, step=step, rank=rank, world_size=2, run=RUN)
+        # the reference: every rank's virtual batches (sample i of a rank in virtual batch i % (b / v))
+        ghosts = [x[i::b // v] for x in xs for i in range(b // v)]
+        bm = np.mean([g.mean(axis=0) for g in ghosts], axis=0)
+        bv = np.mean([g.var(axis=0) for g in ghosts], axis=0)
+        s = np.sqrt(bv + eps)
+        mean, stddev = mean * m + bm * (1 - m), stddev * m + s * (1 - m)
+        var = np.maximum(stddev**2 - eps, 0)
+        rmean, rstddev = rmean * rm + bm * (1 - rm), rstddev * rm + s * (1 - rm)
+        assert stats.version == step + 1 and stats.last_step == step
+        for got, want in zip((stats.mean, stats.variance, *stats.renorm), (mean, var, stddev, rmean, rstddev)):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
