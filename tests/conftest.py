@@ -26,6 +26,41 @@ def rng(request) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server (the Debian package) on a free loopback port for the session; yields
+    ``new_url()``, which names a fresh namespace (key prefix) of it per call.  Skipped where
+    redis-server is not installed, except in CI (CI=true), where .ci/run installs it."""
+    import socket
+    import time
+    import uuid
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed: .ci/run installs it (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+    yield lambda: f"redis://127.0.0.1:{port}/0?prefix=t{uuid.uuid4().hex[:12]}"
+    proc.terminate()
+    proc.wait(10)
+
+
 @pytest.fixture
 def start_server():
     """Factory: ``start_server(store="memory://", **serve_kwargs)`` -> a real in-process

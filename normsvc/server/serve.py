@@ -12,6 +12,12 @@ use every core.  Besides NormService it serves ``grpc.health.v1.Health`` and
 server reflection (v1 and v1alpha: :mod:`.reflection`).  NormService's
 request deserializers never raise (:mod:`.decoding`): a request that does not
 parse is INVALID_ARGUMENT, not grpc's INTERNAL.
+
+With ``health_port`` the health service is also served alone on a second,
+plaintext port with threads of its own, for container and kubelet probes:
+those cannot present the client certificate that mutual TLS asks for
+(kubelet's gRPC probe speaks no TLS at all), and a Check on the main port
+waits for a free worker like any other call.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .._proto import normsvc_pb2 as pb
 from .._proto import normsvc_pb2_grpc as pb_grpc
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, LayerNotFound, NormsvcError
 from ..store import Store
 from ..store.steps import DEFAULT_LAG
 from . import auth, reflection
@@ -36,7 +42,7 @@ from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor,
 from .limits import Limits, StreamBudget, StreamSlots
 from .metrics import Metrics
 from .servicer import SERIALIZED_RESPONSES, NormServicer
-from .watch import WatchHub
+from .watch import DELETED, WatchHub
 
 __all__ = ["serve", "Server", "SERVICE_NAME", "DEVICES", "resolve_device"]
 
@@ -67,13 +73,18 @@ def resolve_device(device: str) -> str:
 
 
 class Server:
-    """A running server: ``port``, ``address``, ``store``, ``metrics``, ``rendezvous``, ``limits``
+    """A running server: ``port``, ``address``, ``health_port`` (None without one), ``store``,
+    ``metrics``, ``rendezvous``, ``limits``
     (resolved for this server), ``streams`` (:class:`.limits.StreamSlots`), ``stream_budget``
     (:class:`.limits.StreamBudget`); ``stop()`` ends it."""
 
     def __init__(self, grpc_server, *, port, host, store, owns_store, health_servicer, hub,
-                 rendezvous, metrics, metrics_port, device, tls, limits=None, streams=None, stream_budget=None):
+                 rendezvous, metrics, metrics_port, device, tls, limits=None, streams=None, stream_budget=None,
+                 unsubscribe=None, health_server=None, health_port=None):
         self._server = grpc_server
+        self._health_server = health_server
+        self.health_port = health_port
+        self._unsubscribe = unsubscribe
         self.port = port
         self.host = host
         self.store = store
@@ -115,9 +126,13 @@ class Server:
             self._server.stop(grace).wait()
         finally:
             try:
+                if self._unsubscribe is not None:
+                    self._unsubscribe()
                 if self._owns_store:
                     self.store.close()
             finally:
+                if self._health_server is not None:  # it answered NOT_SERVING while the calls drained
+                    self._health_server.stop(0).wait()
                 self.metrics.close()
                 self._stopped.set()
                 log.info("stopped")
@@ -189,6 +204,7 @@ def serve(
     tls_key=None,
     tls_client_ca=None,
     metrics_port: int | None = None,
+    health_port: int | None = None,
     device: str = "auto",
     workers: int = 64,
     limits: Limits | None = None,
@@ -218,6 +234,12 @@ def serve(
         Serve Prometheus metrics over HTTP on this port (0: a free one; the
         handle's ``metrics_port`` tells which).  None: no HTTP endpoint (the
         registry is still at ``Server.metrics.registry``).
+    health_port : int, optional
+        Also serve ``grpc.health.v1.Health`` alone on this port of ``host``
+        (0: a free one; the handle's ``health_port`` tells which): plaintext
+        even when the main port serves TLS, no tokens, and threads of its
+        own, so it answers while every worker is busy.  For probes (the
+        image's HEALTHCHECK, kubelet's gRPC probes).  None: no such port.
     device : {"cpu", "cuda", "auto"}
         Where the kernels run (see :func:`resolve_device`).
     workers : int
@@ -259,12 +281,19 @@ def serve(
             theirs(*args)
 
     store.on_incomplete = on_incomplete
+    health_server = bound_health = None
     try:
         hub = WatchHub()
-        rendezvous = Rendezvous(
-            max_wait=allreduce_max_wait,
-            on_outcome=lambda outcome: metrics.allreduce_steps.labels(outcome).inc(),
-        )
+        on_outcome = lambda outcome: metrics.allreduce_steps.labels(outcome).inc()  # noqa: E731
+        shared = getattr(store.backend, "subscribe", None) is not None  # a store that replicas share (redis)
+        if shared:
+            from .shared_allreduce import SharedRendezvous
+
+            rendezvous = SharedRendezvous(store.backend, max_wait=allreduce_max_wait, on_outcome=on_outcome)
+            unsubscribe = store.backend.subscribe(_forward_changes(store, hub))
+        else:
+            rendezvous = Rendezvous(max_wait=allreduce_max_wait, on_outcome=on_outcome)
+            unsubscribe = None
         stream_budget = StreamBudget(limits.max_stream_bytes)
         servicer = NormServicer(store, limits=limits, hub=hub, rendezvous=rendezvous, metrics=metrics,
                                 watch_poll=watch_poll, device=device, stream_budget=stream_budget)
@@ -273,22 +302,46 @@ def serve(
         server, health_servicer = _grpc_server(servicer, metrics, tokens, limits, workers, streams)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         bound = _listen(server, target, tls_cert, tls_key, tls_client_ca)
+        if health_port is not None:
+            health_server, bound_health = _health_server(health_servicer, host, health_port)
         server.start()
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         bound_metrics = metrics.serve_http(metrics_port, host) if metrics_port is not None else None
     except BaseException:
+        if health_server is not None:
+            health_server.stop(0)
+        if unsubscribe is not None:
+            unsubscribe()
         metrics.close()
         if owns_store:
             store.close()
         raise
     tls = "mtls" if tls_client_ca else ("tls" if tls_cert else "none")
-    log.info("serving %s on %s (tls=%s, auth=%s, device=%s, store=%s)", SERVICE_NAME, target.rsplit(":", 1)[0] +
-             f":{bound}", tls, "tokens" if tokens is not None else "off", device, getattr(store, "url", store))
+    log.info("serving %s on %s (tls=%s, auth=%s, device=%s, store=%s%s)", SERVICE_NAME, target.rsplit(":", 1)[0] +
+             f":{bound}", tls, "tokens" if tokens is not None else "off", device, getattr(store, "url", store),
+             "" if bound_health is None else f"; health alone on port {bound_health}")
     return Server(server, port=bound, host=host, store=store, owns_store=owns_store,
                   health_servicer=health_servicer, hub=hub, rendezvous=rendezvous, metrics=metrics,
                   metrics_port=bound_metrics, device=device, tls=tls, limits=limits, streams=streams,
-                  stream_budget=stream_budget)
+                  stream_budget=stream_budget, unsubscribe=unsubscribe, health_server=health_server,
+                  health_port=bound_health)
+
+
+def _forward_changes(store, hub: WatchHub):
+    """The store's change notices (every replica's writes) as new versions for this server's watchers."""
+
+    def forward(name: str) -> None:
+        if not hub.watched(name):
+            return
+        try:
+            hub.publish(name, store.layer(name).stats())
+        except LayerNotFound:
+            hub.publish(name, DELETED)
+        except NormsvcError:  # the store is unreachable for now: the watchers' polling catches up
+            pass
+
+    return forward
 
 
 def _limits(limits: Limits | None, max_message_mb) -> Limits:
@@ -327,6 +380,24 @@ def _grpc_server(servicer, metrics, tokens, limits: Limits, workers: int, stream
         server,
     )
     return server, health_servicer
+
+
+#: Threads of the health port's server: Check is a dict lookup, and Watch (non-blocking) holds none.
+HEALTH_WORKERS = 2
+
+
+def _health_server(health_servicer, host: str, port: int):
+    """``grpc.health.v1.Health`` alone, plaintext, on ``host:port`` with threads of its own (started);
+    returns (server, port bound).  It shares the main server's servicer, so it says what that says."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS, thread_name_prefix="normsvc-health"),
+                         options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(target)
+    if not bound:
+        raise OSError(f"could not listen on {target} (the health port)")
+    server.start()
+    return server, bound
 
 
 def _listen(server, target: str, tls_cert, tls_key, tls_client_ca) -> int:

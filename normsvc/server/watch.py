@@ -124,6 +124,10 @@ class WatchHub:
                     if not subs:
                         del self._subs[name]
 
+    def watched(self, name: str) -> bool:
+        """Whether any stream watches ``name`` now."""
+        return bool(self._subs.get(name))
+
     def publish(self, name: str, stats) -> None:
         """Hand a new version (or :data:`DELETED`) of ``name`` to its watchers."""
         subs = self._subs.get(name)

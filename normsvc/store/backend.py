@@ -54,6 +54,7 @@ REQUEST_WINDOW = 1024
 BACKENDS = {
     "memory": "normsvc.store.memory:MemoryBackend",
     "sqlite": "normsvc.store.sqlite:SqliteBackend",
+    "redis": "normsvc.store.redis:RedisBackend",
 }
 
 

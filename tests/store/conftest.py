@@ -12,10 +12,12 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def store_url(request, tmp_path) -> str:
     if request.param == "memory":
         return "memory://"
+    if request.param == "redis":
+        return request.getfixturevalue("redis_server")()
     return f"sqlite:///{tmp_path / 'stats.db'}"
 
 
