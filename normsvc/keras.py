@@ -1,0 +1,720 @@
+"""Keras 3 integration: BatchNormalization whose moving statistics live in normsvc.
+
+``pip install normsvc[keras]``; set ``KERAS_BACKEND=torch`` before Keras is
+imported.  ``import normsvc`` never imports this module (nor Keras).
+
+:class:`SharedBatchNormalization` is a drop-in ``keras.layers.BatchNormalization``
+(the same variables, paths and inference) whose moving statistics are shared
+by every process that trains with the same service layer:
+
+``mode="shared"``
+    Each rank normalizes with its own batch statistics, as Keras does, and
+    pushes its batch moments as one *step contribution*; the service merges
+    the ``world_size`` contributions of a step and applies ONE Keras update
+    with the global count, exactly as one process fed the concatenated batch.
+``mode="sync"``
+    Every rank normalizes with the moments of all ranks' batches
+    (AllReduceMoments), as ``BatchNormalization(synchronized=True)`` or
+    PyTorch's SyncBatchNorm; the backward pass reduces ``sum(dy)`` and
+    ``sum(dy * (x - mean))`` across ranks the same way, so outputs and
+    gradients are those of one process on the concatenated batch.
+
+:func:`share` converts the BatchNormalization layers of a Sequential or
+functional model; :func:`load_moving_stats` fills a model's moving statistics
+from a Store, a Client or a safetensors file with Keras naming; :func:`connect`
+gives a loaded model's shared layers their target.
+
+Training calls run eagerly on the torch backend (the service is called from
+the forward pass); inference, :func:`load_moving_stats` and serialization
+work on any backend.
+
+Examples
+--------
+Two ranks, one shared layer (``run`` is the same on every rank, new per
+training run)::
+
+    model = keras.Sequential([
+        keras.Input((16,)),
+        SharedBatchNormalization("127.0.0.1:50051", rank=rank, world_size=2, run=run, name="bn"),
+        keras.layers.Dense(1),
+    ])
+    model.compile("sgd", "mse")
+    model.fit(x, y, batch_size=32)                       # one step contribution per batch
+    load_moving_stats(model, normsvc.Client("127.0.0.1:50051"))  # every completed step, before evaluating
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import threading
+
+import keras
+import numpy as np
+from keras import ops
+
+from .config import step_arguments
+from .errors import FailedPrecondition, InvalidArgument, InvalidType, LayerNotFound
+from .moments import Moments
+
+__all__ = ["SharedBatchNormalization", "share", "load_moving_stats", "connect"]
+
+MODES = ("shared", "sync")
+#: AllReduceMoments groups are at most this long (the server's limit).
+_MAX_GROUP = 128
+
+
+# --- targets ---------------------------------------------------------------------------
+
+
+def _is_store(obj) -> bool:
+    from .store import Store
+
+    return isinstance(obj, Store)
+
+
+def _is_service(obj) -> bool:
+    """A Store or a (blocking) Client: they share the methods used here."""
+    if _is_store(obj):
+        return True
+    from .client import Client
+
+    return isinstance(obj, Client)
+
+
+_CLIENTS: dict = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _client_for(address: str):
+    """One Client per server address and process, made on first use (fork-safe: keyed by pid)."""
+    key = (os.getpid(), address)
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            from .client import Client
+
+            client = _CLIENTS[key] = Client(address)
+        return client
+
+
+def _check_target(target, mode: str | None = None, layer: str | None = None):
+    """``target`` checked (for ``mode``, when given); returns it."""
+    if isinstance(target, str):
+        if not target:
+            raise InvalidArgument("target='': expected a server address such as '127.0.0.1:50051', a Client "
+                                  "or a Store", field="target")
+    elif target is not None and not _is_service(target):
+        raise InvalidType(f"target={target!r}: expected a server address (str), a normsvc.Client or a "
+                          "normsvc.Store (an AsyncClient's coroutines cannot run inside a Keras call)",
+                          field="target")
+    if mode == "sync" and _is_store(target):
+        whose = f"layer {layer!r} has mode='sync', which" if layer else "mode='sync'"
+        raise InvalidArgument(f"{whose} needs a server (AllReduceMoments is its rendezvous): expected an "
+                              "address or a Client, got a Store", field="target")
+    return target
+
+
+def _address(target) -> str | None:
+    """What get_config keeps of a target: the address (never a token), or None for a Store."""
+    if target is None or isinstance(target, str):
+        return target
+    return None if _is_store(target) else target.target
+
+
+def _group(kind: str, name: str) -> str:
+    """The AllReduceMoments group of one layer's forward or backward reduction."""
+    group = f"normsvc.keras/{kind}/{name}"
+    if len(group) > _MAX_GROUP:
+        group = f"normsvc.keras/{kind}/sha256:{hashlib.sha256(name.encode()).hexdigest()}"
+    return group
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world_size) of torch.distributed when it is initialized, else (0, 1)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# --- the layer -------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="normsvc")
+class SharedBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization whose moving statistics are shared through normsvc.
+
+    **Training** (``training=True`` on a trainable layer) with ``mode="shared"``
+    returns what Keras returns: ``gamma * (x - mean(x)) / sqrt(var(x) + epsilon)
+    + beta`` over this rank's batch (the variance biased, from
+    ``torch.var_mean``: not ``E[x^2] - E[x]^2`` as Keras' torch backend).  Each such call is step ``s`` of this
+    layer (``s`` counts its training calls from 0, :attr:`step`) and pushes the
+    batch's moments as rank ``rank``'s contribution to step ``s`` of ``run``;
+    once all ``world_size`` ranks contributed, the service applies ONE update
+    ``moving = moving * momentum + batch * (1 - momentum)`` with the moments of
+    all their batches together.  The call never waits for the other ranks.
+
+    With ``mode="sync"`` the call waits for every rank (AllReduceMoments) and
+    normalizes with the moments of all ranks' batches; its backward pass
+    reduces ``sum(dy)`` and ``sum(dy * (x - mean))`` across ranks, as
+    SyncBatchNorm does, so ``dx`` is exact.  (``gamma``'s and ``beta``'s
+    gradients stay per rank: averaging them is the data-parallel trainer's
+    gradient all-reduce, as for every other weight.)
+
+    After each training call ``moving_mean`` and ``moving_variance`` hold the
+    service's answer: every step applied so far.  In sync mode that includes
+    the call's own step; in shared mode a rank that is not the last of its
+    step gets the statistics up to an earlier step, so its variables lag the
+    service by the steps still open.  :meth:`pull` (or :func:`load_moving_stats`
+    with a Client) brings them up to date, e.g. before evaluating or saving.
+
+    **Inference** (``training=False``, or ``trainable=False``: a frozen layer
+    runs in inference mode, as Keras' does) is Keras' own:
+    ``gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta``
+    with the local variables; it never calls the service.
+
+    Parameters
+    ----------
+    target : str, normsvc.Client, normsvc.Store or None
+        Where the statistics live: a server address (one Client per address
+        and process, made on first use), a Client (a token or TLS: pass the
+        Client) or an in-process Store (``mode="shared"`` only).  None: none
+        yet (see :func:`connect`).  ``get_config`` keeps the address only:
+        never a token, and None for a Store.
+    axis, momentum, epsilon, center, scale, *_initializer, *_regularizer, *_constraint
+        As ``keras.layers.BatchNormalization``.  The service layer is created
+        at the first training call; if it holds no statistics yet and this
+        layer's moving statistics are not the initial 0 and 1 (a pretrained
+        model), rank 0 writes them into it first.
+    mode : {"shared", "sync"}
+        Local batch statistics with shared moving statistics, or synchronized
+        batch statistics (needs a Client or an address).
+    rank, world_size : int, optional
+        This process among the data-parallel ranks (both or neither); left
+        out, those of ``torch.distributed`` when it is initialized at the
+        training call, else 0 and 1.
+    run : str, optional
+        The training run the steps belong to, the same on every rank and new
+        for each run (a rerun of steps the run already applied is refused);
+        default :func:`normsvc.config.default_run`.
+    layer_name : str, optional
+        The service layer's name; default ``prefix`` + this layer's Keras
+        path (``moving_mean.path`` without ``/moving_mean``, e.g.
+        ``sequential/batch_normalization``), the name :func:`load_moving_stats`
+        looks for.  Give Keras layers explicit names when several processes
+        build the same model.
+    prefix : str, optional
+        Namespace put before the Keras path (ignored with ``layer_name``).
+    synchronized, renorm, renorm_clipping, renorm_momentum
+        Accepted for ``BatchNormalization`` configs at their defaults;
+        ``synchronized=True`` is refused (use ``mode="sync"``), and so is
+        ``renorm=True`` (not wired to the service yet).
+
+    Call arguments
+    --------------
+    inputs : tensor
+    training : bool
+        Training mode (batch statistics, a service call) or inference.
+    mask : tensor, optional
+        As Keras': masked positions count in neither the batch moments nor
+        the pushed count (shared mode only).
+
+    Raises
+    ------
+    InvalidArgument, InvalidType
+        A bad argument, named.  Training calls raise what the service raises
+        (e.g. FailedPrecondition for a step the run has already applied).
+    """
+
+    def __init__(self, target, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, *,
+                 mode: str = "shared", rank: int | None = None, world_size: int | None = None,
+                 run: str | None = None, layer_name: str | None = None, prefix: str | None = None,
+                 synchronized=False, renorm=False, renorm_clipping=None, renorm_momentum=0.99, **kwargs):
+        if mode not in MODES:
+            raise InvalidArgument(f"mode={mode!r}: expected 'shared' or 'sync'", field="mode")
+        if synchronized:
+            raise InvalidArgument("synchronized=True: expected mode='sync', which synchronizes the batch "
+                                  "statistics through normsvc on any backend", field="synchronized")
+        if renorm:
+            raise InvalidArgument("renorm=True: SharedBatchNormalization does not share batch "
+                                  "renormalization's statistics yet; expected renorm=False", field="renorm")
+        if (rank is None) != (world_size is None):
+            raise InvalidArgument(f"rank={rank!r}, world_size={world_size!r}: expected both or neither "
+                                  "(neither: torch.distributed's, else 0 and 1)",
+                                  field="rank" if rank is None else "world_size")
+        if rank is not None or run is not None:
+            step_arguments(0, 0 if rank is None else rank, 1 if world_size is None else world_size, run)
+        for field, value in (("layer_name", layer_name), ("prefix", prefix)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidType(f"{field}={value!r}: expected a string or None", field=field)
+        if layer_name == "":
+            raise InvalidArgument("layer_name='': expected a layer name or None", field="layer_name")
+        target = _check_target(target, mode)
+        super().__init__(axis=axis, momentum=momentum, epsilon=epsilon, center=center, scale=scale, **kwargs)
+        self.mode = mode
+        self.target = target
+        self.rank = rank
+        self.world_size = world_size
+        self.run = run
+        self.layer_name = layer_name
+        self.prefix = prefix
+        #: The step number of the next training call (their count so far); set it to resume a run.
+        self.step = 0
+        #: The RunningStats of the last answer (None before the first training call).
+        self.last_stats = None
+
+    # --- service ------------------------------------------------------------------
+
+    @property
+    def target(self):
+        """The address, Client or Store the statistics live in (None: none yet); settable."""
+        return self._target
+
+    @target.setter
+    def target(self, value):
+        self._target = _check_target(value, self.mode, self.name)
+        self._created = None
+
+    @property
+    def service_name(self) -> str:
+        """The service layer's name: ``layer_name``, else ``prefix`` + this layer's Keras path."""
+        if self.layer_name is not None:
+            return self.layer_name
+        if self.moving_mean is None:
+            raise FailedPrecondition(f"layer {self.name!r} is not built: its service name comes from its "
+                                     "variables' path (build it, or pass layer_name)", field="layer_name")
+        return (self.prefix or "") + self.moving_mean.path.rsplit("/", 1)[0]
+
+    def _service(self):
+        target = self.target
+        if target is None:
+            raise FailedPrecondition(f"layer {self.name!r} has no target: expected one (normsvc.keras.connect("
+                                     "model, target), or layer.target = ...)", field="target")
+        return _client_for(target) if isinstance(target, str) else target
+
+    def _ensure_layer(self, service, rank: int) -> str:
+        """Create the service layer on the first training call (idempotent, so every rank may).
+
+        A layer holding statistics wins; a fresh one takes this layer's moving
+        statistics when they are not the initial ones (a pretrained or
+        converted model), written by rank 0 alone before its first
+        contribution, so no step can be applied before them.
+        """
+        name = self.service_name
+        key = f"{id(service)}:{name}"  # a str: Keras' attribute tracking leaves it as it is
+        if self._created != key:
+            service.create_layer(name, kind="batch", axis=self.axis, num_features=int(self.moving_mean.shape[0]),
+                                 convention="keras", momentum=self.momentum, epsilon=self.epsilon,
+                                 center=self.center, scale=self.scale)
+            if rank == 0:
+                self._seed(service, name)
+            self._created = key
+        return name
+
+    def _seed(self, service, name: str) -> None:
+        mean = np.asarray(self.moving_mean.numpy(), dtype=np.float64)
+        variance = np.asarray(self.moving_variance.numpy(), dtype=np.float64)
+        if _is_initial(mean, variance, 0):
+            return
+        stats = service.layer(name).stats()
+        if not _is_initial(stats.mean, stats.variance, stats.num_batches):
+            return
+        from safetensors.numpy import save_file
+
+        with tempfile.TemporaryDirectory(prefix="normsvc-keras-") as tmp:  # the public import, Store or Client
+            path = os.path.join(tmp, "seed.safetensors")
+            save_file({f"{name}/moving_mean": mean, f"{name}/moving_variance": variance}, path)
+            service.import_(path, naming="keras", layers=[name])
+
+    def _ranks(self) -> tuple[int, int]:
+        if self.rank is not None:
+            return self.rank, self.world_size
+        return _distributed()
+
+    def _assign(self, stats) -> None:
+        self.moving_mean.assign(np.asarray(stats.mean, dtype=self.moving_mean.dtype))
+        self.moving_variance.assign(np.asarray(stats.variance, dtype=self.moving_variance.dtype))
+        self.last_stats = stats
+
+    def pull(self):
+        """Assign the service's current statistics to ``moving_mean`` / ``moving_variance``; returns them."""
+        service = self._service()
+        stats = service.layer(self.service_name).stats()
+        self._assign(stats)
+        return stats
+
+    # --- call ---------------------------------------------------------------------
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or _symbolic(inputs):
+            return super().call(inputs, training=training, mask=mask)
+        if keras.backend.backend() != "torch":
+            raise FailedPrecondition(f"SharedBatchNormalization {self.name!r} trains on the torch backend "
+                                     f"(KERAS_BACKEND=torch); this is {keras.backend.backend()!r}")
+        if mask is not None:
+            if self.mode == "sync":
+                raise InvalidArgument(f"layer {self.name!r}: mode='sync' takes no mask: expected mask=None",
+                                      field="mask")
+            if len(mask.shape) != len(inputs.shape) - 1:
+                raise InvalidArgument(f"layer {self.name!r}: mask.shape={tuple(mask.shape)} with inputs.shape="
+                                      f"{tuple(inputs.shape)}: expected one dimension less than the inputs",
+                                      field="mask")
+        import torch
+
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        axes = list(self._reduction_axes)
+        service = self._service()
+        rank, world_size = self._ranks()
+        name = self._ensure_layer(service, rank)
+        gamma = ops.cast(self.gamma, x.dtype) if self.scale else None
+        beta = ops.cast(self.beta, x.dtype) if self.center else None
+        if self.mode == "shared":
+            mean, variance, count = _batch_moments(torch, x, axes, mask)
+            local = Moments.from_variance(count, mean.detach().double().cpu().numpy(),
+                                          variance.detach().double().cpu().numpy())
+            stats = service.update_many({name: local}, step=self.step, rank=rank, world_size=world_size,
+                                        run=self.run)[name]
+            y = ops.batch_normalization(x, mean, variance, axis=self.axis, offset=beta, scale=gamma,
+                                        epsilon=self.epsilon)
+        else:
+            y, stats = self._sync_forward(torch, service, name, x, axes, rank, world_size, gamma, beta)
+        self._assign(stats)
+        self.step += 1
+        return ops.cast(y, self.compute_dtype)
+
+    def _sync_forward(self, torch, service, name, x, axes, rank, world_size, gamma, beta):
+        step, run = self.step, self.run
+        count = math.prod(x.shape[a] for a in axes)
+        with torch.no_grad():
+            variance, mean = torch.var_mean(x, dim=axes, correction=0) if count else (
+                torch.zeros(x.shape[self.axis]), torch.zeros(x.shape[self.axis]))
+        local = Moments.from_variance(float(count), mean.double().cpu().numpy(), variance.double().cpu().numpy())
+        result = service.allreduce({name: local}, step=step, rank=rank, world_size=world_size,
+                                   group=_group("forward", name), run=run)
+        merged = result.moments[name]
+        shape = [1] * x.ndim
+        shape[self.axis] = -1
+        mean = torch.as_tensor(merged.mean, device=x.device).to(x.dtype).reshape(shape)
+        invstd = torch.as_tensor(1.0 / np.sqrt(merged.variance + self.epsilon), device=x.device)
+        invstd = invstd.to(x.dtype).reshape(shape)
+
+        def reduce_sums(sum_dy, sum_dy_xmu):
+            """Means over all ranks' samples of the two backward sums (torch's SyncBatchNorm reduction)."""
+            sums = torch.cat([sum_dy, sum_dy_xmu]).double().cpu().numpy()
+            local = Moments(np.float64(count), sums / count if count else np.zeros_like(sums), np.zeros_like(sums))
+            out = service.allreduce({name: local}, step=step, rank=rank, world_size=world_size,
+                                    group=_group("backward", name), update_stats=False, run=run).moments[name]
+            means = torch.as_tensor(out.mean, device=sum_dy.device).to(sum_dy.dtype)
+            return means[:sum_dy.numel()], means[sum_dy.numel():]
+
+        x_hat = _sync_normalize()(x, mean, invstd, tuple(axes), reduce_sums)
+        y = x_hat
+        if gamma is not None:
+            y = y * ops.reshape(gamma, shape)
+        if beta is not None:
+            y = y + ops.reshape(beta, shape)
+        return y, result.stats[name]
+
+    def get_config(self):
+        config = super().get_config()
+        # Once built, the service name is kept as it is: Keras may give a loaded model's variables
+        # other paths (a loaded Sequential's lose the model's name), and the layer must stay the same.
+        layer_name = self.service_name if self.layer_name is None and self.moving_mean is not None \
+            else self.layer_name
+        config.update(target=_address(self.target), mode=self.mode, rank=self.rank, world_size=self.world_size,
+                      run=self.run, layer_name=layer_name, prefix=self.prefix)
+        return config
+
+
+def _is_initial(mean, variance, num_batches: int) -> bool:
+    """Statistics no batch has changed: Keras' initial moving mean 0 and variance 1."""
+    return num_batches == 0 and not np.any(mean) and bool(np.all(np.asarray(variance) == 1.0))
+
+
+def _symbolic(x) -> bool:
+    """A call that only computes shapes (Keras tensors; the torch backend's meta tensors)."""
+    if keras.backend.is_keras_tensor(x):
+        return True
+    device = getattr(x, "device", None)
+    return getattr(device, "type", None) == "meta"
+
+
+def _batch_moments(torch, x, axes, mask):
+    """Differentiable batch mean and biased variance over ``axes`` (two passes), and the sample count."""
+    if mask is None:
+        variance, mean = torch.var_mean(x, dim=axes, correction=0)
+        return mean, variance, float(math.prod(x.shape[a] for a in axes))
+    w = mask.to(x.dtype).unsqueeze(-1).expand_as(x)
+    n = w.sum(dim=axes, keepdim=True)
+    mean = (x * w).sum(dim=axes, keepdim=True) / n
+    centered = (x - mean) * w
+    variance = (centered * centered).sum(dim=axes, keepdim=True) / n
+    return mean.reshape(-1), variance.reshape(-1), float(n.reshape(-1)[0])
+
+
+_SYNC_NORMALIZE = None
+
+
+def _sync_normalize():
+    """``x_hat = (x - mean) * invstd`` with SyncBatchNorm's exact backward (built on first use: torch)."""
+    global _SYNC_NORMALIZE
+    if _SYNC_NORMALIZE is None:
+        import torch
+
+        class SyncNormalize(torch.autograd.Function):
+            """``mean`` and ``invstd`` are the global batch moments of ``x`` and of the other ranks' inputs.
+
+            The backward is torch's SyncBatchNorm's (torch/nn/modules/_functions.py), for the gradient
+            ``g`` of ``x_hat``: ``dx = (g - mean(g) - (x - mean) * invstd**2 * mean(g * (x - mean))) * invstd``
+            with both means over all ranks' samples (``reduce_sums``).
+            """
+
+            @staticmethod
+            def forward(ctx, x, mean, invstd, axes, reduce_sums):
+                ctx.save_for_backward(x, mean, invstd)
+                ctx.axes, ctx.reduce_sums = axes, reduce_sums
+                return (x - mean) * invstd
+
+            @staticmethod
+            @torch.autograd.function.once_differentiable
+            def backward(ctx, g):
+                x, mean, invstd = ctx.saved_tensors
+                xmu = x - mean
+                axes = list(ctx.axes)
+                mean_dy, mean_dy_xmu = ctx.reduce_sums(g.sum(dim=axes), (g * xmu).sum(dim=axes))
+                mean_dy, mean_dy_xmu = mean_dy.reshape(mean.shape), mean_dy_xmu.reshape(mean.shape)
+                dx = (g - mean_dy - xmu * (invstd * invstd) * mean_dy_xmu) * invstd
+                return dx, None, None, None, None
+
+        _SYNC_NORMALIZE = SyncNormalize.apply
+    return _SYNC_NORMALIZE
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+def _all_layers(model) -> list:
+    flatten = getattr(model, "_flatten_layers", None)
+    if flatten is not None:
+        return list(flatten(include_self=True, recursive=True))
+    found = [model]
+    for layer in getattr(model, "layers", []):
+        found.extend(_all_layers(layer))
+    return found
+
+
+def _batch_norms(model) -> list:
+    return [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def _cloneable() -> tuple:
+    """The model classes clone_model takes a clone_function for: Sequential and functional models."""
+    try:
+        from keras.src.models.functional import Functional
+    except ImportError:  # pragma: no cover - a Keras that moved it: clone_model's own error then
+        return (keras.Model,)
+    return (keras.Sequential, Functional)
+
+
+def share(model, target, *, mode: str = "shared", prefix: str | None = None, rank: int | None = None,
+          world_size: int | None = None, run: str | None = None):
+    """A copy of ``model`` whose BatchNormalization layers share their statistics through ``target``.
+
+    Every ``keras.layers.BatchNormalization`` (a SharedBatchNormalization too,
+    keeping an explicit ``layer_name``) becomes a
+    :class:`SharedBatchNormalization` with the same config and these
+    arguments; every other layer is cloned as ``keras.models.clone_model``
+    clones it (nested models too).  The copy keeps the model's weights,
+    moving statistics included.  Its shared layers are named in the service
+    ``prefix`` + their Keras path, which the copy keeps from ``model``
+    (``sequential/batch_normalization``), as :func:`load_moving_stats` names
+    them.  At the first training call a service layer that holds statistics
+    wins (the variables take them); a fresh one takes the model's moving
+    statistics (rank 0 writes them), so fine-tuning starts from them.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A Sequential or functional model (a subclassed model cannot be
+        cloned: use SharedBatchNormalization in its code instead).
+    target, mode, prefix, rank, world_size, run
+        As :class:`SharedBatchNormalization`.
+
+    Returns
+    -------
+    keras.Model
+    """
+    if not isinstance(model, keras.Model):
+        raise InvalidType(f"model={model!r}: expected a keras.Model (Sequential or functional)", field="model")
+    target = _check_target(target, mode)
+    pairs = []
+
+    def convert(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            config = layer.get_config()
+            if config.get("renorm"):
+                raise InvalidArgument(f"layer {layer.name!r} has renorm=True: share() does not share batch "
+                                      "renormalization's statistics yet; expected renorm=False", field="model")
+            config.pop("synchronized", None)
+            for key in ("target", "mode", "rank", "world_size", "run", "prefix", "layer_name"):
+                config.pop(key, None)
+            new = SharedBatchNormalization(target, mode=mode, rank=rank, world_size=world_size, run=run,
+                                           prefix=prefix, layer_name=getattr(layer, "layer_name", None), **config)
+        else:
+            new = layer.__class__.from_config(layer.get_config())
+        pairs.append((layer, new))
+        return new
+
+    if not isinstance(model, _cloneable()):
+        raise InvalidArgument(f"model {model.name!r} is a subclassed {type(model).__name__}: share() clones "
+                              "Sequential and functional models; use SharedBatchNormalization in its code",
+                              field="model")
+    clone = keras.models.clone_model(model, clone_function=convert, recursive=True)
+    for old, new in pairs:
+        weights = old.get_weights()
+        if weights:
+            if not new.built:
+                raise FailedPrecondition(f"layer {old.name!r} is built but its copy is not: expected a model "
+                                         "with an Input (or build the copy and set its weights)", field="model")
+            new.set_weights(weights)
+    return clone
+
+
+def connect(model, target) -> list:
+    """Give every SharedBatchNormalization in ``model`` the ``target`` (e.g. after loading it).
+
+    Returns the layers' service names (or Keras names for unbuilt layers).
+    """
+    target = _check_target(target)
+    layers = [layer for layer in _all_layers(model) if isinstance(layer, SharedBatchNormalization)]
+    for layer in layers:
+        _check_target(target, layer.mode, layer.name)
+    for layer in layers:
+        layer.target = target
+    return [layer.service_name if layer.built or layer.layer_name else layer.name for layer in layers]
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def load_moving_stats(model, source, *, prefix: str | None = None) -> list:
+    """Set the moving statistics of ``model``'s BatchNormalization layers from ``source``.
+
+    Each layer's ``moving_mean`` and ``moving_variance`` are matched by their
+    Keras ``path``: the variable ``sequential/bn/moving_mean`` takes layer
+    ``prefix + "sequential/bn"`` of a Store or a Client, or tensor
+    ``prefix + "sequential/bn/moving_mean"`` of a safetensors file with Keras
+    naming (what ``store.export(path)`` writes).  Values are the layer's as
+    stored (a torch-convention layer's variance is unbiased).  A layer with
+    ``renorm=True`` also gets ``moving_stddev = sqrt(variance + epsilon)``,
+    so that its inference matches.
+
+    All or nothing: every entry is found and checked before any variable
+    changes.
+
+    Parameters
+    ----------
+    model : keras.Layer
+        A built model (or one BatchNormalization layer).
+    source : normsvc.Store, normsvc.Client, str or os.PathLike
+        A store, a client, or the path of a safetensors file.
+    prefix : str, optional
+        Put before every Keras path.
+
+    Returns
+    -------
+    list of str
+        The names looked up (layers of a service, layer prefixes of a file), in the model's order.
+
+    Raises
+    ------
+    LayerNotFound
+        No entry for a layer (the message names it and the Keras variable).
+    InvalidArgument
+        An entry of another shape than the variable's, or without statistics.
+    """
+    if prefix is not None and not isinstance(prefix, str):
+        raise InvalidType(f"prefix={prefix!r}: expected a string or None", field="prefix")
+    prefix = prefix or ""
+    layers = _batch_norms(model)
+    unbuilt = [layer.name for layer in layers if layer.moving_mean is None]
+    if unbuilt:
+        raise FailedPrecondition(f"BatchNormalization layers {unbuilt} are not built: expected a built model "
+                                 "(give it an Input, or call it on a batch)", field="model")
+    names = [prefix + layer.moving_mean.path.rsplit("/", 1)[0] for layer in layers]
+    if isinstance(source, (str, os.PathLike)):
+        values = _from_file(os.fspath(source), layers, names)
+    elif _is_service(source):
+        values = _from_service(source, layers, names)
+    else:
+        raise InvalidType(f"source={source!r}: expected a normsvc.Store, a normsvc.Client or the path of a "
+                          "safetensors file", field="source")
+    for layer, name, (mean, variance) in zip(layers, names, values):
+        for what, value, var in (("moving_mean", mean, layer.moving_mean),
+                                 ("moving_variance", variance, layer.moving_variance)):
+            if tuple(value.shape) != tuple(var.shape):
+                raise InvalidArgument(f"{name!r} has {what} of shape {list(value.shape)}: expected "
+                                      f"{list(var.shape)}, the shape of Keras variable {var.path!r}",
+                                      layer=name, field="source")
+    for layer, (mean, variance) in zip(layers, values):
+        layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
+        layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
+        if getattr(layer, "renorm", False):
+            layer.moving_stddev.assign(np.sqrt(variance + layer.epsilon).astype(layer.moving_stddev.dtype))
+    return names
+
+
+def _from_service(source, layers, names) -> list:
+    if not names:
+        return []
+    try:
+        infos = source.describe(names)
+    except LayerNotFound as exc:
+        missing = exc.layer if exc.layer in names else None
+        if missing is None:
+            raise
+        path = layers[names.index(missing)].moving_mean.path
+        raise LayerNotFound(f"no layer {missing!r} in {source!r} for the Keras variable {path!r}: expected "
+                            "a layer named prefix + the variable's path without '/moving_mean'",
+                            layer=missing) from None
+    values = []
+    for name, info in zip(names, infos):
+        if info.stats is None:
+            raise InvalidArgument(f"layer {name!r} of {source!r} has no statistics yet: expected a layer that "
+                                  "took at least one batch", layer=name, field="source")
+        values.append((np.asarray(info.stats.mean, dtype=np.float64),
+                       np.asarray(info.stats.variance, dtype=np.float64)))
+    return values
+
+
+def _from_file(path: str, layers, names) -> list:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(path, framework="numpy")
+    except FileNotFoundError:
+        raise LayerNotFound(f"no safetensors file {path!r}: expected a file with Keras naming "
+                            "(store.export(path))", field="source") from None
+    except Exception as exc:  # safetensors raises its own error types for a file it cannot read
+        raise InvalidArgument(f"{path!r} is not a readable safetensors file ({exc}): expected one with Keras "
+                              "naming (store.export(path))", field="source") from None
+    with handle as f:
+        keys = set(f.keys())
+        values = []
+        for layer, name in zip(layers, names):
+            pair = []
+            for what, var in (("moving_mean", layer.moving_mean), ("moving_variance", layer.moving_variance)):
+                key = f"{name}/{what}"
+                if key not in keys:
+                    raise LayerNotFound(f"no tensor {key!r} in {path!r} for the Keras variable {var.path!r}: "
+                                        "expected Keras naming, prefix + the variable's path", layer=name,
+                                        field="source")
+                pair.append(np.asarray(f.get_tensor(key), dtype=np.float64))
+            values.append(tuple(pair))
+    return values
