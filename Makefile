@@ -43,7 +43,7 @@ bench-store: $(call STAMP,bench)
 
 ## bench-grpc: the gRPC service against a bare gRPC echo of the same payload
 bench-grpc: $(call STAMP,bench)
-	$(PY) bench/grpc.py
+	$(PY) bench/rpc.py
 
 ## bench-cuda: the CUDA kernels against torch and a device copy (needs an NVIDIA GPU and the cuda extra)
 bench-cuda: $(call STAMP,bench)

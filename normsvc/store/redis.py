@@ -33,6 +33,7 @@ second of them may be lost; without AOF, what the last snapshot holds.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -139,6 +140,7 @@ class RedisBackend(Backend):
         self.request_window = int(request_window)
         self.where = where
         self.channel = f"{prefix}:changes"
+        self._stripes = [threading.Lock() for _ in range(64)]
         self._names_key = f"{prefix}:names"
         with _errors(where):
             self._insert = client.register_script(_INSERT)
@@ -252,12 +254,21 @@ class RedisBackend(Backend):
 
     def mutate(self, names, fn, request_id, create=None, digest=None):
         names = list(dict.fromkeys(names))
-        with _errors(self.where):
-            for _ in range(MAX_ATTEMPTS):
-                result = self._attempt(names, fn, request_id, create, digest)
-                if result is not None:
-                    return result
-                time.sleep(0.0005)
+        # Writers of one process queue per layer (striped locks, taken in order): only writers in other
+        # processes or replicas can make a commit conflict, and a conflict retries after a random pause.
+        stripes = sorted({hash(name) % len(self._stripes) for name in names})
+        for i in stripes:
+            self._stripes[i].acquire()
+        try:
+            with _errors(self.where):
+                for attempt in range(MAX_ATTEMPTS):
+                    result = self._attempt(names, fn, request_id, create, digest)
+                    if result is not None:
+                        return result
+                    time.sleep(random.uniform(0.0, 0.0002 * min(attempt + 1, 25)))
+        finally:
+            for i in reversed(stripes):
+                self._stripes[i].release()
         raise StoreUnavailable(f"redis store {self.where}: {MAX_ATTEMPTS} conflicting writers in a row on "
                                f"{names[:4]}: expected less contention (retry later)")
 

@@ -1,6 +1,6 @@
 """gRPC service benchmark: normsvc (server + Client) against a bare gRPC echo of the same bytes.
 
-Run with ``python bench/grpc.py [--rounds N] [--seconds S] [--record]``.
+Run with ``python bench/rpc.py [--rounds N] [--seconds S] [--record]``.
 
 Two servers run side by side as subprocesses of this script, on 127.0.0.1:
 
@@ -32,26 +32,21 @@ Targets: UpdateStats >= 0.7x echo requests/s, a 53-layer step contribution
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import os
+import platform
+import statistics
+import subprocess
 import sys
+import threading
+import time
+import uuid
+from concurrent import futures
+from pathlib import Path
 
-# This file is named grpc.py: drop its folder from the path so `import grpc` finds the package.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from concurrent import futures  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
+import grpc
+import numpy as np
 
 ECHO_WORKERS = 64  # normsvc serve's default --workers
 MAX_MESSAGE = 64 << 20  # normsvc serve's default --max-message-mb
@@ -70,7 +65,7 @@ def resnet50_bn_channels() -> list[int]:
     return channels
 
 
-# --- the echo server (runs in a subprocess: `bench/grpc.py --serve-echo`) --------------
+# --- the echo server (runs in a subprocess: `bench/rpc.py --serve-echo`) --------------
 
 
 def serve_echo() -> None:
@@ -310,10 +305,10 @@ def main(argv=None) -> int:
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         machine = f"{os.cpu_count()}-core shared VM ({platform.machine()})"
         text = (
-            f"\n## gRPC service (bench/grpc.py)\n\n"
+            f"\n## gRPC service (bench/rpc.py)\n\n"
             f"{now}, {machine}, Python {platform.python_version()}, grpcio {grpc.__version__}, "
             f"numpy {np.__version__}.\n"
-            f"`python bench/grpc.py --rounds {args.rounds} --seconds {args.seconds}`: `normsvc serve` (memory store, "
+            f"`python bench/rpc.py --rounds {args.rounds} --seconds {args.seconds}`: `normsvc serve` (memory store, "
             f"default 64 workers) and a bare echo server of the same type (sync `grpc.server`, 64-thread pool, "
             f"generic handler returning the request bytes) run side by side as subprocesses; the clients run in "
             f"one process (`normsvc.Client` vs a raw channel sending the same pre-serialized request bytes). "
