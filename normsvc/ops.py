@@ -13,7 +13,8 @@ and returns them as :class:`~normsvc.moments.Moments` next to ``y``.  Passing
 ``mean`` and ``variance`` (e.g. running statistics) normalizes with those
 instead, skips the moments pass and returns ``(y, None)``.
 
-``y`` keeps the input dtype; float16 is computed in float32, statistics are
+``y`` keeps the input dtype; float16 and bfloat16 (``ml_dtypes.bfloat16``
+arrays, CPU ``torch.bfloat16`` tensors) are computed in float32, statistics are
 always float64.
 
 CUDA arrays (numba device arrays, CuPy arrays, torch CUDA tensors: anything
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import dtypes
 from .errors import InvalidArgument, InvalidType
 from .kernels import cpu
 from .moments import Moments
@@ -106,7 +108,7 @@ def _input(x, device="auto"):
     """
     if not isinstance(device, str) or device not in _DEVICES:
         raise InvalidArgument(f"device={device!r}: expected 'auto', 'cpu' or 'cuda'", field="device")
-    x = _detached(x)
+    x = dtypes.host_view(_detached(x))
     if _is_cuda_array(x):
         if device == "cpu":
             raise InvalidArgument(
@@ -124,8 +126,8 @@ def _input(x, device="auto"):
             x = np.asarray(x)
         except (TypeError, ValueError):  # ragged lists, objects numpy cannot read
             raise InvalidType(f"x must be a numeric array, got {type(x).__name__}", field="x") from None
-    if x.dtype not in _FLOATS:
-        raise InvalidType(f"x has dtype {x.dtype}: expected float16, float32 or float64", field="x")
+    if x.dtype not in _FLOATS and not dtypes.is_float(x.dtype):
+        raise InvalidType(f"x has dtype {x.dtype}: expected {dtypes.NAMES}", field="x")
     if x.ndim == 0:
         raise InvalidArgument("x is a scalar: expected an array of rank >= 1", field="x")
     if x.size == 0:
@@ -172,7 +174,7 @@ def _param(value, name: str, expected: tuple, what: str, *, scalar: bool = False
 
 
 def _compute_view(x: np.ndarray, plan: Plan) -> np.ndarray:
-    if x.dtype == np.float16:
+    if dtypes.is_half(x.dtype):
         x = x.astype(np.float32)
     return plan.to_view(x)
 
@@ -314,8 +316,8 @@ def _norm(kind: str, x, axis, groups, epsilon, gamma, beta, mean, variance, devi
             y = cpu.apply(xv, mu, 1.0 / np.sqrt(var + eps), g, h)
         stats = None
     y = plan.from_view(y)
-    if x.dtype == np.float16:
-        y = y.astype(np.float16)
+    if dtypes.is_half(x.dtype):
+        y = y.astype(x.dtype)
     return y, stats
 
 

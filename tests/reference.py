@@ -197,13 +197,18 @@ REFERENCES = {
 #   float32 (error ~1e-6, see above) and y is rounded once to float16 (0.5 ulp).
 # A wrong axis, group, epsilon or variance convention moves y by O(1e-3) of
 # its magnitude or more, far outside all three.
-Y_RTOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 1e-3}
+# bfloat16: 8e-3, about 2 bfloat16 ulps (u = 3.9e-3, 8 bits of mantissa): computed in float32 and
+#   rounded once to bfloat16, as float16 is.
+import ml_dtypes  # noqa: E402 - numpy's bfloat16
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+Y_RTOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 1e-3, BFLOAT16: 8e-3}
 
 # Statistics (always float64) of exact inputs, as a fraction of max|x| (mean)
 # and max(x**2) (variance).  float64 input: the same n*u argument as above.
 # float32/float16 input: the design allows float32 pairwise accumulation for
 # them (error ~ log2(n) * u32 ~ 1e-6); 1e-5 leaves a margin.
-STAT_RTOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 1e-5}
+STAT_RTOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 1e-5, BFLOAT16: 1e-5}
 
 
 def assert_y_close(y, ref: Ref, dtype) -> None:

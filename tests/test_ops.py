@@ -619,3 +619,40 @@ def test_renorm_statistics_of_another_shape_are_refused(rng):
     with pytest.raises(normsvc.InvalidArgument) as info:
         normsvc.batch_renorm(rng.normal(size=(8, 2)), np.zeros(3), np.ones(2))
     assert info.value.field == "renorm_mean"
+
+
+# --- bfloat16: ml_dtypes arrays and torch tensors, computed in float32, returned in bfloat16 ---
+
+
+@pytest.mark.parametrize("kind, kwargs", [
+    ("batch", {"axis": -1}), ("layer", {"axis": [-2, -1]}), ("instance", {"axis": 1}),
+    ("group", {"axis": -1, "groups": 2}), ("rms", {"axis": -1}),
+])
+def test_bfloat16_arrays_follow_the_float64_reference(rng, kind, kwargs):
+    from reference import BFLOAT16
+
+    x = (rng.normal(1.0, 3.0, size=(6, 4, 8))).astype(BFLOAT16)
+    exact = x.astype(np.float64)  # the reference sees the very values normsvc got
+    y, m = normsvc.norm(kind, x, **kwargs)
+    assert y.dtype == BFLOAT16 and y.shape == x.shape
+    ref_kwargs = dict(kwargs, epsilon=1e-3)
+    ref = REFERENCES[kind](exact, **ref_kwargs)
+    assert_y_close(y, ref, BFLOAT16)
+    assert_stats_close(m.mean, m.variance, exact, ref, BFLOAT16)
+
+
+def test_torch_bfloat16_tensors_are_read_without_a_copy_and_keep_their_type(rng):
+    torch = pytest.importorskip("torch")
+    from reference import BFLOAT16
+
+    t = torch.from_numpy(rng.normal(size=(8, 3, 4, 4)).astype(np.float32)).to(torch.bfloat16)
+    from normsvc.dtypes import host_view
+
+    view = host_view(t)
+    assert view.dtype == BFLOAT16 and view.ctypes.data == t.data_ptr()  # the tensor's own memory
+    y, m = normsvc.batch_norm(t, axis=1)
+    want, _ = normsvc.batch_norm(view.astype(np.float32), axis=1)
+    assert y.dtype == BFLOAT16
+    np.testing.assert_array_equal(y, want.astype(BFLOAT16))  # float32 compute, one rounding
+    inferred = normsvc.batch_norm(t, axis=1, mean=m.mean, variance=m.variance)[0]
+    np.testing.assert_array_equal(inferred.astype(np.float32), y.astype(np.float32))

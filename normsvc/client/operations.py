@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import prefixes
+from .. import dtypes, prefixes
 from .._proto import normsvc_pb2 as pb
 from ..errors import InvalidArgument, InvalidType
 from ..config import DEFAULT, default_run, make_config, step_arguments
@@ -106,13 +106,14 @@ def layer_names(layers) -> list:
 
 def _array(value, field: str, layer: str) -> np.ndarray:
     """An input tensor as the ops take it (lists of ints become float64)."""
+    value = dtypes.host_view(value)
     if not hasattr(value, "dtype"):
         value = np.asarray(value)
         if value.dtype.kind in "iub":
             value = value.astype(np.float64)
     value = np.asarray(value)
-    if value.dtype.kind != "f" or value.dtype.newbyteorder("<") not in DTYPES.values():
-        raise InvalidType(f"{field} has dtype {value.dtype}: expected float16, float32 or float64",
+    if value.dtype.kind not in "fV" or value.dtype.newbyteorder("<") not in DTYPES.values():
+        raise InvalidType(f"{field} has dtype {value.dtype}: expected {dtypes.NAMES}",
                           layer=layer, field=field)
     return value
 

@@ -51,7 +51,7 @@ def with_tensor(message: bytes, number: int, array: np.ndarray, dtype: int) -> b
 
     ``array`` must already have the element type ``dtype`` names, little-endian.
     """
-    data = memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")
+    data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # bytes of any element type
     shape = b"".join(varint(int(s)) for s in array.shape)
     head = bytes([1 << 3 | _VARINT]) + varint(dtype)
     if shape:

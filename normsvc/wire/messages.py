@@ -168,7 +168,7 @@ def moments_to_pb(name: str, moments, out: pb.LayerMoments) -> pb.LayerMoments:
 def param_to_pb(value, field: str, out: pb.Tensor) -> pb.Tensor:
     """An affine parameter (gamma, beta) as a Tensor: float arrays as they are, numbers as float64."""
     a = np.asarray(value)
-    if a.dtype.kind != "f" or a.dtype.newbyteorder("<") not in DTYPES.values():
+    if a.dtype.kind not in "fV" or a.dtype.newbyteorder("<") not in DTYPES.values():
         try:
             a = a.astype(np.float64)
         except (TypeError, ValueError):

@@ -23,12 +23,14 @@ import math
 import numpy as np
 from numba import njit
 
+from .. import dtypes
 from .._proto import normsvc_pb2 as pb
 from ..errors import InvalidTensor, InvalidType, TensorTooLarge
 from ..moments import Moments
 
 __all__ = [
     "tensor_error",
+    "BFLOAT16",
     "DTYPES",
     "DTYPE_CODES",
     "encode",
@@ -41,11 +43,14 @@ __all__ = [
     "Assembler",
 ]
 
+#: numpy's bfloat16 (ml_dtypes': what torch.bfloat16 tensors are viewed as)
+BFLOAT16 = dtypes.bfloat16()
 #: proto DType -> little-endian numpy dtype
 DTYPES = {
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_BFLOAT16: BFLOAT16,
 }
 #: little-endian numpy dtype -> proto DType
 DTYPE_CODES = {dt: code for code, dt in DTYPES.items()}
@@ -64,11 +69,11 @@ def tensor_error(field: str, description: str, cls=InvalidTensor):
 
 
 def encode(array, out: pb.Tensor | None = None) -> pb.Tensor:
-    """A Tensor message holding ``array`` (float16/32/64; other floats are refused)."""
+    """A Tensor message holding ``array`` (float16/32/64, bfloat16; other types are refused)."""
     a = np.asarray(array)
-    code = DTYPE_CODES.get(a.dtype.newbyteorder("<")) if a.dtype.kind == "f" else None
+    code = DTYPE_CODES.get(a.dtype.newbyteorder("<")) if a.dtype.kind in "fV" else None
     if code is None:
-        raise InvalidType(f"cannot encode dtype {a.dtype}: expected float16, float32 or float64", field="dtype")
+        raise InvalidType(f"cannot encode dtype {a.dtype}: expected {dtypes.NAMES}", field="dtype")
     a = np.asarray(a, dtype=DTYPES[code], order="C")  # (ascontiguousarray would make scalars 1-D)
     t = pb.Tensor() if out is None else out
     t.dtype = code
@@ -212,7 +217,7 @@ def chunks(array: np.ndarray, size: int):
     """The bytes of ``array`` (little-endian, C order) in pieces of at most ``size`` bytes."""
     a = np.asarray(array)
     a = np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")
-    data = memoryview(a.reshape(-1)).cast("B")
+    data = memoryview(a.reshape(-1).view(np.uint8))  # bytes of any element type (bfloat16 has no buffer format)
     for start in range(0, len(data), size):
         yield bytes(data[start:start + size])
 

@@ -179,3 +179,21 @@ def test_batch_moments_in_training_mode_only(stub, rng):
     assert not normalize(stub, "bn", x, mode=pb.MODE_INFERENCE).HasField("batch_moments")
     stub.Freeze(pb.FreezeRequest(name="bn"))
     assert not normalize(stub, "bn", x).HasField("batch_moments")
+
+
+def test_bfloat16_travels_as_bfloat16_unary_and_streamed(start_server, rng):
+    """DTYPE_BFLOAT16 on the wire: what the ops compute in-process, bit for bit, both ways."""
+    from normsvc import Client, ops
+    from normsvc.wire.tensors import BFLOAT16
+
+    server = start_server(max_message_mb=1)
+    x = rng.normal(2.0, 3.0, size=(64, 8)).astype(BFLOAT16)
+    big = rng.normal(size=(1000, 1024)).astype(BFLOAT16)  # 2 MB: sent as a stream
+    with Client(server.address, max_message_bytes=1 << 20) as client:
+        y = client.create_layer("bf16/bn", num_features=8).normalize(x, training=True)
+        want, m = ops.batch_norm(x)
+        assert y.dtype == BFLOAT16 and np.array_equal(y.view(np.uint16), want.view(np.uint16))
+        np.testing.assert_allclose(client.layer("bf16/bn").stats().mean, 0.01 * m.mean, rtol=1e-12)
+        y = client.create_layer("bf16/ln", kind="layer").normalize(big, training=True)
+        want, _ = ops.layer_norm(big)
+        assert y.dtype == BFLOAT16 and np.array_equal(y.view(np.uint16), want.view(np.uint16))

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+import normsvc
+
 from normsvc.moments import Moments
 from normsvc.errors import InvalidTensor
 from normsvc.wire.tensors import decode_moments, encode, encode_moments
@@ -50,3 +52,17 @@ def test_invalid_moments_name_the_field(count, mean, variance, field, words):
     with pytest.raises(InvalidTensor) as info:
         decode_moments(message(count, mean, variance), field="m")
     assert info.value.field == field and words in str(info.value)
+
+
+def test_bfloat16_round_trips_bit_for_bit(rng):
+    from normsvc._proto import normsvc_pb2 as pb
+    from normsvc.wire.tensors import BFLOAT16, decode, encode
+
+    x = rng.normal(size=(3, 5)).astype(BFLOAT16)
+    t = encode(x)
+    assert t.dtype == pb.DTYPE_BFLOAT16 and len(t.data) == x.size * 2
+    back = decode(t, field="x")
+    assert back.dtype == BFLOAT16 and np.array_equal(back.view(np.uint16), x.view(np.uint16))
+    x[0, 0] = np.inf
+    with pytest.raises(normsvc.InvalidArgument, match="x.data: has 1 NaN or Inf values"):
+        decode(encode(x), field="x")
