@@ -19,6 +19,12 @@ by every process that trains with the same service layer:
     ``sum(dy * (x - mean))`` across ranks the same way, so outputs and
     gradients are those of one process on the concatenated batch.
 
+Batch renormalization (``renorm=True``, Keras 3's own variables and update,
+tf.keras' semantics) works in both modes; virtual ("ghost") batches
+(``virtual_batch_size``, which Keras 3 lacks) as tf.keras has them, in
+shared mode.  The service layer holds the same configuration, so its
+Normalize, export and import agree with the Keras layer.
+
 :func:`share` converts the BatchNormalization layers of a Sequential or
 functional model; :func:`load_moving_stats` fills a model's moving statistics
 from a Store, a Client or a safetensors file with Keras naming; :func:`connect`
@@ -46,6 +52,7 @@ training run)::
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import os
 import tempfile
@@ -55,7 +62,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from .config import step_arguments
+from .config import make_config, step_arguments
 from .errors import FailedPrecondition, InvalidArgument, InvalidType, LayerNotFound
 from .moments import Moments
 
@@ -143,6 +150,32 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+# --- batch renormalization and virtual batches -------------------------------------------
+
+#: Whether this Keras' BatchNormalization has batch renormalization (older Keras 3 releases have none).
+_KERAS_RENORM = "renorm" in inspect.signature(keras.layers.BatchNormalization.__init__).parameters
+#: Batch renormalization's statistics: Keras 3's variable names, RunningStats' fields (in RunningStats.renorm's
+#: order) and the export's leaves alike.
+_RENORM = ("moving_stddev", "renorm_mean", "renorm_stddev")
+
+
+def _check_extras(renorm, clipping, renorm_momentum, virtual_batch_size, mode: str) -> None:
+    """tf.keras' renorm and virtual batch arguments checked as the service checks them, early."""
+    if renorm and not _KERAS_RENORM:
+        raise FailedPrecondition(f"renorm=True: this Keras ({keras.__version__}) has no batch renormalization "
+                                 "in its BatchNormalization: expected a Keras that has it, or renorm=False",
+                                 field="renorm")
+    if virtual_batch_size is not None and mode == "sync":
+        raise InvalidArgument(f"virtual_batch_size={virtual_batch_size!r} with mode='sync': each virtual batch "
+                              "lies within one rank and is normalized with its own statistics, so there is "
+                              "nothing to synchronize; expected mode='shared'", field="virtual_batch_size")
+    if renorm:
+        extras = dict(renorm=renorm, renorm_clipping=clipping, renorm_momentum=renorm_momentum)
+    else:  # Keras keeps renorm_clipping and renorm_momentum without renorm; neither has a meaning then
+        extras = dict(renorm=renorm)
+    make_config(kind="batch", convention="keras", virtual_batch_size=virtual_batch_size, **extras)
+
+
 # --- the layer -------------------------------------------------------------------------
 
 
@@ -167,12 +200,41 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
     gradients stay per rank: averaging them is the data-parallel trainer's
     gradient all-reduce, as for every other weight.)
 
-    After each training call ``moving_mean`` and ``moving_variance`` hold the
-    service's answer: every step applied so far.  In sync mode that includes
-    the call's own step; in shared mode a rank that is not the last of its
-    step gets the statistics up to an earlier step, so its variables lag the
-    service by the steps still open.  :meth:`pull` (or :func:`load_moving_stats`
-    with a Client) brings them up to date, e.g. before evaluating or saving.
+    **Batch renormalization** (``renorm=True``, Ioffe 2017, as Keras 3's and
+    tf.keras' ``BatchNormalization(renorm=True)``): training corrects the
+    normalized batch towards the renorm moving averages, ``y = ((x - mean) / s
+    * r + d) * gamma + beta`` with ``s = sqrt(var + epsilon)``, ``r = clip(s /
+    max(renorm_stddev, sqrt(epsilon)), rmin, rmax)`` and ``d = clip((mean -
+    renorm_mean) / max(renorm_stddev, sqrt(epsilon)), -dmax, dmax)``, where
+    ``renorm_mean`` and ``renorm_stddev`` are the layer's variables (the
+    service's last answer, before this step) and ``r`` and ``d`` carry no
+    gradient.  In shared mode ``mean`` and ``var`` are this rank's, in sync
+    mode those of all ranks' batches (every rank then holds the same renorm
+    variables, so ``r`` and ``d`` are the same everywhere).  The service layer
+    takes tf.keras' renorm update: ``moving_mean`` with ``momentum``,
+    ``moving_stddev`` the moving average of ``s`` and ``moving_variance =
+    max(moving_stddev**2 - epsilon, 0)``, ``renorm_mean`` and
+    ``renorm_stddev`` the moving averages of ``mean`` and ``s`` with
+    ``renorm_momentum``.
+
+    **Virtual batches** (``virtual_batch_size=v``, tf.keras' ghost batches;
+    shared mode): the batch of ``B`` samples (a multiple of ``v``) splits into
+    ``B / v`` virtual batches of ``v`` samples as tf.keras splits it (sample
+    ``i`` is in virtual batch ``i % (B / v)``), each normalized with its own
+    mean and variance.  The pushed moments are per virtual batch; the
+    service averages the means and the variances of a step's virtual batches
+    (every rank's: one process whose batch is made of them) into ONE update,
+    as tf.keras does.  With renorm, ``r`` and ``d`` come from those averages.
+
+    After each training call the moving variables (``moving_mean``,
+    ``moving_variance``, and with renorm ``moving_stddev``, ``renorm_mean``,
+    ``renorm_stddev``) hold the service's answer: every step applied so far.
+    In sync mode that includes the call's own step; in shared mode a rank
+    that is not the last of its step gets the statistics up to an earlier
+    step, so its variables lag the service by the steps still open (and its
+    renorm correction uses the renorm averages it holds).  :meth:`pull` (or
+    :func:`load_moving_stats` with a Client) brings them up to date, e.g.
+    before evaluating or saving.
 
     **Inference** (``training=False``, or ``trainable=False``: a frozen layer
     runs in inference mode, as Keras' does) is Keras' own:
@@ -211,10 +273,18 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
         build the same model.
     prefix : str, optional
         Namespace put before the Keras path (ignored with ``layer_name``).
-    synchronized, renorm, renorm_clipping, renorm_momentum
-        Accepted for ``BatchNormalization`` configs at their defaults;
-        ``synchronized=True`` is refused (use ``mode="sync"``), and so is
-        ``renorm=True`` (not wired to the service yet).
+    renorm, renorm_clipping, renorm_momentum
+        As ``keras.layers.BatchNormalization`` (batch renormalization: see
+        above; ``renorm_clipping`` a dict with keys among "rmin", "rmax",
+        "dmax", fixed numbers).  The service layer is created with the same.
+        Needs a Keras whose BatchNormalization has ``renorm``.
+    virtual_batch_size : int, optional
+        tf.keras' ghost batches (see above; Keras 3 has no such argument).
+        ``mode="shared"`` only, no mask, and ``axis`` must not be the batch
+        axis.  Inference is unchanged.
+    synchronized
+        Accepted at its default for ``BatchNormalization`` configs;
+        ``synchronized=True`` is refused (use ``mode="sync"``).
 
     Call arguments
     --------------
@@ -223,7 +293,7 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
         Training mode (batch statistics, a service call) or inference.
     mask : tensor, optional
         As Keras': masked positions count in neither the batch moments nor
-        the pushed count (shared mode only).
+        the pushed count (shared mode without virtual batches only).
 
     Raises
     ------
@@ -235,15 +305,14 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
     def __init__(self, target, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, *,
                  mode: str = "shared", rank: int | None = None, world_size: int | None = None,
                  run: str | None = None, layer_name: str | None = None, prefix: str | None = None,
-                 synchronized=False, renorm=False, renorm_clipping=None, renorm_momentum=0.99, **kwargs):
+                 synchronized=False, renorm=False, renorm_clipping=None, renorm_momentum=0.99,
+                 virtual_batch_size=None, **kwargs):
         if mode not in MODES:
             raise InvalidArgument(f"mode={mode!r}: expected 'shared' or 'sync'", field="mode")
         if synchronized:
             raise InvalidArgument("synchronized=True: expected mode='sync', which synchronizes the batch "
                                   "statistics through normsvc on any backend", field="synchronized")
-        if renorm:
-            raise InvalidArgument("renorm=True: SharedBatchNormalization does not share batch "
-                                  "renormalization's statistics yet; expected renorm=False", field="renorm")
+        _check_extras(renorm, renorm_clipping, renorm_momentum, virtual_batch_size, mode)
         if (rank is None) != (world_size is None):
             raise InvalidArgument(f"rank={rank!r}, world_size={world_size!r}: expected both or neither "
                                   "(neither: torch.distributed's, else 0 and 1)",
@@ -256,7 +325,12 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
         if layer_name == "":
             raise InvalidArgument("layer_name='': expected a layer name or None", field="layer_name")
         target = _check_target(target, mode)
+        if _KERAS_RENORM:
+            kwargs.update(renorm=bool(renorm), renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum)
         super().__init__(axis=axis, momentum=momentum, epsilon=epsilon, center=center, scale=scale, **kwargs)
+        if not _KERAS_RENORM:  # an older Keras: renorm is False (checked above)
+            self.renorm, self.renorm_clipping, self.renorm_momentum = False, None, renorm_momentum
+        self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
         self.mode = mode
         self.target = target
         self.rank = rank
@@ -309,28 +383,42 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
         name = self.service_name
         key = f"{id(service)}:{name}"  # a str: Keras' attribute tracking leaves it as it is
         if self._created != key:
+            extras = {}
+            if self.renorm:
+                extras.update(renorm=True, renorm_clipping=dict(self.renorm_clipping or {}),
+                              renorm_momentum=self.renorm_momentum)
+            if self.virtual_batch_size is not None:
+                extras["virtual_batch_size"] = self.virtual_batch_size
             service.create_layer(name, kind="batch", axis=self.axis, num_features=int(self.moving_mean.shape[0]),
                                  convention="keras", momentum=self.momentum, epsilon=self.epsilon,
-                                 center=self.center, scale=self.scale)
+                                 center=self.center, scale=self.scale, **extras)
             if rank == 0:
                 self._seed(service, name)
             self._created = key
         return name
 
     def _seed(self, service, name: str) -> None:
-        mean = np.asarray(self.moving_mean.numpy(), dtype=np.float64)
-        variance = np.asarray(self.moving_variance.numpy(), dtype=np.float64)
-        if _is_initial(mean, variance, 0):
+        """Write this layer's moving variables (renorm's too) into a service layer that has none yet."""
+        values = {leaf: np.asarray(var.numpy(), dtype=np.float64) for leaf, var in self._moving_variables()}
+        if _is_initial(values, 0):
             return
         stats = service.layer(name).stats()
-        if not _is_initial(stats.mean, stats.variance, stats.num_batches):
+        held = {"moving_mean": stats.mean, "moving_variance": stats.variance} | dict(zip(_RENORM, stats.renorm or ()))
+        if not _is_initial(held, stats.num_batches):
             return
         from safetensors.numpy import save_file
 
         with tempfile.TemporaryDirectory(prefix="normsvc-keras-") as tmp:  # the public import, Store or Client
             path = os.path.join(tmp, "seed.safetensors")
-            save_file({f"{name}/moving_mean": mean, f"{name}/moving_variance": variance}, path)
+            save_file({f"{name}/{leaf}": value for leaf, value in values.items()}, path)
             service.import_(path, naming="keras", layers=[name])
+
+    def _moving_variables(self) -> list:
+        """(export leaf, Keras variable) of every moving statistic: renorm's too when it has them."""
+        pairs = [("moving_mean", self.moving_mean), ("moving_variance", self.moving_variance)]
+        if self.renorm:
+            pairs.extend((leaf, getattr(self, leaf)) for leaf in _RENORM)
+        return pairs
 
     def _ranks(self) -> tuple[int, int]:
         if self.rank is not None:
@@ -338,12 +426,19 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
         return _distributed()
 
     def _assign(self, stats) -> None:
-        self.moving_mean.assign(np.asarray(stats.mean, dtype=self.moving_mean.dtype))
-        self.moving_variance.assign(np.asarray(stats.variance, dtype=self.moving_variance.dtype))
+        values = [stats.mean, stats.variance]
+        if self.renorm:
+            if stats.renorm is None:
+                raise FailedPrecondition(f"service layer {self.service_name!r} has no renorm statistics, and layer "
+                                         f"{self.name!r} has renorm=True: expected a renorm layer",
+                                         layer=self.service_name)
+            values.extend(stats.renorm)
+        for (_, var), value in zip(self._moving_variables(), values):
+            var.assign(np.asarray(value, dtype=var.dtype))
         self.last_stats = stats
 
     def pull(self):
-        """Assign the service's current statistics to ``moving_mean`` / ``moving_variance``; returns them."""
+        """Assign the service's current statistics to the moving variables (renorm's too); returns them."""
         service = self._service()
         stats = service.layer(self.service_name).stats()
         self._assign(stats)
@@ -351,20 +446,35 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
 
     # --- call ---------------------------------------------------------------------
 
+    def build(self, input_shape):
+        if self.virtual_batch_size is not None and len(input_shape) and self.axis % len(input_shape) == 0:
+            raise InvalidArgument(f"layer {self.name!r}: axis={self.axis} is the batch axis, which "
+                                  f"virtual_batch_size={self.virtual_batch_size} splits: expected a feature axis",
+                                  field="axis")
+        super().build(input_shape)
+
     def call(self, inputs, training=None, mask=None):
-        if not (training and self.trainable) or _symbolic(inputs):
+        if not (training and self.trainable):
             return super().call(inputs, training=training, mask=mask)
+        if _symbolic(inputs):  # shapes only: the output's are the inference call's, which updates nothing
+            return super().call(inputs, training=False, mask=mask)
         if keras.backend.backend() != "torch":
             raise FailedPrecondition(f"SharedBatchNormalization {self.name!r} trains on the torch backend "
                                      f"(KERAS_BACKEND=torch); this is {keras.backend.backend()!r}")
         if mask is not None:
-            if self.mode == "sync":
-                raise InvalidArgument(f"layer {self.name!r}: mode='sync' takes no mask: expected mask=None",
-                                      field="mask")
+            if self.mode == "sync" or self.virtual_batch_size is not None:
+                why = "mode='sync'" if self.mode == "sync" else f"virtual_batch_size={self.virtual_batch_size}"
+                raise InvalidArgument(f"layer {self.name!r}: {why} takes no mask: expected mask=None", field="mask")
             if len(mask.shape) != len(inputs.shape) - 1:
                 raise InvalidArgument(f"layer {self.name!r}: mask.shape={tuple(mask.shape)} with inputs.shape="
                                       f"{tuple(inputs.shape)}: expected one dimension less than the inputs",
                                       field="mask")
+        if self.virtual_batch_size is not None:
+            batch = int(inputs.shape[0])
+            if batch == 0 or batch % self.virtual_batch_size:
+                raise InvalidArgument(f"layer {self.name!r}: a batch of {batch} with virtual_batch_size="
+                                      f"{self.virtual_batch_size}: expected a positive multiple of it",
+                                      field="inputs")
         import torch
 
         x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
@@ -375,18 +485,67 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
         gamma = ops.cast(self.gamma, x.dtype) if self.scale else None
         beta = ops.cast(self.beta, x.dtype) if self.center else None
         if self.mode == "shared":
-            mean, variance, count = _batch_moments(torch, x, axes, mask)
-            local = Moments.from_variance(count, mean.detach().double().cpu().numpy(),
-                                          variance.detach().double().cpu().numpy())
-            stats = service.update_many({name: local}, step=self.step, rank=rank, world_size=world_size,
-                                        run=self.run)[name]
-            y = ops.batch_normalization(x, mean, variance, axis=self.axis, offset=beta, scale=gamma,
-                                        epsilon=self.epsilon)
+            y, stats = self._shared_forward(torch, service, name, x, axes, mask, rank, world_size, gamma, beta)
         else:
             y, stats = self._sync_forward(torch, service, name, x, axes, rank, world_size, gamma, beta)
         self._assign(stats)
         self.step += 1
         return ops.cast(y, self.compute_dtype)
+
+    def _shared_forward(self, torch, service, name, x, axes, mask, rank, world_size, gamma, beta):
+        """This rank's batch statistics (per virtual batch with virtual batches); pushes their moments."""
+        if self.virtual_batch_size is None:
+            mean, variance, count = _batch_moments(torch, x, axes, mask)
+            pushed_mean, pushed_variance = mean, variance
+            batch_mean, batch_variance = mean, variance
+        else:
+            xv, mean, variance, count = _virtual_moments(torch, x, self.axis, self.virtual_batch_size)
+            features = x.shape[self.axis]
+            pushed_mean, pushed_variance = mean.reshape(-1, features), variance.reshape(-1, features)
+            # tf.keras' batch statistics with virtual batches: the averages over them
+            batch_mean, batch_variance = pushed_mean.mean(dim=0), pushed_variance.mean(dim=0)
+        if self.renorm:  # from the renorm averages held before this step's answer is assigned
+            gamma, beta = self._renorm_affine(torch, batch_mean, batch_variance, gamma, beta)
+        local = Moments.from_variance(count, pushed_mean.detach().double().cpu().numpy(),
+                                      pushed_variance.detach().double().cpu().numpy())
+        stats = service.update_many({name: local}, step=self.step, rank=rank, world_size=world_size,
+                                    run=self.run)[name]
+        if self.virtual_batch_size is None:
+            y = ops.batch_normalization(x, mean, variance, axis=self.axis, offset=beta, scale=gamma,
+                                        epsilon=self.epsilon)
+            return y, stats
+        shape = [1] * xv.ndim
+        shape[self.axis % x.ndim + 1] = -1
+        y = (xv - mean) * torch.rsqrt(variance + self.epsilon)
+        if gamma is not None:
+            y = y * gamma.reshape(shape)
+        if beta is not None:
+            y = y + beta.reshape(shape)
+        return y.reshape(x.shape), stats
+
+    def _renorm_affine(self, torch, mean, variance, gamma, beta):
+        """``gamma`` and ``beta`` composed with batch renormalization's correction of this step.
+
+        ``(x_hat * r + d) * gamma + beta = x_hat * (r * gamma) + (d * gamma + beta)``, with ``r`` and
+        ``d`` (no gradient) from the batch statistics and the renorm variables, as Keras 3 computes them.
+        """
+        mean, variance = mean.detach(), variance.detach()
+        floor = math.sqrt(self.epsilon)
+        renorm_mean = ops.cast(self.renorm_mean, mean.dtype).detach()
+        renorm_stddev = torch.clamp(ops.cast(self.renorm_stddev, mean.dtype).detach(), min=floor)
+        r = torch.sqrt(variance + self.epsilon) / renorm_stddev
+        d = (mean - renorm_mean) / renorm_stddev
+        clipping = self.renorm_clipping or {}
+        rmin, rmax, dmax = (clipping.get(key) for key in ("rmin", "rmax", "dmax"))
+        if rmin is not None:
+            r = torch.clamp(r, min=float(rmin))
+        if rmax is not None:
+            r = torch.clamp(r, max=float(rmax))
+        if dmax is not None:
+            d = torch.clamp(d, -float(dmax), float(dmax))
+        scale = r if gamma is None else r * gamma
+        offset = d if gamma is None else d * gamma
+        return scale, offset if beta is None else offset + beta
 
     def _sync_forward(self, torch, service, name, x, axes, rank, world_size, gamma, beta):
         step, run = self.step, self.run
@@ -398,9 +557,13 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
         result = service.allreduce({name: local}, step=step, rank=rank, world_size=world_size,
                                    group=_group("forward", name), run=run)
         merged = result.moments[name]
+        global_mean = torch.as_tensor(merged.mean, device=x.device).to(x.dtype)
+        if self.renorm:  # r and d from the global moments: the same on every rank
+            global_variance = torch.as_tensor(merged.variance, device=x.device).to(x.dtype)
+            gamma, beta = self._renorm_affine(torch, global_mean, global_variance, gamma, beta)
         shape = [1] * x.ndim
         shape[self.axis] = -1
-        mean = torch.as_tensor(merged.mean, device=x.device).to(x.dtype).reshape(shape)
+        mean = global_mean.reshape(shape)
         invstd = torch.as_tensor(1.0 / np.sqrt(merged.variance + self.epsilon), device=x.device)
         invstd = invstd.to(x.dtype).reshape(shape)
 
@@ -428,13 +591,20 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
         layer_name = self.service_name if self.layer_name is None and self.moving_mean is not None \
             else self.layer_name
         config.update(target=_address(self.target), mode=self.mode, rank=self.rank, world_size=self.world_size,
-                      run=self.run, layer_name=layer_name, prefix=self.prefix)
+                      run=self.run, layer_name=layer_name, prefix=self.prefix,
+                      virtual_batch_size=self.virtual_batch_size)
         return config
 
 
-def _is_initial(mean, variance, num_batches: int) -> bool:
-    """Statistics no batch has changed: Keras' initial moving mean 0 and variance 1."""
-    return num_batches == 0 and not np.any(mean) and bool(np.all(np.asarray(variance) == 1.0))
+def _is_initial(values: dict, num_batches: int) -> bool:
+    """Statistics no batch has changed: Keras' initial values, 0 for the means and 1 for the rest.
+
+    ``values`` maps export leaves (``moving_mean``, ``moving_variance``, renorm's) to arrays.
+    """
+    zeros = ("moving_mean", "renorm_mean")
+    return num_batches == 0 and all(
+        not np.any(value) if leaf in zeros else bool(np.all(np.asarray(value) == 1.0))
+        for leaf, value in values.items())
 
 
 def _symbolic(x) -> bool:
@@ -456,6 +626,22 @@ def _batch_moments(torch, x, axes, mask):
     centered = (x - mean) * w
     variance = (centered * centered).sum(dim=axes, keepdim=True) / n
     return mean.reshape(-1), variance.reshape(-1), float(n.reshape(-1)[0])
+
+
+def _virtual_moments(torch, x, axis: int, virtual_batch_size: int):
+    """``x`` split into virtual batches as tf.keras splits it, and their moments.
+
+    Returns ``(xv, mean, variance, count)``: ``xv`` of shape ``(v, B / v, ...)``
+    (sample ``i`` in virtual batch ``i % (B / v)``), the differentiable mean
+    and biased variance per virtual batch and feature (kept dimensions, so
+    they broadcast against ``xv``), and the samples per virtual batch.
+    """
+    batch = x.shape[0]
+    xv = x.reshape((virtual_batch_size, batch // virtual_batch_size) + tuple(x.shape[1:]))
+    kept = (1, axis % x.ndim + 1)
+    dims = [d for d in range(xv.ndim) if d not in kept]
+    variance, mean = torch.var_mean(xv, dim=dims, correction=0, keepdim=True)
+    return xv, mean, variance, float(math.prod(xv.shape[d] for d in dims))
 
 
 _SYNC_NORMALIZE = None
@@ -536,7 +722,9 @@ def share(model, target, *, mode: str = "shared", prefix: str | None = None, ran
     (``sequential/batch_normalization``), as :func:`load_moving_stats` names
     them.  At the first training call a service layer that holds statistics
     wins (the variables take them); a fresh one takes the model's moving
-    statistics (rank 0 writes them), so fine-tuning starts from them.
+    statistics (rank 0 writes them; a renorm layer's renorm statistics too),
+    so fine-tuning starts from them.  A ``renorm=True`` layer stays one, with
+    its clipping and renorm momentum.
 
     Parameters
     ----------
@@ -557,10 +745,7 @@ def share(model, target, *, mode: str = "shared", prefix: str | None = None, ran
 
     def convert(layer):
         if isinstance(layer, keras.layers.BatchNormalization):
-            config = layer.get_config()
-            if config.get("renorm"):
-                raise InvalidArgument(f"layer {layer.name!r} has renorm=True: share() does not share batch "
-                                      "renormalization's statistics yet; expected renorm=False", field="model")
+            config = layer.get_config()  # renorm's options (and virtual_batch_size) carry over as they are
             config.pop("synchronized", None)
             for key in ("target", "mode", "rank", "world_size", "run", "prefix", "layer_name"):
                 config.pop(key, None)
@@ -611,9 +796,15 @@ def load_moving_stats(model, source, *, prefix: str | None = None) -> list:
     ``prefix + "sequential/bn"`` of a Store or a Client, or tensor
     ``prefix + "sequential/bn/moving_mean"`` of a safetensors file with Keras
     naming (what ``store.export(path)`` writes).  Values are the layer's as
-    stored (a torch-convention layer's variance is unbiased).  A layer with
-    ``renorm=True`` also gets ``moving_stddev = sqrt(variance + epsilon)``,
-    so that its inference matches.
+    stored (a torch-convention layer's variance is unbiased).
+
+    A layer with ``renorm=True`` also takes ``moving_stddev``,
+    ``renorm_mean`` and ``renorm_stddev`` when the source has them (a renorm
+    layer of the service; tensors ``.../moving_stddev``, ``.../renorm_mean``
+    and ``.../renorm_stddev`` of a file, all three or none).  From a source
+    without them it gets ``moving_stddev = sqrt(variance + epsilon)``, so
+    that its inference matches, and keeps its renorm averages.  A layer
+    without renorm ignores them.
 
     All or nothing: every entry is found and checked before any variable
     changes.
@@ -637,7 +828,8 @@ def load_moving_stats(model, source, *, prefix: str | None = None) -> list:
     LayerNotFound
         No entry for a layer (the message names it and the Keras variable).
     InvalidArgument
-        An entry of another shape than the variable's, or without statistics.
+        An entry of another shape than the variable's, without statistics,
+        or with some of renorm's three tensors but not all.
     """
     if prefix is not None and not isinstance(prefix, str):
         raise InvalidType(f"prefix={prefix!r}: expected a string or None", field="prefix")
@@ -655,18 +847,23 @@ def load_moving_stats(model, source, *, prefix: str | None = None) -> list:
     else:
         raise InvalidType(f"source={source!r}: expected a normsvc.Store, a normsvc.Client or the path of a "
                           "safetensors file", field="source")
-    for layer, name, (mean, variance) in zip(layers, names, values):
-        for what, value, var in (("moving_mean", mean, layer.moving_mean),
-                                 ("moving_variance", variance, layer.moving_variance)):
+    writes = []
+    for layer, name, found in zip(layers, names, values):
+        renorm = getattr(layer, "renorm", False)
+        if renorm and "moving_stddev" not in found:
+            found = found | {"moving_stddev": np.sqrt(found["moving_variance"] + layer.epsilon)}
+        for leaf in ("moving_mean", "moving_variance") + (_RENORM if renorm else ()):
+            if leaf not in found:
+                continue
+            var = getattr(layer, leaf)
+            value = found[leaf]
             if tuple(value.shape) != tuple(var.shape):
-                raise InvalidArgument(f"{name!r} has {what} of shape {list(value.shape)}: expected "
+                raise InvalidArgument(f"{name!r} has {leaf} of shape {list(value.shape)}: expected "
                                       f"{list(var.shape)}, the shape of Keras variable {var.path!r}",
                                       layer=name, field="source")
-    for layer, (mean, variance) in zip(layers, values):
-        layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
-        layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
-        if getattr(layer, "renorm", False):
-            layer.moving_stddev.assign(np.sqrt(variance + layer.epsilon).astype(layer.moving_stddev.dtype))
+            writes.append((var, value))
+    for var, value in writes:
+        var.assign(value.astype(var.dtype))
     return names
 
 
@@ -685,11 +882,12 @@ def _from_service(source, layers, names) -> list:
                             layer=missing) from None
     values = []
     for name, info in zip(names, infos):
-        if info.stats is None:
+        stats = info.stats
+        if stats is None:
             raise InvalidArgument(f"layer {name!r} of {source!r} has no statistics yet: expected a layer that "
                                   "took at least one batch", layer=name, field="source")
-        values.append((np.asarray(info.stats.mean, dtype=np.float64),
-                       np.asarray(info.stats.variance, dtype=np.float64)))
+        found = {"moving_mean": stats.mean, "moving_variance": stats.variance} | dict(zip(_RENORM, stats.renorm or ()))
+        values.append({leaf: np.asarray(value, dtype=np.float64) for leaf, value in found.items()})
     return values
 
 
@@ -708,13 +906,21 @@ def _from_file(path: str, layers, names) -> list:
         keys = set(f.keys())
         values = []
         for layer, name in zip(layers, names):
-            pair = []
-            for what, var in (("moving_mean", layer.moving_mean), ("moving_variance", layer.moving_variance)):
-                key = f"{name}/{what}"
+            found = {}
+            for leaf, var in (("moving_mean", layer.moving_mean), ("moving_variance", layer.moving_variance)):
+                key = f"{name}/{leaf}"
                 if key not in keys:
                     raise LayerNotFound(f"no tensor {key!r} in {path!r} for the Keras variable {var.path!r}: "
                                         "expected Keras naming, prefix + the variable's path", layer=name,
                                         field="source")
-                pair.append(np.asarray(f.get_tensor(key), dtype=np.float64))
-            values.append(tuple(pair))
+                found[leaf] = np.asarray(f.get_tensor(key), dtype=np.float64)
+            present = [leaf for leaf in _RENORM if f"{name}/{leaf}" in keys]
+            if present and len(present) < len(_RENORM):
+                missing = [f"{name}/{leaf}" for leaf in _RENORM if leaf not in present]
+                raise InvalidArgument(f"{path!r} has {', '.join(f'{name}/{leaf}' for leaf in present)} but no "
+                                      f"{', '.join(missing)}: expected all three of renorm's statistics, or none",
+                                      layer=name, field="source")
+            for leaf in present:
+                found[leaf] = np.asarray(f.get_tensor(f"{name}/{leaf}"), dtype=np.float64)
+            values.append(found)
     return values

@@ -16,6 +16,13 @@ scenarios against the server at ADDRESS and writes what this rank saw to OUT
     INIT_FILE) run forward and backward on this rank's batches with a loss
     ``sum(y * r)``: outputs, the input's gradient, every weight's gradient
     and the moving statistics, per step.
+``renorm`` and ``renorm_sync`` (with a Keras that has batch renormalization)
+    The same two with ``renorm=True`` and active clipping: in shared mode a
+    Sequential of one SharedBatchNormalization called on this rank's shared
+    batches (outputs, ``last_step`` and the five moving variables per step,
+    then after every rank's last step what :meth:`pull` gives); in sync mode
+    the functional model above, as the ``sync`` scenario records it, plus the
+    renorm variables.
 
 The batches and initial weights come from the functions below, which the test
 imports to build its references (one plain Keras BatchNormalization fed the
@@ -42,6 +49,12 @@ SYNC_BATCH = (6, 10)
 PREFIX = "w/"
 SHARED_LAYER = PREFIX + "shared_model/bn"  # prefix + the Keras path of the Sequential's layer
 SYNC_LAYER = PREFIX + "sbn"  # functional models' layer paths have no model name
+RENORM_LAYER = PREFIX + "renorm_model/rbn"
+RENORM_SYNC_LAYER = PREFIX + "rsbn"
+#: Batch renormalization's options: clipping tight enough to be active (the ranks' batches differ).
+RENORM = dict(renorm=True, renorm_momentum=0.8, renorm_clipping={"rmin": 0.9, "rmax": 1.1, "dmax": 0.2})
+#: Keras' moving variables, renorm's included, in RunningStats' order (mean, variance, renorm).
+MOVING = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 
 
 def shared_batch(rank: int, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,8 +93,17 @@ def sync_model(bn):
     model = keras.Model(inputs, bn(dense(inputs)), name="sync_model")
     w = sync_weights()
     dense.set_weights([w["kernel"], w["bias"]])
-    bn.set_weights([w["gamma"], w["beta"], np.zeros(HIDDEN, np.float32), np.ones(HIDDEN, np.float32)])
+    bn.gamma.assign(w["gamma"])
+    bn.beta.assign(w["beta"])
     return model
+
+
+def keras_has_renorm() -> bool:
+    import inspect
+
+    import keras
+
+    return "renorm" in inspect.signature(keras.layers.BatchNormalization.__init__).parameters
 
 
 def forward_backward(model, x: np.ndarray, r: np.ndarray) -> dict:
@@ -133,18 +155,45 @@ def main(address: str, run: str, rank: int, world_size: int, init_file: str, out
     results["shared/pulled_variance"] = bn.moving_variance.numpy().copy()
 
     # --- sync: global batch statistics, rank and world size from torch.distributed ------------
+    renorm = keras_has_renorm()
+    if renorm:
+        # --- renorm: the same with batch renormalization, shared mode ---------------------------
+        rbn = SharedBatchNormalization(address, momentum=MOMENTUM, rank=rank, world_size=world_size, run=run,
+                                       prefix=PREFIX, name="rbn", **RENORM)
+        model = keras.Sequential([keras.Input((3, FEATURES)), rbn], name="renorm_model")
+        for step in range(STEPS):
+            y = model(shared_batch(rank, step)[0], training=True)
+            results.setdefault("renorm/y", []).append(keras.ops.convert_to_numpy(y).copy())
+            last = rbn.last_stats.last_step
+            results.setdefault("renorm/last_step", []).append(-1 if last is None else last)
+            for leaf in MOVING:
+                results.setdefault(f"renorm/{leaf}", []).append(getattr(rbn, leaf).numpy().copy())
+        with normsvc.Client(address) as client:
+            deadline = time.monotonic() + 60
+            while client.layer(rbn.service_name).stats().last_step != STEPS - 1:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"rank {rank}: the other ranks' renorm steps never came")
+                time.sleep(0.05)
+        rbn.pull()
+        for leaf in MOVING:
+            results[f"renorm/pulled_{leaf}"] = getattr(rbn, leaf).numpy().copy()
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         with normsvc.Client(address) as client:
-            sbn = SharedBatchNormalization(client, momentum=MOMENTUM, mode="sync", run=run, prefix=PREFIX,
-                                           name="sbn")
-            model = sync_model(sbn)
-            for step in range(STEPS):
-                for key, value in forward_backward(model, *sync_batch(rank, step)).items():
-                    results.setdefault(f"sync/{key}", []).append(value)
-                results.setdefault("sync/mean", []).append(sbn.moving_mean.numpy().copy())
-                results.setdefault("sync/variance", []).append(sbn.moving_variance.numpy().copy())
-                results.setdefault("sync/last_step", []).append(sbn.last_stats.last_step)
+            scenarios = [("sync", "sbn", {})] + ([("renorm_sync", "rsbn", RENORM)] if renorm else [])
+            for scenario, name, options in scenarios:
+                sbn = SharedBatchNormalization(client, momentum=MOMENTUM, mode="sync", run=run, prefix=PREFIX,
+                                               name=name, **options)
+                model = sync_model(sbn)
+                for step in range(STEPS):
+                    for key, value in forward_backward(model, *sync_batch(rank, step)).items():
+                        results.setdefault(f"{scenario}/{key}", []).append(value)
+                    results.setdefault(f"{scenario}/mean", []).append(sbn.moving_mean.numpy().copy())
+                    results.setdefault(f"{scenario}/variance", []).append(sbn.moving_variance.numpy().copy())
+                    results.setdefault(f"{scenario}/last_step", []).append(sbn.last_stats.last_step)
+                    for leaf in MOVING[2:] if options else ():
+                        results.setdefault(f"{scenario}/{leaf}", []).append(getattr(sbn, leaf).numpy().copy())
     finally:
         dist.destroy_process_group()
     np.savez(out, **{k: np.asarray(v) for k, v in results.items()})

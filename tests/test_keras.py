@@ -4,7 +4,10 @@ The references are plain ``keras.layers.BatchNormalization`` layers fed the
 concatenated batches of every rank: what one process would have seen.  Two
 worker processes (tests/keras_workers.py) train against a real server for the
 data-parallel cases; everything else runs in this process against a Store or
-an in-process server.
+an in-process server.  Batch renormalization and virtual batches follow the
+golden files of tf_keras 2.21 (tests/golden/tf_keras/, as
+tests/test_golden_tf_keras.py reads them); float64 numpy is the reference for
+virtual batches over several ranks, which neither Keras has.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import os
 
 os.environ["KERAS_BACKEND"] = "torch"  # before Keras is imported
 
-import inspect
+import contextlib
+import json
 import re
 import subprocess
 import sys
@@ -38,24 +42,48 @@ if keras.backend.backend() != "torch":  # Keras was imported before this module,
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 WORKERS = Path(kw.__file__)
-#: Keras 3.10 and 3.11's BatchNormalization have no batch renormalization.
-KERAS_RENORM = "renorm" in inspect.signature(keras.layers.BatchNormalization.__init__).parameters
-needs_renorm = pytest.mark.skipif(not KERAS_RENORM, reason="this Keras' BatchNormalization has no renorm")
 README = Path(__file__).resolve().parents[1] / "README.md"
+#: The test extra allows keras>=3.10, and Keras' BatchNormalization has renorm only in later 3.x releases
+#: (keras-team/keras#22047): with an older Keras the renorm tests skip, saying why (never a silent pass).
+KERAS_RENORM = kw.keras_has_renorm()
+NO_KERAS_RENORM = (f"keras {keras.__version__}'s BatchNormalization has no renorm, which SharedBatchNormalization"
+                   "(renorm=True) builds on: install a Keras that has it to test batch renormalization")
+needs_renorm = pytest.mark.skipif(not KERAS_RENORM, reason=NO_KERAS_RENORM)
+GOLDEN = Path(__file__).parent / "golden" / "tf_keras"
+GOLDEN_CASES = {case["name"]: case for case in json.loads((GOLDEN / "index.json").read_text())["cases"]}
+#: tf_keras ran in float32: float32's tolerances (as tests/test_golden_tf_keras.py)
+GOLDEN_TOL = dict(rtol=2e-5, atol=2e-5)
+#: Keras' initial moving variables, renorm's included, in kw.MOVING's order
+INITIAL = (0.0, 1.0, 1.0, 0.0, 1.0)
 
 
 def _plain_bn(**kwargs):
     return keras.layers.BatchNormalization(**kwargs)
 
 
-def _reference_moving(batches, momentum):
-    """Moving statistics of one plain Keras BatchNormalization after each batch: [(mean, variance)]."""
-    bn = _plain_bn(momentum=momentum)
+def _reference_moving(batches, momentum, **options):
+    """Moving variables of one plain Keras BatchNormalization after each batch: [(mean, variance, ...)]
+    (with renorm also moving_stddev, renorm_mean and renorm_stddev)."""
+    bn = _plain_bn(momentum=momentum, **options)
     out = []
     for x in batches:
         bn(x, training=True)
-        out.append((bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()))
+        out.append(tuple(getattr(bn, leaf).numpy().copy() for leaf in _leaves(bn)))
     return out
+
+
+def _leaves(layer) -> tuple:
+    """The names of a BatchNormalization's moving variables (kw.MOVING with renorm, the first two without)."""
+    return kw.MOVING if getattr(layer, "renorm", False) else kw.MOVING[:2]
+
+
+def _service_values(stats) -> dict:
+    """A RunningStats as {Keras variable name: array}."""
+    return dict(zip(kw.MOVING, (stats.mean, stats.variance, *(stats.renorm or ()))))
+
+
+def _numpy(y) -> np.ndarray:
+    return keras.ops.convert_to_numpy(y)
 
 
 # --- two ranks against a real server ----------------------------------------------------------------
@@ -82,9 +110,10 @@ def ranks(tmp_path_factory):
             if p.returncode:
                 failures.append(f"rank {rank} exited {p.returncode}:\n{err[-3000:]}")
         assert not failures, "\n".join(failures)
+        names = [kw.SHARED_LAYER, kw.SYNC_LAYER] + ([kw.RENORM_LAYER, kw.RENORM_SYNC_LAYER] if KERAS_RENORM else [])
         with normsvc.Client(server.address) as client:
-            stats = {name: client.layer(name).stats() for name in (kw.SHARED_LAYER, kw.SYNC_LAYER)}
-            assert client.list_layers() == sorted([kw.SHARED_LAYER, kw.SYNC_LAYER])
+            stats = {name: client.layer(name).stats() for name in names}
+            assert client.list_layers() == sorted(names)
     results = {rank: dict(np.load(tmp / f"rank{rank}.npz")) for rank in range(2)}
     return results, stats
 
@@ -116,29 +145,67 @@ def test_shared_mode_moving_stats_equal_one_bn_fed_the_concatenated_batches(rank
     np.testing.assert_allclose(final.variance, ref[-1][1], rtol=1e-6, atol=1e-6)
 
 
-def test_sync_mode_outputs_and_gradients_equal_one_process_on_the_concatenated_batch(ranks):
+@needs_renorm
+def test_shared_mode_with_renorm_equals_one_renorm_bn_fed_the_concatenated_batches(ranks):
     results, stats = ranks
-    model = kw.sync_model(_plain_bn(momentum=kw.MOMENTUM, name="bn"))
+    steps = [np.concatenate([kw.shared_batch(rank, step)[0] for rank in range(2)]) for step in range(kw.STEPS)]
+    ref = _reference_moving(steps, kw.MOMENTUM, **kw.RENORM)
+    initial = tuple(np.full(kw.FEATURES, value, np.float32) for value in INITIAL)
+    for rank, r in results.items():
+        held = initial  # the renorm averages the layer holds before each call: the previous call's answer
+        for step in range(kw.STEPS):
+            # the output: this rank's batch renormalized towards the averages it held, as Keras renormalizes
+            plain = _plain_bn(momentum=kw.MOMENTUM, **kw.RENORM)
+            plain.build((None, 3, kw.FEATURES))
+            plain.renorm_mean.assign(held[3])
+            plain.renorm_stddev.assign(held[4])
+            x = kw.shared_batch(rank, step)[0]
+            np.testing.assert_allclose(r["renorm/y"][step], _numpy(plain(x, training=True)), rtol=1e-5, atol=1e-5)
+            last = int(r["renorm/last_step"][step])
+            assert -1 <= last <= step
+            held = ref[last] if last >= 0 else initial
+            for leaf, want in zip(kw.MOVING, held):
+                np.testing.assert_allclose(r[f"renorm/{leaf}"][step], want, rtol=1e-6, atol=1e-6,
+                                           err_msg=f"rank {rank}, step {step}: {leaf}")
+        for leaf, want in zip(kw.MOVING, ref[-1]):
+            np.testing.assert_allclose(r[f"renorm/pulled_{leaf}"], want, rtol=1e-6, atol=1e-6, err_msg=leaf)
+    for step in range(kw.STEPS):
+        assert max(int(results[rank]["renorm/last_step"][step]) for rank in range(2)) == step
+    final = stats[kw.RENORM_LAYER]
+    assert final.num_batches == kw.STEPS and final.last_step == kw.STEPS - 1
+    for leaf, want in zip(kw.MOVING, ref[-1]):
+        np.testing.assert_allclose(_service_values(final)[leaf], want, rtol=1e-6, atol=1e-6, err_msg=leaf)
+
+
+@pytest.mark.parametrize("scenario", ["sync", pytest.param("renorm_sync", marks=needs_renorm)])
+def test_sync_mode_outputs_and_gradients_equal_one_process_on_the_concatenated_batch(ranks, scenario):
+    results, stats = ranks
+    options = kw.RENORM if scenario == "renorm_sync" else {}
+    model = kw.sync_model(_plain_bn(momentum=kw.MOMENTUM, name="bn", **options))
     bn = model.get_layer("bn")
     bounds = np.cumsum([0, *kw.SYNC_BATCH])  # rank 0 has 6 samples, rank 1 has 10
+    prefix = f"{scenario}/"
     for step in range(kw.STEPS):
         x, r = (np.concatenate(parts) for parts in zip(*(kw.sync_batch(rank, step) for rank in range(2))))
         ref = kw.forward_backward(model, x, r)
         for rank in range(2):
-            got = {key[len("sync/"):]: value[step] for key, value in results[rank].items() if key.startswith("sync/")}
+            got = {key[len(prefix):]: value[step] for key, value in results[rank].items() if key.startswith(prefix)}
             rows = slice(bounds[rank], bounds[rank + 1])
             np.testing.assert_allclose(got["y"], ref["y"][rows], rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(got["dx"], ref["dx"][rows], rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(got["mean"], bn.moving_mean.numpy(), rtol=1e-6, atol=1e-6)
             np.testing.assert_allclose(got["variance"], bn.moving_variance.numpy(), rtol=1e-6, atol=1e-6)
+            for leaf in _leaves(bn)[2:]:
+                np.testing.assert_allclose(got[leaf], getattr(bn, leaf).numpy(), rtol=1e-6, atol=1e-6, err_msg=leaf)
             assert got["last_step"] == step  # the allreduce answers after its step's update
         # each rank's weight gradients are its share: summed (the trainer's all-reduce), one process's
         for name in ("kernel", "bias", "gamma", "beta"):
-            total = sum(results[rank][f"sync/{name}"][step] for rank in range(2))
+            total = sum(results[rank][f"{prefix}{name}"][step] for rank in range(2))
             np.testing.assert_allclose(total, ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
-    final = stats[kw.SYNC_LAYER]
+    final = stats[kw.RENORM_SYNC_LAYER if options else kw.SYNC_LAYER]
     assert final.num_batches == kw.STEPS and final.count == sum(kw.SYNC_BATCH) * kw.STEPS
-    np.testing.assert_allclose(final.variance, bn.moving_variance.numpy(), rtol=1e-6, atol=1e-6)
+    for leaf in _leaves(bn):
+        np.testing.assert_allclose(_service_values(final)[leaf], getattr(bn, leaf).numpy(), rtol=1e-6, atol=1e-6)
 
 
 # --- one process, in-process store --------------------------------------------------------------------
@@ -151,20 +218,22 @@ def store():
     s.close()
 
 
-def test_a_single_rank_trains_as_keras_does_with_a_mask(store, rng):
-    shared = SharedBatchNormalization(store, momentum=0.8, epsilon=1e-2, name="bn")
-    plain = _plain_bn(momentum=0.8, epsilon=1e-2)
+@pytest.mark.parametrize("options", [{}, pytest.param(kw.RENORM, marks=needs_renorm)],
+                         ids=lambda options: "renorm" if options else "plain")
+def test_a_single_rank_trains_as_keras_does_with_a_mask(store, rng, options):
+    shared = SharedBatchNormalization(store, momentum=0.8, epsilon=1e-2, name="bn", **options)
+    plain = _plain_bn(momentum=0.8, epsilon=1e-2, **options)
     counted = 0
     for step in range(3):
-        x = rng.normal(1.0, 2.0, size=(4, 6, 3)).astype(np.float32)
+        x = rng.normal(1.0 + step, 2.0, size=(4, 6, 3)).astype(np.float32)  # drifting: renorm's r and d clip
         mask = rng.random((4, 6)) < 0.7
         y_shared = shared(x, training=True, mask=torch.tensor(mask))
         y_plain = plain(x, training=True, mask=torch.tensor(mask))
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(y_shared), keras.ops.convert_to_numpy(y_plain),
-                                   rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(shared.moving_mean.numpy(), plain.moving_mean.numpy(), rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(shared.moving_variance.numpy(), plain.moving_variance.numpy(), rtol=1e-6,
-                                   atol=1e-6)
+        np.testing.assert_allclose(_numpy(y_shared), _numpy(y_plain), rtol=1e-5, atol=1e-5)
+        assert _leaves(shared) == _leaves(plain) == (kw.MOVING if options else kw.MOVING[:2])
+        for leaf in _leaves(plain):
+            np.testing.assert_allclose(getattr(shared, leaf).numpy(), getattr(plain, leaf).numpy(), rtol=1e-6,
+                                       atol=1e-6, err_msg=leaf)
         counted += int(mask.sum())
         assert shared.last_stats.count == counted  # masked positions are not counted
     assert shared.step == 3 and shared.service_name == "bn"
@@ -196,6 +265,143 @@ def test_a_step_the_run_already_applied_is_refused_not_skipped(store, rng):
     assert again.step == 0 and store.layer("bn").stats().num_batches == 1
     SharedBatchNormalization(store, run="r2", name="bn")(x, training=True)  # a new run starts fresh
     assert store.layer("bn").stats().num_batches == 2
+
+
+# --- batch renormalization and virtual batches: tf_keras' golden files ---------------------------------------
+
+
+def _golden(name: str) -> tuple[dict, dict, dict, int]:
+    """(case, arrays, SharedBatchNormalization options, steps): the steps are those whose clipping is the
+    first step's (a layer's clipping is fixed; some cases relax theirs step by step)."""
+    case = GOLDEN_CASES[name]
+    with np.load(GOLDEN / case["file"], allow_pickle=False) as data:
+        g = {key: data[key] for key in data.files}
+    args = case["args"]
+    options = dict(axis=args["axis"], momentum=args["momentum"], epsilon=args["epsilon"])
+    if args["virtual_batch_size"] is not None:
+        options["virtual_batch_size"] = args["virtual_batch_size"]
+    keys = args.get("clipping_keys", [])
+    if args["renorm"]:
+        options |= dict(renorm=True, renorm_momentum=args["renorm_momentum"],
+                        renorm_clipping={key: float(g[key][0]) for key in keys})
+    steps = next((t for t in range(case["steps"]) if any(g[key][t] != g[key][0] for key in keys)), case["steps"])
+    return case, g, options, steps
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server() as s:
+        yield s
+
+
+@pytest.mark.parametrize("target", ["store", "server"])
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_the_shared_layer_follows_tf_keras_step_by_step(name, target, store, server):
+    case, g, options, steps = _golden(name)
+    if options.get("renorm") and not KERAS_RENORM:
+        pytest.skip(NO_KERAS_RENORM)
+    with contextlib.ExitStack() as stack:
+        service = store if target == "store" else stack.enter_context(normsvc.Client(server.address))
+        layer = SharedBatchNormalization(service, rank=0, world_size=1, run=uuid.uuid4().hex,
+                                         layer_name=f"golden/{name}/{uuid.uuid4().hex}", **options)
+        layer.build(g["x"].shape[1:])
+        layer.gamma.assign(g["gamma"])
+        layer.beta.assign(g["beta"])
+        for t in range(steps):
+            y = layer(g["x"][t], training=True)
+            np.testing.assert_allclose(_numpy(y), g["y"][t], **GOLDEN_TOL, err_msg=f"y at step {t}")
+            held = _service_values(service.layer(layer.service_name).stats())
+            for leaf in _leaves(layer):
+                np.testing.assert_allclose(getattr(layer, leaf).numpy(), g[leaf][t], **GOLDEN_TOL,
+                                           err_msg=f"{leaf} at step {t}")
+                np.testing.assert_allclose(held[leaf], g[leaf][t], **GOLDEN_TOL, err_msg=f"service {leaf}, step {t}")
+        assert layer.step == steps and steps >= 1
+        if steps == case["steps"]:
+            y = layer(g["x"][-1], training=False)
+            np.testing.assert_allclose(_numpy(y), g["y_infer"], **GOLDEN_TOL)
+
+
+@needs_renorm
+@pytest.mark.parametrize("name", sorted(n for n, c in GOLDEN_CASES.items()
+                                        if c["args"]["renorm"] and c["args"]["virtual_batch_size"] is None))
+def test_keras_own_renorm_follows_tf_keras(name):
+    """The reference the data-parallel renorm tests use agrees with tf_keras."""
+    case, g, options, steps = _golden(name)
+    plain = _plain_bn(**options)
+    plain.build(g["x"].shape[1:])
+    plain.gamma.assign(g["gamma"])
+    plain.beta.assign(g["beta"])
+    for t in range(steps):
+        np.testing.assert_allclose(_numpy(plain(g["x"][t], training=True)), g["y"][t], **GOLDEN_TOL)
+        for leaf in kw.MOVING:
+            np.testing.assert_allclose(getattr(plain, leaf).numpy(), g[leaf][t], **GOLDEN_TOL, err_msg=leaf)
+
+
+@pytest.mark.parametrize("options", [{}, pytest.param(kw.RENORM, marks=needs_renorm)],
+                         ids=lambda options: "renorm" if options else "plain")
+def test_virtual_batches_of_two_ranks_take_one_update_per_step(store, rng, options):
+    """Two ranks (two layers, one store) with virtual batches: each step is one update with the averages
+    over every rank's virtual batches, checked against float64 numpy; each rank's output normalizes
+    each of its virtual batches (sample i in virtual batch i % (B / v)) with its own statistics."""
+    v, m, eps, sizes, c = 2, 0.9, 1e-3, (4, 6), 3
+    run = uuid.uuid4().hex
+    ranks = [SharedBatchNormalization(store, momentum=m, epsilon=eps, virtual_batch_size=v, rank=rank, world_size=2,
+                                      run=run, layer_name="vbn", **options) for rank in range(2)]
+    rm, clip = options.get("renorm_momentum"), options.get("renorm_clipping", {})
+    # history[k]: the statistics after k steps.  Rank 0 contributes first, so its answer to step s is
+    # history[s] (step s still open) and rank 1's is history[s + 1]: what each holds at the next step.
+    history = [{leaf: np.full(c, value) for leaf, value in zip(kw.MOVING, INITIAL)}]
+    for step in range(3):
+        xs = [rng.normal(rank + step, 1.0 + rank, size=(sizes[rank], 2, c)).astype(np.float32) for rank in range(2)]
+        ys = [_numpy(layer(x, training=True)) for layer, x in zip(ranks, xs)]
+        ghosts = [[x.astype(np.float64)[i::len(x) // v] for i in range(len(x) // v)] for x in xs]
+        for rank, (x, y) in enumerate(zip(xs, ys)):
+            held = history[max(step - 1 + rank, 0)]
+            r, d = np.ones(c), np.zeros(c)
+            if options:  # this rank's averages against the renorm averages it held
+                mean = np.mean([g.mean(axis=(0, 1)) for g in ghosts[rank]], axis=0)
+                stddev = np.sqrt(np.mean([g.var(axis=(0, 1)) for g in ghosts[rank]], axis=0) + eps)
+                floor = np.maximum(held["renorm_stddev"], np.sqrt(eps))
+                r = np.clip(stddev / floor, clip["rmin"], clip["rmax"])
+                d = np.clip((mean - held["renorm_mean"]) / floor, -clip["dmax"], clip["dmax"])
+            for i, g in enumerate(ghosts[rank]):
+                want = (g - g.mean(axis=(0, 1))) / np.sqrt(g.var(axis=(0, 1)) + eps) * r + d
+                np.testing.assert_allclose(y[i::len(x) // v], want, rtol=1e-5, atol=1e-5)
+        every = ghosts[0] + ghosts[1]
+        bm = np.mean([g.mean(axis=(0, 1)) for g in every], axis=0)
+        bv = np.mean([g.var(axis=(0, 1)) for g in every], axis=0)
+        s, old = np.sqrt(bv + eps), history[-1]
+        new = {"moving_mean": old["moving_mean"] * m + bm * (1 - m)}
+        if options:
+            new["moving_stddev"] = old["moving_stddev"] * m + s * (1 - m)
+            new["moving_variance"] = np.maximum(new["moving_stddev"] ** 2 - eps, 0)
+            new["renorm_mean"] = old["renorm_mean"] * rm + bm * (1 - rm)
+            new["renorm_stddev"] = old["renorm_stddev"] * rm + s * (1 - rm)
+        else:
+            new["moving_variance"] = old["moving_variance"] * m + bv * (1 - m)
+        history.append(new)
+        stats = store.layer("vbn").stats()
+        assert stats.last_step == step and stats.count == sum(sizes) * 2 * (step + 1)
+        for leaf in _leaves(ranks[0]):
+            np.testing.assert_allclose(_service_values(stats)[leaf], new[leaf], rtol=1e-6, atol=1e-7, err_msg=leaf)
+            for rank, layer in enumerate(ranks):
+                np.testing.assert_allclose(getattr(layer, leaf).numpy(), history[step + rank][leaf], rtol=1e-6,
+                                           atol=1e-6, err_msg=f"rank {rank}: {leaf}")
+    assert store.layer("vbn").config().virtual_batch_size == v
+
+
+def test_virtual_batches_name_what_they_cannot_take(store):
+    layer = SharedBatchNormalization(store, virtual_batch_size=4, name="vb")
+    with pytest.raises(normsvc.InvalidArgument, match=r"a batch of 6 with virtual_batch_size=4: expected a "
+                                                      r"positive multiple"):
+        layer(np.ones((6, 3), np.float32), training=True)
+    with pytest.raises(normsvc.InvalidArgument, match="virtual_batch_size=4 takes no mask"):
+        layer(np.ones((4, 3), np.float32), training=True, mask=torch.ones((4,), dtype=torch.bool))
+    with pytest.raises(normsvc.InvalidArgument, match="axis=0 is the batch axis"):
+        SharedBatchNormalization(store, axis=0, virtual_batch_size=2, name="vb0").build((4, 3))
+    assert layer.step == 0 and store.list_layers() == []
+    # inference normalizes every sample with the moving statistics: any batch size
+    assert _numpy(layer(np.ones((3, 3), np.float32), training=False)).shape == (3, 3)
 
 
 # --- share -----------------------------------------------------------------------------------------------
@@ -252,10 +458,32 @@ def test_share_converts_a_functional_model_with_a_nested_model(store, rng):
 
 
 @needs_renorm
-def test_share_refuses_batch_renormalization(store):
-    renorm = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(renorm=True, name="rn")])
-    with pytest.raises(normsvc.InvalidArgument, match="'rn' has renorm=True"):
-        share(renorm, store)
+def test_share_keeps_batch_renormalization_and_seeds_its_statistics(store, rng):
+    clipping = {"rmax": 1.5, "dmax": 0.5}
+    model = _trained(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+                                       keras.layers.BatchNormalization(renorm=True, renorm_clipping=clipping,
+                                                                       renorm_momentum=0.7, name="rn")],
+                                      name="rseq"), rng, (4,))
+    shared = share(model, store)
+    bn, plain = shared.get_layer("rn"), model.get_layer("rn")
+    assert isinstance(bn, SharedBatchNormalization)
+    assert (bn.renorm, bn.renorm_clipping, bn.renorm_momentum) == (True, clipping, 0.7)
+    assert [v.path for v in shared.variables] == [v.path for v in model.variables]
+    for a, b in zip(model.get_weights(), shared.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(plain.renorm_mean.numpy(), 0.0)  # trained: the renorm statistics count
+    x = rng.normal(1.0, 2.0, size=(6, 4)).astype(np.float32)
+    np.testing.assert_allclose(_numpy(shared(x, training=True)), _numpy(model(x, training=True)), rtol=1e-5,
+                               atol=1e-5)
+    config = store.layer("rseq/rn").config()
+    assert (config.renorm, config.renorm_clipping, config.renorm_momentum) == (True, clipping, 0.7)
+    # the fresh service layer started from the trained model's five statistics: one step of the plain model
+    stats = store.layer("rseq/rn").stats()
+    assert stats.num_batches == 1
+    for leaf in kw.MOVING:
+        want = getattr(plain, leaf).numpy()
+        np.testing.assert_allclose(_service_values(stats)[leaf], want, rtol=1e-6, atol=1e-6, err_msg=leaf)
+        np.testing.assert_allclose(getattr(bn, leaf).numpy(), want, rtol=1e-6, atol=1e-6, err_msg=leaf)
 
 
 def test_share_refuses_what_it_cannot_clone(store):
@@ -318,13 +546,45 @@ def test_load_moving_stats_from_a_store_a_client_and_a_file(filled, tmp_path):
         model = _two_bn_model()
         load_moving_stats(model, str(path))
         _assert_loaded(model, filled)
-    if not KERAS_RENORM:
-        return
-    # a renorm layer's inference reads moving_stddev: it follows the variance
-    rn = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(renorm=True, name="bn1")], name="seq")
+
+
+@needs_renorm
+def test_load_moving_stats_reads_renorm_statistics_when_the_source_has_them(filled, tmp_path, rng):
+    def renorm_model():
+        return keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(renorm=True, name="bn1")],
+                                name="seq")
+
+    # a source without them: moving_stddev follows the variance (a renorm layer's inference reads it)
+    rn = renorm_model()
     load_moving_stats(rn, filled, prefix="m/")
     stats = filled.layer("m/seq/bn1").stats()
     np.testing.assert_allclose(rn.layers[0].moving_stddev.numpy(), np.sqrt(stats.variance + 1e-3), rtol=1e-6)
+    np.testing.assert_array_equal(rn.layers[0].renorm_mean.numpy(), np.zeros(4))
+
+    filled.create_layer("r/seq/bn1", num_features=4, momentum=0.5, renorm=True, renorm_momentum=0.6)
+    for _ in range(2):
+        filled.layer("r/seq/bn1").update(reference_moments(rng.normal(2.0, 3.0, size=(16, 4)), axes=0))
+    want = _service_values(filled.layer("r/seq/bn1").stats())
+    path = tmp_path / "renorm.safetensors"
+    filled.export(path, layers="r/seq/bn1", prefix=None, strip_prefix="r/")
+    with running_server(filled) as server, normsvc.Client(server.address) as client:
+        for source, prefix in ((filled, "r/"), (client, "r/"), (path, None)):
+            rn = renorm_model()
+            load_moving_stats(rn, source, prefix=prefix)
+            for leaf in kw.MOVING:
+                np.testing.assert_allclose(getattr(rn.layers[0], leaf).numpy(), want[leaf], rtol=1e-6, err_msg=leaf)
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(name="bn1")], name="seq")
+    load_moving_stats(plain, filled, prefix="r/")  # a layer without renorm takes the mean and the variance
+    np.testing.assert_allclose(plain.layers[0].moving_variance.numpy(), want["moving_variance"], rtol=1e-6)
+
+    from safetensors.numpy import save_file
+
+    partial = tmp_path / "partial.safetensors"
+    save_file({f"seq/bn1/{leaf}": want[leaf] for leaf in kw.MOVING[:4]}, partial)
+    rn = renorm_model()
+    with pytest.raises(normsvc.InvalidArgument, match=r"but no seq/bn1/renorm_stddev: expected all three"):
+        load_moving_stats(rn, partial)
+    np.testing.assert_array_equal(rn.layers[0].moving_stddev.numpy(), np.ones(4))  # nothing changed
 
 
 def test_load_moving_stats_names_what_is_missing_or_mis_shaped_and_changes_nothing(filled, tmp_path):
@@ -394,6 +654,24 @@ def test_get_config_round_trips_and_keeps_an_address_never_a_store(store, tmp_pa
         assert SharedBatchNormalization(client).get_config()["target"] == server.address
 
 
+def test_get_config_round_trips_renorm_and_virtual_batches(tmp_path):
+    options = dict(virtual_batch_size=4) | (kw.RENORM if KERAS_RENORM else {})
+    layer = SharedBatchNormalization("127.0.0.1:9", momentum=0.9, name="bn", **options)
+    config = layer.get_config()
+    assert {key: config[key] for key in options} == options
+    again = SharedBatchNormalization.from_config(config)
+    assert again.get_config() == config and again.virtual_batch_size == 4
+    model = keras.Sequential([keras.Input((3,)), layer], name="vsaved")
+    weights = [np.full(3, 0.5 + i, np.float32) for i in range(len(model.get_weights()))]
+    model.set_weights(weights)
+    model.save(tmp_path / "v.keras")
+    loaded = keras.saving.load_model(tmp_path / "v.keras")
+    assert loaded.layers[0].get_config() == layer.get_config()
+    assert len(weights) == (7 if KERAS_RENORM else 4)
+    for a, b in zip(weights, loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 # --- arguments --------------------------------------------------------------------------------------------
 
 
@@ -404,13 +682,33 @@ def test_get_config_round_trips_and_keeps_an_address_never_a_store(store, tmp_pa
     (dict(rank=0, world_size=0), normsvc.InvalidArgument, "world_size=0"),
     (dict(run=3), normsvc.InvalidArgument, "run=3"),
     (dict(synchronized=True), normsvc.InvalidArgument, "expected mode='sync'"),
-    (dict(renorm=True), normsvc.InvalidArgument, "renorm=True"),
+    (dict(virtual_batch_size=0), normsvc.InvalidArgument, "virtual_batch_size=0: expected a positive int"),
+    (dict(virtual_batch_size=True), normsvc.InvalidArgument, "virtual_batch_size must be an int"),
+    (dict(virtual_batch_size=2, mode="sync"), normsvc.InvalidArgument, "nothing to synchronize"),
     (dict(layer_name=""), normsvc.InvalidArgument, "layer_name=''"),
     (dict(prefix=1), normsvc.InvalidType, "prefix=1"),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
     with pytest.raises(error, match=re.escape(match)):
         SharedBatchNormalization("127.0.0.1:9", **kwargs)
+
+
+@needs_renorm
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(renorm_clipping={"rmaxx": 2.0}), "expected a dict with keys among rmin, rmax, dmax"),
+    (dict(renorm_clipping={"rmin": 2.0, "rmax": 1.0}), "rmin=2.0 > rmax=1.0"),
+    (dict(renorm_clipping={"dmax": -1.0}), "dmax=-1.0"),
+    (dict(renorm_momentum=1.5), "renorm_momentum=1.5: expected a number in [0, 1]"),
+])
+def test_bad_renorm_arguments_are_named(kwargs, match):
+    with pytest.raises(normsvc.InvalidArgument, match=re.escape(match)):
+        SharedBatchNormalization("127.0.0.1:9", renorm=True, **kwargs)
+
+
+def test_renorm_without_a_keras_that_has_it_is_refused_naming_the_version(monkeypatch):
+    monkeypatch.setattr(normsvc.keras, "_KERAS_RENORM", False)
+    with pytest.raises(normsvc.FailedPrecondition, match=re.escape(f"this Keras ({keras.__version__}) has no")):
+        SharedBatchNormalization("127.0.0.1:9", renorm=True)
 
 
 def test_bad_targets_are_named(store):
