@@ -399,10 +399,16 @@ def test_bad_arguments_say_what_was_wrong():
             nt.load_running_stats(net, "/nonexistent/stats.safetensors")
         with pytest.raises(normsvc.InvalidArgument, match="dtype"):
             nt.state_dict(store, dtype=torch.int32)
+    import asyncio
+
     from normsvc.client import AsyncClient
 
-    with pytest.raises(normsvc.InvalidType, match="AsyncClient"):
-        nt.convert(net, AsyncClient("127.0.0.1:1"))
+    async def with_async_client():  # an AsyncClient belongs to an event loop: made inside one
+        async with AsyncClient("127.0.0.1:1") as aclient:
+            with pytest.raises(normsvc.InvalidType, match="AsyncClient"):
+                nt.convert(net, aclient)
+
+    asyncio.run(with_async_client())
 
 
 def test_load_running_stats_and_state_dict_from_client_store_and_file(tmp_path):
