@@ -35,7 +35,7 @@ from typing import Any, Callable
 from ..moments import Moments
 from ..errors import AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument
 
-__all__ = ["Rendezvous"]
+__all__ = ["Rendezvous", "gave_up", "describe_step", "options_text", "shapes_text"]
 
 
 @dataclass
@@ -50,18 +50,29 @@ class _Step:
     error: BaseException | None = None
 
 
-def _shapes(layers) -> str:
+def shapes_text(layers) -> str:
     """``(('a', (2,)), ('b', ()))`` -> ``'a' [2], 'b' []``: a message's words, not a Python repr."""
     return ", ".join(f"{name!r} {list(shape)}" for name, shape in layers) or "none"
 
 
-def _listed(options) -> str:
+def options_text(options) -> str:
     return ", ".join(str(o).lower() if isinstance(o, bool) else str(o) for o in options)
 
 
-def _describe(key) -> str:
+def describe_step(key) -> str:
     (run, group), step = key
     return f"step {step}" + (f" of group {group!r}" if group else "") + (f" of run {run!r}" if run else "")
+
+
+def gave_up(key, rank: int, world_size: int, arrived: int, missing: list, gone: bool) -> Exception:
+    """The error of a rank that stopped waiting: its caller went away, or its deadline passed."""
+    if gone:
+        return Cancelled(f"{describe_step(key)}: rank {rank} went away before the others arrived")
+    return DeadlineExceeded(
+        f"{describe_step(key)}: {arrived} of {world_size} ranks arrived before rank {rank}'s deadline; "
+        f"missing ranks {missing[:16]}{' ...' if len(missing) > 16 else ''}",
+        reason="RANKS_MISSING",
+    )
 
 
 class Rendezvous:
@@ -114,7 +125,7 @@ class Rendezvous:
         with self._lock:
             if key in self._completed:
                 raise AlreadyExists(
-                    f"{_describe(key)} already completed with all ranks: rank {rank} is a duplicate "
+                    f"{describe_step(key)} already completed with all ranks: rank {rank} is a duplicate "
                     "(expected each rank once per step; use a new run to start over)",
                     field="rank", reason="DUPLICATE_RANK",
                 )
@@ -142,29 +153,29 @@ class Rendezvous:
         if not 0 <= rank < world_size:
             raise InvalidArgument(f"rank={rank}: expected 0 <= rank < world_size={world_size}", field="rank")
         if not moments:
-            raise InvalidArgument(f"{_describe(key)}: no layer moments: expected at least one", field="moments")
+            raise InvalidArgument(f"{describe_step(key)}: no layer moments: expected at least one", field="moments")
 
     def _check_matches(self, key, st: _Step, rank, world_size, signature):
         if world_size != st.world_size:
             raise InvalidArgument(
-                f"{_describe(key)}: rank {rank} says world_size={world_size}, rank {st.first_rank} "
+                f"{describe_step(key)}: rank {rank} says world_size={world_size}, rank {st.first_rank} "
                 f"said {st.world_size}: expected the same world_size from every rank",
                 field="world_size",
             )
         if rank in st.arrived:
             raise AlreadyExists(
-                f"{_describe(key)}: rank {rank} already joined (expected each rank once per step)",
+                f"{describe_step(key)}: rank {rank} already joined (expected each rank once per step)",
                 field="rank", reason="DUPLICATE_RANK",
             )
         if signature != st.signature:
             (layers, options), (want_layers, want_options) = signature, st.signature
             if layers == want_layers:
-                what, got, want = "options", f"update_stats={_listed(options)}", f"update_stats={_listed(want_options)}"
+                what, got, want = "options", f"update_stats={options_text(options)}", f"update_stats={options_text(want_options)}"
                 where = "update_stats"
             else:
-                what, got, want, where = "layers and shapes", _shapes(layers), _shapes(want_layers), "moments"
+                what, got, want, where = "layers and shapes", shapes_text(layers), shapes_text(want_layers), "moments"
             raise InvalidArgument(
-                f"{_describe(key)}: rank {rank} sent {what} {got}, rank {st.first_rank} sent {want}: "
+                f"{describe_step(key)}: rank {rank} sent {what} {got}, rank {st.first_rank} sent {want}: "
                 "expected the same from every rank",
                 field=where,
             )
@@ -199,13 +210,7 @@ class Rendezvous:
                         arrived = len(st.joined)
                 if not st.done.is_set():
                     self._on_outcome("cancelled" if gone else "timed_out")
-                    if gone:
-                        raise Cancelled(f"{_describe(key)}: rank {rank} went away before the others arrived")
-                    raise DeadlineExceeded(
-                        f"{_describe(key)}: {arrived} of {st.world_size} ranks arrived before rank {rank}'s "
-                        f"deadline; missing ranks {missing[:16]}{' ...' if len(missing) > 16 else ''}",
-                        reason="RANKS_MISSING",
-                    )
+                    raise gave_up(key, rank, st.world_size, arrived, missing, gone)
                 st.done.wait()
                 break
         if st.error is not None:

@@ -31,12 +31,12 @@ import time
 from typing import Any, Callable
 
 from .._proto import normsvc_pb2 as pb
-from ..errors import AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument, NormsvcError, Unavailable
+from ..errors import AlreadyExists, InvalidArgument, NormsvcError, Unavailable
 from ..moments import Moments
 from ..wire import messages
 from ..wire.status import error_class
 from ..wire.tensors import decode_moments
-from .allreduce import _describe, _listed, _shapes
+from .allreduce import describe_step, options_text, shapes_text, gave_up
 
 __all__ = ["SharedRendezvous"]
 
@@ -140,7 +140,7 @@ class SharedRendezvous:
         if not 0 <= rank < world_size:
             raise InvalidArgument(f"rank={rank}: expected 0 <= rank < world_size={world_size}", field="rank")
         if not moments:
-            raise InvalidArgument(f"{_describe(key)}: no layer moments: expected at least one", field="moments")
+            raise InvalidArgument(f"{describe_step(key)}: no layer moments: expected at least one", field="moments")
         timeout = self.max_wait if timeout is None else min(timeout, self.max_wait)
         deadline = time.monotonic() + max(timeout, 0.0)
         keys = self._keys(key)
@@ -157,28 +157,28 @@ class SharedRendezvous:
                 return self._lead(keys, world_size, order, reduce)
             return self._wait(key, keys, rank, world_size, deadline, is_active, order)
         except redis.RedisError as exc:
-            raise Unavailable(f"{_describe(key)}: the shared store is unreachable ({exc}): retry") from exc
+            raise Unavailable(f"{describe_step(key)}: the shared store is unreachable ({exc}): retry") from exc
 
     def _refuse(self, key, state, found, rank, world_size, moments, options):
         if state in ("completed", "duplicate"):
             what = ("already completed with all ranks: rank {rank} is a duplicate (expected each rank once per "
                     "step; use a new run to start over)" if state == "completed"
                     else "rank {rank} already joined (expected each rank once per step)")
-            raise AlreadyExists(f"{_describe(key)}: " + what.format(rank=rank), field="rank",
+            raise AlreadyExists(f"{describe_step(key)}: " + what.format(rank=rank), field="rank",
                                 reason="DUPLICATE_RANK")
         first = int(found[1])
         if state == "world_size":
             raise InvalidArgument(
-                f"{_describe(key)}: rank {rank} says world_size={world_size}, rank {first} said {int(found[0])}: "
+                f"{describe_step(key)}: rank {rank} says world_size={world_size}, rank {first} said {int(found[0])}: "
                 "expected the same world_size from every rank", field="world_size")
         want_layers, want_options = json.loads(found[0])
         layers = sorted((name, list(m.mean.shape)) for name, m in moments.items())
         if layers == want_layers:
-            what, got, want, where = ("options", f"update_stats={_listed(options)}",
-                                      f"update_stats={_listed(want_options)}", "update_stats")
+            what, got, want, where = ("options", f"update_stats={options_text(options)}",
+                                      f"update_stats={options_text(want_options)}", "update_stats")
         else:
-            what, got, want, where = "layers and shapes", _shapes(layers), _shapes(want_layers), "moments"
-        raise InvalidArgument(f"{_describe(key)}: rank {rank} sent {what} {got}, rank {first} sent {want}: "
+            what, got, want, where = "layers and shapes", shapes_text(layers), shapes_text(want_layers), "moments"
+        raise InvalidArgument(f"{describe_step(key)}: rank {rank} sent {what} {got}, rank {first} sent {want}: "
                               "expected the same from every rank", field=where)
 
     def _merged(self, keys, order) -> dict:
@@ -238,15 +238,10 @@ class SharedRendezvous:
                     joined = {int(r) for r in answer[1:]}
                     missing = sorted(set(range(world_size)) - joined)
                     self._on_outcome("cancelled" if gone else "timed_out")
-                    if gone:
-                        raise Cancelled(f"{_describe(key)}: rank {rank} went away before the others arrived")
-                    raise DeadlineExceeded(
-                        f"{_describe(key)}: {len(joined)} of {world_size} ranks arrived before rank {rank}'s "
-                        f"deadline; missing ranks {missing[:16]}{' ...' if len(missing) > 16 else ''}",
-                        reason="RANKS_MISSING")
+                    raise gave_up(key, rank, world_size, len(joined), missing, gone)
                 # all ranks are in: the leader is applying the step; wait for it (bounded)
                 if not self.redis.blpop([keys["done"]], timeout=max(self.max_wait, 1.0)):
-                    raise Unavailable(f"{_describe(key)}: every rank arrived but the step's result never came "
+                    raise Unavailable(f"{describe_step(key)}: every rank arrived but the step's result never came "
                                       "(the replica applying it went away?): retry with a new step or run")
                 break
         result = json.loads(self.redis.get(keys["result"]))

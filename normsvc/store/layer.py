@@ -181,12 +181,7 @@ class Layer:
             return ops.batch_norm(x, axis=_axis_arg(cfg.axis), epsilon=cfg.epsilon,
                                   virtual_batch_size=cfg.virtual_batch_size, **kwargs)
         except NormsvcError as exc:
-            if exc.field in ("renorm_mean", "renorm_stddev"):
-                exc.field = "x"
-                exc.message = (f"x of shape {np.shape(x)} does not fit layer {self.name!r}, which keeps "
-                               f"statistics of shape {np.shape(record.stats.mean)}: {exc.message}")
-            exc.layer = exc.layer or self.name
-            raise
+            raise self._misfit(exc, x, record.stats, ("renorm_mean", "renorm_stddev")) from None
 
     def _call(self, cfg: LayerConfig, x, running: RunningStats | None = None, **kwargs):
         """``ops.norm`` of this layer's kind on ``x``; its errors name this layer.
@@ -201,12 +196,17 @@ class Layer:
             return ops.norm(cfg.kind, x, axis=_axis_arg(cfg.axis), groups=cfg.groups, epsilon=cfg.epsilon,
                             **kwargs)
         except NormsvcError as exc:
-            if exc.field in ("mean", "variance"):
-                exc.field = "x"
-                exc.message = (f"x of shape {np.shape(x)} does not fit layer {self.name!r}, which keeps "
-                               f"statistics of shape {np.shape(running.mean)}: {exc.message}")
-            exc.layer = exc.layer or self.name
-            raise
+            raise self._misfit(exc, x, running, ("mean", "variance")) from None
+
+    def _misfit(self, exc: NormsvcError, x, stats, fields: tuple) -> NormsvcError:
+        """``exc`` naming this layer; when the layer's statistics in ``fields`` did not fit, it is
+        ``x`` that does not fit the layer."""
+        if exc.field in fields:
+            exc.field = "x"
+            exc.message = (f"x of shape {np.shape(x)} does not fit layer {self.name!r}, which keeps "
+                           f"statistics of shape {np.shape(stats.mean)}: {exc.message}")
+        exc.layer = exc.layer or self.name
+        return exc
 
     def _infer(self, record: Record, x, gamma, beta, device) -> np.ndarray:
         stats = record.stats
