@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -27,6 +28,9 @@ __all__ = ["main", "build_parser", "DEFAULT_STORE"]
 
 #: The embedded default: a sqlite file in ./.normsvc/ (created on start).
 DEFAULT_STORE = "sqlite:///.normsvc/stats.db"
+#: Seconds in-flight calls get on SIGTERM: well inside the time a supervisor waits before SIGKILL
+#: (Docker's `docker stop` 10 s, Kubernetes' terminationGracePeriodSeconds 30 s), store close included.
+DEFAULT_GRACE = 5.0
 
 
 def _env(name: str, default=None):
@@ -76,6 +80,10 @@ def _add_serve(sub) -> None:
                    help="PEM CA bundle; require client certificates it signed, mutual TLS (NORMSVC_TLS_CLIENT_CA)")
     p.add_argument("--metrics-port", type=int, default=_env_number("METRICS_PORT", None),
                    help="serve Prometheus /metrics over HTTP on this port; 0 picks one (NORMSVC_METRICS_PORT)")
+    p.add_argument("--health-port", type=int, default=_env_number("HEALTH_PORT", None),
+                   help="also serve grpc.health.v1 alone on this port, plaintext even with TLS on and with threads "
+                   "of its own (answered while every worker is busy), for container and kubelet probes; "
+                   "0 picks one (NORMSVC_HEALTH_PORT, default: none)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=_env("DEVICE", "auto"),
                    help="where kernels run (NORMSVC_DEVICE, default auto)")
     p.add_argument("--workers", type=int, default=_env_number("WORKERS", 64),
@@ -95,19 +103,54 @@ def _add_serve(sub) -> None:
     p.add_argument("--step-lag", type=int, default=_env_number("STEP_LAG", 8),
                    help="a training step still open when a contribution this many steps ahead arrives is applied "
                    "with the ranks that came (NORMSVC_STEP_LAG, default 8)")
-    p.add_argument("--grace", type=float, default=_env_number("GRACE", 10.0, float),
-                   help="seconds in-flight calls get to finish on SIGTERM (NORMSVC_GRACE, default 10)")
+    p.add_argument("--grace", type=float, default=_env_number("GRACE", DEFAULT_GRACE, float),
+                   help="seconds in-flight calls get to finish on SIGTERM; keep it below the time your supervisor "
+                   "waits before SIGKILL (docker stop: 10 s) (NORMSVC_GRACE, default %g)" % DEFAULT_GRACE)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING... (NORMSVC_LOG_LEVEL, default INFO)")
     p.set_defaults(run=_serve)
 
 
 def _sqlite_dir(url: str) -> None:
-    """Create the folder of a sqlite store file (the default one is ./.normsvc/)."""
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):].split("?", 1)[0]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """Create the folder of a sqlite store file (the default one is ./.normsvc/) and check that this
+    process can write there: sqlite keeps the database and its -wal and -shm files in it.  OSError
+    naming the folder otherwise (a container's /data volume that its user cannot write)."""
+    if not url.startswith("sqlite:///"):
+        return
+    path = url[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return
+    folder = Path(path).absolute().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+        if Path(path).exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise PermissionError(13, f"{Path(path).name} is not readable and writable")
+    except OSError as exc:
+        who = f"uid {os.getuid()}, gid {os.getgid()}" if hasattr(os, "getuid") else "this user"
+        raise OSError(f"the store's folder {folder} is not writable ({who}: {exc.strerror or exc}): the sqlite "
+                      f"store {url} keeps its database and -wal/-shm files there; give this user a folder it "
+                      "can write (in the image: a volume at /data writable by uid 10001), or choose another "
+                      "--store (NORMSVC_STORE)") from None
+
+
+def _warn_numba_cache() -> None:
+    """Log when numba does not use NUMBA_CACHE_DIR: it silently caches elsewhere when it cannot write
+    there (it probes with a temporary file), so what `normsvc precompile` put there goes unused and
+    the first requests compile for seconds."""
+    wanted = os.environ.get("NUMBA_CACHE_DIR")
+    if not wanted:
+        return
+    from numba.core.registry import CPUDispatcher
+
+    from .kernels import cpu
+
+    used = next((f.stats.cache_path for f in vars(cpu).values() if isinstance(f, CPUDispatcher)), None)
+    wanted = os.path.realpath(wanted)
+    if used is not None and os.path.commonpath([wanted, os.path.realpath(used)]) != wanted:
+        logging.getLogger("normsvc.server").warning(
+            "numba cannot write NUMBA_CACHE_DIR=%s and caches in %s instead: kernels precompiled into "
+            "NUMBA_CACHE_DIR are not used, and the first requests compile them (seconds each)", wanted, used)
 
 
 def _serve(args) -> int:
@@ -119,7 +162,7 @@ def _serve(args) -> int:
 
     keep_large_blocks()  # reuse Normalize's large buffers instead of page-faulting fresh ones (see the module)
 
-    _sqlite_dir(args.store)
+    _warn_numba_cache()
     limits = Limits(
         max_message_mb=args.max_message_mb,
         max_tensor_elements=args.max_tensor_elements,
@@ -134,6 +177,7 @@ def _serve(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signals[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     try:
+        _sqlite_dir(args.store)
         server = serve(
             args.store,
             host=args.host,
@@ -143,12 +187,15 @@ def _serve(args) -> int:
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
             metrics_port=args.metrics_port,
+            health_port=args.health_port,
             device=args.device,
             workers=args.workers,
             limits=limits,
             step_lag=args.step_lag,
         )
     except (OSError, ValueError) as exc:
+        for sig, previous in signals.items():
+            signal.signal(sig, previous)
         print(f"normsvc serve: {exc}", file=sys.stderr)
         return 2
     # One parseable line on stdout: tests and scripts read the port from it.

@@ -281,7 +281,7 @@ def serve(
             theirs(*args)
 
     store.on_incomplete = on_incomplete
-    health_server = bound_health = None
+    health_server = bound_health = unsubscribe = None
     try:
         hub = WatchHub()
         on_outcome = lambda outcome: metrics.allreduce_steps.labels(outcome).inc()  # noqa: E731
