@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-$(1)
 
-.PHONY: test bench bench-store bench-grpc bench-cuda serve proto golden clean
+.PHONY: test bench bench-store bench-grpc bench-cuda bench-torch demo serve proto golden clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(call STAMP,serve): pyproject.toml | $(VENV)/bin/python
 
 $(call STAMP,bench): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+$(call STAMP,demo): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[demo]'
 	touch $@
 
 ## test: install the project with its test extras and run the whole suite; the CUDA
@@ -45,9 +49,20 @@ bench-store: $(call STAMP,bench)
 bench-grpc: $(call STAMP,bench)
 	$(PY) bench/rpc.py
 
+## bench-torch: normsvc.torch on ResNet-50's 53 BatchNorms: the training thread's time per step in shared
+## mode, and sync mode's reduction round per layer against a gloo all_reduce of the same bytes
+bench-torch: $(call STAMP,bench)
+	$(PY) bench/torch_sync.py
+
 ## bench-cuda: the CUDA kernels against torch and a device copy (needs an NVIDIA GPU and the cuda extra)
 bench-cuda: $(call STAMP,bench)
 	$(PY) bench/cuda.py
+
+## demo: a local server (sqlite in a temp dir) and 4 PyTorch trainers with different data sharing BatchNorm
+## statistics (shared mode, then sync mode): progress, a table against the true statistics, frozen
+## inference, docs/demo.png
+demo: $(call STAMP,demo)
+	$(PY) examples/torch_demo.py
 
 ## proto: regenerate normsvc/_proto/ from protos/ (the committed stubs; a test checks they match)
 proto: $(call STAMP,test)

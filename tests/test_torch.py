@@ -493,7 +493,8 @@ def _torchrun(script: Path, env: dict, nproc: int = 2) -> list[str]:
                            f"--nproc-per-node={nproc}", str(script)], cwd=script.parent, env=env,
                           capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stdout + done.stderr
-    return sorted(line for line in done.stdout.splitlines() if line.strip())
+    # the ranks share one pipe and print unbuffered: a line and another rank's may interleave
+    return sorted(re.findall(r"rank \d+: \d+ updates", done.stdout))
 
 
 @pytest.mark.timeout(300)
