@@ -220,8 +220,11 @@ def _batch_norms(module: nn.Module) -> list:
 
 
 def _tracks(bn: _BatchNorm) -> bool:
-    """Whether a BatchNorm keeps running statistics (buffers present and tracked)."""
-    return bool(bn.track_running_stats) and bn.running_mean is not None and bn.running_var is not None
+    """Whether a BatchNorm keeps running statistics (buffers present and tracked).  Reads the buffer
+    dict directly: ``bn.running_mean`` would go through ``nn.Module.__getattr__`` (per layer, per step)."""
+    buffers = bn._buffers
+    return bool(bn.track_running_stats) and buffers.get("running_mean") is not None \
+        and buffers.get("running_var") is not None
 
 
 def _target_kind(target) -> str:
@@ -675,7 +678,16 @@ class BatchNorm(_BatchNorm):
         self.layer = layer
         self.binding = binding
         self._input_dims = input_dims  # None: any rank >= 2, as SyncBatchNorm's
-        self.steps = 0
+        self._steps = [0]  # a list: counting in it skips nn.Module.__setattr__ on every forward
+
+    @property
+    def steps(self) -> int:
+        """Training forwards since :func:`convert` (sync mode's step key); settable to resume."""
+        return self._steps[0]
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps[0] = int(value)
 
     @classmethod
     def from_module(cls, bn: _BatchNorm, *, layer: str, binding: Binding) -> "BatchNorm":
@@ -722,7 +734,9 @@ class BatchNorm(_BatchNorm):
                 self.binding._before_inference(self.layer)
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
                                 self.eps)
-        step, self.steps = self.steps, self.steps + 1
+        counter = self._steps
+        step = counter[0]
+        counter[0] = step + 1
         if self.binding.mode == "sync":
             return _SyncBatchNorm.apply(x, self.weight, self.bias, self, step, tracked)
         pusher = self.binding._pusher
