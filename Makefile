@@ -71,7 +71,7 @@ proto: $(call STAMP,test)
 ## golden: regenerate tests/golden/ from Keras 3, PyTorch and tf_keras 2.21 in their own venv (.venv-golden)
 golden:
 	$(PYTHON) -m venv .venv-golden
-	.venv-golden/bin/pip install -q torch==2.13.0 'keras>=3.10,<4' 'tensorflow-cpu>=2.21,<2.22' 'tf_keras>=2.21,<2.22' numpy
+	.venv-golden/bin/pip install -q torch==2.13.0 'keras>=3.15,<4' 'tensorflow-cpu>=2.21,<2.22' 'tf_keras>=2.21,<2.22' numpy
 	KERAS_BACKEND=torch .venv-golden/bin/python scripts/make_golden.py
 	.venv-golden/bin/python scripts/make_golden_tf_keras.py
 

@@ -563,8 +563,8 @@ def batch_renorm(x, renorm_mean, renorm_stddev, *, axis=-1, epsilon=1e-3, gamma=
         r = np.minimum(r, rmax)
     if dmax is not None:
         d = np.clip(d, -dmax, dmax)
-    g = r if gamma is None else r * _param(gamma, "gamma", features, "one value per feature")
-    b = d if gamma is None else d * _param(gamma, "gamma", features, "one value per feature")
+    scale = None if gamma is None else _param(gamma, "gamma", features, "one value per feature")
+    g, b = (r, d) if scale is None else (r * scale, d * scale)
     if beta is not None:
         b = b + _param(beta, "beta", features, "one value per feature")
     y, _ = _norm("batch", xv, axes, None, eps, _tiled(g, affine), _tiled(b, affine), m.mean, m.variance, device)

@@ -285,8 +285,7 @@ def serve(
     try:
         hub = WatchHub()
         on_outcome = lambda outcome: metrics.allreduce_steps.labels(outcome).inc()  # noqa: E731
-        shared = getattr(store.backend, "subscribe", None) is not None  # a store that replicas share (redis)
-        if shared:
+        if store.backend.shared:  # replicas share the store (redis): the rendezvous and notices go through it
             from .shared_allreduce import SharedRendezvous
 
             rendezvous = SharedRendezvous(store.backend, max_wait=allreduce_max_wait, on_outcome=on_outcome)

@@ -31,6 +31,11 @@ makes one read-modify-write atomic.  The contract every backend honours:
   :mod:`normsvc.store.records`, migrates older stored state when it opens it,
   and refuses state newer than it understands.
 
+A backend that several processes or replicas share (``shared = True``:
+Redis) also provides ``subscribe(callback) -> stop``, a notice of every
+write whoever made it; a server on it then keeps its AllReduceMoments
+rendezvous in the backend too and forwards the notices to its watchers.
+
 A new backend registers its URL scheme in :data:`BACKENDS` and provides
 ``from_url(url, **options)``.
 """
@@ -88,6 +93,8 @@ class Backend(ABC):
     """Where records live; see the module docstring for the contract."""
 
     request_window: int = REQUEST_WINDOW
+    #: Whether other processes or replicas write the same records (then ``subscribe`` exists).
+    shared: bool = False
 
     @classmethod
     @abstractmethod

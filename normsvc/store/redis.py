@@ -133,6 +133,8 @@ class _errors:
 class RedisBackend(Backend):
     """Records in Redis; see the module docstring for the keys and the commit script."""
 
+    shared = True
+
     def __init__(self, client, *, prefix: str = "normsvc", request_window: int = REQUEST_WINDOW,
                  where: str = "redis"):
         self.redis = client
