@@ -12,8 +12,8 @@ Two servers run side by side as subprocesses of this script, on 127.0.0.1:
 
 The clients run here, in one process: normsvc through ``normsvc.Client`` (so
 building and parsing messages, numpy encoding and decoding are counted), the
-echo through a raw channel sending pre-serialized bytes of the same normsvc
-request.  Cases, each interleaved echo/normsvc round by round (medians):
+echo through a raw channel sending pre-serialized bytes of the request the
+Client sends (one layer as LayerMoments, a 53-layer step as PackedMoments).  Cases, each interleaved echo/normsvc round by round (medians):
 
 * UpdateStats of one layer with 256 channels from 32 concurrent callers:
   requests/s and p50/p99 latency;
@@ -159,7 +159,9 @@ def main(argv=None) -> int:
     import normsvc
     from normsvc._proto import normsvc_pb2 as pb
     from normsvc.client import Client
-    from normsvc.wire.tensors import encode, encode_moments
+    from normsvc.wire.messages import moments_to_pb
+    from normsvc.wire.packed import pack_moments
+    from normsvc.wire.tensors import encode
 
     echo_proc, echo_address = start([sys.executable, os.path.abspath(__file__), "--serve-echo"])
     svc_proc, svc_address = start([sys.executable, "-m", "normsvc.cli", "serve", "--port", "0",
@@ -176,9 +178,9 @@ def main(argv=None) -> int:
         # UpdateStats, 256 channels, one layer shared by every caller
         layer = client.create_layer("bench/bn256", num_features=256)
         m256 = normsvc.moments(rng.standard_normal((64, 256)), axes=[0])
+        # the echo sends the bytes the Client sends: one layer as LayerMoments, a step's layers packed
         single = pb.UpdateStatsRequest(request_id=uuid.uuid4().hex)
-        entry = single.updates.add(layer="bench/bn256")
-        encode_moments(m256, entry.moments)
+        moments_to_pb("bench/bn256", m256, single.updates.add())
         single_bytes = single.SerializeToString()
 
         # a 53-layer step
@@ -189,12 +191,11 @@ def main(argv=None) -> int:
             client.create_layer(name, num_features=c)
             step_moments[name] = normsvc.moments(rng.standard_normal((32, c)), axes=[0])
         batched = pb.UpdateStatsRequest(request_id=uuid.uuid4().hex)
+        pack_moments(step_moments, batched.packed)
         per_layer = []
         for name, m in step_moments.items():
-            e = batched.updates.add(layer=name)
-            encode_moments(m, e.moments)
             one = pb.UpdateStatsRequest(request_id=uuid.uuid4().hex)
-            one.updates.add().CopyFrom(e)
+            moments_to_pb(name, m, one.updates.add())
             per_layer.append(one.SerializeToString())
         batched_bytes = batched.SerializeToString()
         contribution = pb.UpdateStatsRequest()

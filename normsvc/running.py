@@ -59,7 +59,7 @@ Wu, Y., Johnson, J. (2021). Rethinking "Batch" in BatchNorm. arXiv:2105.07576
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields as dataclass_fields
 
 import numpy as np
 from numba import njit
@@ -160,6 +160,16 @@ class RunningStats:
 
     __hash__ = None
 
+    def evolve(self, **changes) -> "RunningStats":
+        """``dataclasses.replace(self, **changes)`` at a fraction of its cost (the store's hot paths
+        build one per layer and call); the arrays are shared, not copied."""
+        if not changes.keys() <= _FIELDS:
+            raise TypeError(f"RunningStats has no field {sorted(changes.keys() - _FIELDS)}")
+        new = object.__new__(RunningStats)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
+
     def copy(self) -> "RunningStats":
         """The same statistics with arrays of their own (every other field as it is).
 
@@ -175,6 +185,9 @@ class RunningStats:
             fields["moving_stddev"] = self.moving_stddev.copy()
             fields["renorm_mean"], fields["renorm_stddev"] = self.renorm_mean.copy(), self.renorm_stddev.copy()
         return new
+
+
+_FIELDS = frozenset(f.name for f in dataclass_fields(RunningStats))
 
 
 @dataclass(frozen=True, eq=False)

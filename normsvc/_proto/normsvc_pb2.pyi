@@ -247,27 +247,83 @@ class ResetStatsResponse(_message.Message):
     stats: RunningStats
     def __init__(self, stats: _Optional[_Union[RunningStats, _Mapping]] = ...) -> None: ...
 
+class PackedMoments(_message.Message):
+    __slots__ = ("layers", "ndim", "dims", "count", "mean", "variance")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NDIM_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    ndim: _containers.RepeatedScalarFieldContainer[int]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    count: _containers.RepeatedScalarFieldContainer[float]
+    mean: Tensor
+    variance: Tensor
+    def __init__(self, layers: _Optional[_Iterable[str]] = ..., ndim: _Optional[_Iterable[int]] = ..., dims: _Optional[_Iterable[int]] = ..., count: _Optional[_Iterable[float]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PackedStats(_message.Message):
+    __slots__ = ("layers", "ndim", "dims", "mean", "variance", "count", "num_batches", "version", "frozen", "updated_at", "run", "last_step", "renorm", "moving_stddev", "renorm_mean", "renorm_stddev")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NDIM_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    NUM_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    RENORM_FIELD_NUMBER: _ClassVar[int]
+    MOVING_STDDEV_FIELD_NUMBER: _ClassVar[int]
+    RENORM_MEAN_FIELD_NUMBER: _ClassVar[int]
+    RENORM_STDDEV_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    ndim: _containers.RepeatedScalarFieldContainer[int]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    mean: Tensor
+    variance: Tensor
+    count: _containers.RepeatedScalarFieldContainer[float]
+    num_batches: _containers.RepeatedScalarFieldContainer[int]
+    version: _containers.RepeatedScalarFieldContainer[int]
+    frozen: _containers.RepeatedScalarFieldContainer[bool]
+    updated_at: _containers.RepeatedScalarFieldContainer[float]
+    run: _containers.RepeatedScalarFieldContainer[str]
+    last_step: _containers.RepeatedScalarFieldContainer[int]
+    renorm: _containers.RepeatedScalarFieldContainer[bool]
+    moving_stddev: Tensor
+    renorm_mean: Tensor
+    renorm_stddev: Tensor
+    def __init__(self, layers: _Optional[_Iterable[str]] = ..., ndim: _Optional[_Iterable[int]] = ..., dims: _Optional[_Iterable[int]] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., count: _Optional[_Iterable[float]] = ..., num_batches: _Optional[_Iterable[int]] = ..., version: _Optional[_Iterable[int]] = ..., frozen: _Optional[_Iterable[bool]] = ..., updated_at: _Optional[_Iterable[float]] = ..., run: _Optional[_Iterable[str]] = ..., last_step: _Optional[_Iterable[int]] = ..., renorm: _Optional[_Iterable[bool]] = ..., moving_stddev: _Optional[_Union[Tensor, _Mapping]] = ..., renorm_mean: _Optional[_Union[Tensor, _Mapping]] = ..., renorm_stddev: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class UpdateStatsRequest(_message.Message):
-    __slots__ = ("updates", "request_id", "step", "rank", "world_size", "run")
+    __slots__ = ("updates", "packed", "request_id", "step", "rank", "world_size", "run")
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     updates: _containers.RepeatedCompositeFieldContainer[LayerMoments]
+    packed: PackedMoments
     request_id: str
     step: int
     rank: int
     world_size: int
     run: str
-    def __init__(self, updates: _Optional[_Iterable[_Union[LayerMoments, _Mapping]]] = ..., request_id: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., run: _Optional[str] = ...) -> None: ...
+    def __init__(self, updates: _Optional[_Iterable[_Union[LayerMoments, _Mapping]]] = ..., packed: _Optional[_Union[PackedMoments, _Mapping]] = ..., request_id: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., run: _Optional[str] = ...) -> None: ...
 
 class UpdateStatsResponse(_message.Message):
-    __slots__ = ("stats",)
+    __slots__ = ("stats", "packed")
     STATS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     stats: _containers.RepeatedCompositeFieldContainer[LayerStats]
-    def __init__(self, stats: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ...) -> None: ...
+    packed: PackedStats
+    def __init__(self, stats: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ..., packed: _Optional[_Union[PackedStats, _Mapping]] = ...) -> None: ...
 
 class AllReduceMomentsRequest(_message.Message):
     __slots__ = ("group", "step", "rank", "world_size", "moments", "update_stats", "run")

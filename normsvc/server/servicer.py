@@ -22,6 +22,7 @@ from ..errors import InvalidArgument, LayerNotFound, NormsvcError, ResourceExhau
 from ..store.validation import validate_name
 from ..wire import framing
 from ..wire import messages as convert
+from ..wire.packed import pack_stats, unpack_moments
 from ..wire.tensors import DTYPE_CODES, Assembler, chunks, decode, decode_moments, encode_moments
 from .allreduce import Rendezvous
 from .limits import Limits, StreamBudget
@@ -123,6 +124,19 @@ def _field_paths(entries, field: str):
         raise
 
 
+@contextlib.contextmanager
+def _packed_paths(names):
+    """Store errors about one layer's moments, named by the PackedMoments field that holds them
+    (``packed.mean``; m2 travels as ``packed.variance``)."""
+    try:
+        yield
+    except NormsvcError as exc:
+        part = (exc.field or "").partition("moments.")[2] if exc.layer in names else ""
+        if part or exc.field == "moments":
+            exc.field = {"": "packed", "m2": "packed.variance"}.get(part, f"packed.{part}")
+        raise
+
+
 def _required(names, field: str) -> None:
     if not names:
         raise InvalidArgument(f"{field} is empty: expected at least one layer", field=field)
@@ -156,11 +170,15 @@ class NormServicer(pb_grpc.NormServiceServicer):
                     counter = self._update_counters[name, rpc] = self.metrics.layer_updates.labels(name, rpc)
                 counter.inc()
 
+    def _check_names(self, names, field: str, suffix: str) -> None:
+        """The layers one request names: at least one, within the limit, valid and unique."""
+        _required(names, field)
+        self.limits.check_layers_per_request(len(names), field)
+        _names(names, field, suffix)
+        _unique(names, field, suffix)
+
     def _moments(self, entries, field: str) -> dict:
-        _required(entries, field)
-        self.limits.check_layers_per_request(len(entries), field)
-        _names([e.layer for e in entries], field, ".layer")
-        _unique([e.layer for e in entries], field, ".layer")
+        self._check_names([e.layer for e in entries], field, ".layer")
         max_el = self.limits.max_tensor_elements
         return {
             e.layer: decode_moments(e.moments, field=f"{field}[{i}].moments", max_elements=max_el)
@@ -254,15 +272,29 @@ class NormServicer(pb_grpc.NormServiceServicer):
     # --- statistics ----------------------------------------------------------
 
     def UpdateStats(self, request, context):
-        updates = self._moments(request.updates, "updates")
+        packed = request.HasField("packed")
+        if packed:
+            if request.updates:
+                raise InvalidArgument(f"both updates ({len(request.updates)} layers) and packed are set: expected "
+                                      "one of them", field="packed")
+            names = request.packed.layers
+            self._check_names(names, "packed.layers", "")
+            updates = unpack_moments(request.packed, field="packed", max_elements=self.limits.max_tensor_elements)
+            paths = _packed_paths(names)
+        else:
+            updates = self._moments(request.updates, "updates")
+            paths = _field_paths(request.updates, "updates")
         step = _step_key(request)
-        with _field_paths(request.updates, "updates"):
+        with paths:
             stats = self.store.update_many(updates, request_id=request.request_id or None, **step)
         # a contribution updates the statistics when its step is applied
         applied = not request.HasField("step") or all(
             s.last_step is not None and s.last_step >= request.step for s in stats.values())
         self._published("UpdateStats", stats, updates=applied)
         response = pb.UpdateStatsResponse()
+        if packed:
+            pack_stats({name: stats[name] for name in updates}, response.packed)
+            return response
         for name in updates:
             entry = response.stats.add(layer=name)
             convert.stats_to_pb(stats[name], entry.stats)

@@ -78,9 +78,10 @@ def is_retry(name: str, request_id: str, remembered: bytes | None, digest: bytes
     """Whether a request whose id the layer remembers (with ``remembered``) is a retry.
 
     True when the contents agree (or either digest is unknown: ids remembered
-    by an older normsvc); AlreadyExists ``REQUEST_ID_REUSED`` when they differ.
+    by an older normsvc, without a digest or with one of another kind);
+    AlreadyExists ``REQUEST_ID_REUSED`` when they differ.
     """
-    if remembered is None or digest is None or bytes(remembered) == digest:
+    if remembered is None or digest is None or len(remembered) != len(digest) or bytes(remembered) == digest:
         return True
     raise AlreadyExists(
         f"request_id {request_id!r} was used for another request to layer {name!r}: a request id is an "

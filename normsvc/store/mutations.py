@@ -77,7 +77,8 @@ def contribute(moments, key: StepKey, now: float, *, lag: int, closed: dict) -> 
         shape = known_shape(record)
         if shape is None:
             shape = step_state.pending_shape(record.steps, record.config.sample_ndim)
-        validation.batch(record.name, record.config, shape, moments, whole=key.world_size == 1)
+        if not validation.plain_batch(record.config, shape, moments, whole=key.world_size == 1):
+            validation.batch(record.name, record.config, shape, moments, whole=key.world_size == 1)
         step_state.check_not_frozen(record.stats.frozen, record.name)
         steps = step_state.admit(record.steps, key, moments, record.name)
         closed[record.name] = []

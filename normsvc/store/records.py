@@ -73,7 +73,7 @@ class Record:
         s = self.stats
         if (s.run, s.last_step) == (self.steps.run, self.steps.last_step):
             return s
-        return replace(s, run=self.steps.run, last_step=self.steps.last_step)
+        return s.evolve(run=self.steps.run, last_step=self.steps.last_step)
 
 
 def new_record(name: str, config: LayerConfig) -> Record:

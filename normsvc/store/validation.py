@@ -8,18 +8,19 @@ and what was expected.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
+import struct
 from collections.abc import Mapping
 
 import numpy as np
+import xxhash
 
 from ..moments import Moments
 from ..running import BatchStatistics, RunningStats, batch_statistics
 from ..config import LayerConfig, make_config, step_arguments
 from ..errors import InvalidArgument
-from .steps import StepKey, feed
+from .steps import StepKey
 
 __all__ = [
     "positive_int",
@@ -98,19 +99,38 @@ def step_key(step, rank, world_size, run) -> StepKey | None:
     return None if checked is None else StepKey(*checked)
 
 
+#: The first byte of a request digest; a remembered digest without it (16 bytes: an older normsvc's
+#: blake2b) cannot be compared and counts as unknown (see backend.is_retry).
+DIGEST_VERSION = b"\x02"
+
+
+def _array_parts(arrays) -> list:
+    """Per array its rank and shape (int64), then its float64 values: what a digest covers."""
+    out = []
+    for a in arrays:
+        a = np.ascontiguousarray(a, dtype="<f8")
+        out.append(struct.pack(f"<{a.ndim + 1}q", a.ndim, *a.shape))
+        out.append(a.data)
+    return out
+
+
 def request_digest(what: str, key: StepKey | None, values: Mapping) -> bytes:
-    """What a request id is bound to: the kind of call, its step key and every layer's values."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{what}|{tuple(key) if key else ''}".encode())
+    """What a request id is bound to: the kind of call, its step key and every layer's values.
+
+    17 bytes: :data:`DIGEST_VERSION` and the XXH3 128-bit hash of the content
+    (an identity check between a request and its retry, not a security
+    boundary: any client may send any content under its own ids).
+    """
+    parts = [f"{what}|{tuple(key) if key else ''}".encode()]
     for name in sorted(values):
-        h.update(b"\0" + name.encode() + b"\0")
+        parts.append(b"\0" + name.encode() + b"\0")
         v = values[name]
         if isinstance(v, Moments):
-            feed(h, v.count, v.mean, v.m2)
+            parts += _array_parts((v.count, v.mean, v.m2))
         elif isinstance(v, tuple):
-            feed(h, *v)
+            parts += _array_parts(v)
         # anything else is refused by the call's own checks before it changes a thing
-    return h.digest()
+    return DIGEST_VERSION + xxhash.xxh3_128_digest(b"".join(parts))
 
 
 def mapping(value, field: str, of: str) -> Mapping:
@@ -178,6 +198,21 @@ def _sample_ndim(cfg: LayerConfig, mean: np.ndarray, layer: str) -> int:
         raise InvalidArgument(f"moments for {cfg.kind} layer {layer!r} have shape {mean.shape}: expected {layout}",
                               layer=layer, field="moments.mean")
     return sample_ndim
+
+
+def plain_batch(cfg: LayerConfig, shape: tuple | None, moments, *, whole: bool = True) -> bool:
+    """Whether :func:`batch` would accept ``moments`` without a word, told fast for the common
+    case (per-feature moments with one scalar count, of the layer's known shape); False means
+    "not known to be fine": :func:`batch` then decides and names any problem."""
+    if cfg.sample_ndim != 0 or shape is None or type(moments) is not Moments:
+        return False
+    count, mean, m2 = moments.count, moments.mean, moments.m2
+    if count.ndim or mean.shape != shape or not mean.size:
+        return False
+    k = float(count)
+    if not 0.0 < k < math.inf or (whole and cfg.convention == "torch" and k <= 1.0):
+        return False
+    return all_finite(mean, m2) and np.minimum.reduce(m2, axis=None) >= 0
 
 
 def batch(name: str, cfg: LayerConfig, shape: tuple | None, moments, *, whole: bool = True) -> BatchStatistics:

@@ -11,6 +11,7 @@ from normsvc._proto import normsvc_pb2 as pb
 from normsvc.client import Retry
 from normsvc.running import RunningStats
 from normsvc.config import LayerConfig
+from normsvc.wire.packed import pack_stats
 from normsvc.wire.tensors import encode
 
 __all__ = ["FAST_RETRY", "assert_same", "ok_calls", "FlakyService"]
@@ -73,6 +74,9 @@ class FlakyService:
         if len(self.request_ids) <= self.failures:
             context.abort(self.code, f"failure {len(self.request_ids)}")
         response = pb.UpdateStatsResponse()
+        if request.HasField("packed"):  # what the client sends for moments with one count each
+            stats = {name: RunningStats(np.zeros(1), np.ones(1), version=1) for name in request.packed.layers}
+            pack_stats(stats, response.packed)
         for e in request.updates:
             s = response.stats.add(layer=e.layer).stats
             encode(np.zeros(1), s.mean)

@@ -744,6 +744,41 @@ async function main() {
       const many = { updates: Array.from({ length: n }, (_, i) => ({ layer: `${P}up/many${i}`, moments: m })) };
       expectError('UpdateStats naming too many layers', await call('UpdateStats', many), grpc.status.RESOURCE_EXHAUSTED);
     }
+
+    // the packed form: names, shapes and counts as repeated scalars, all means and variances in one tensor each
+    const PK = `${P}up/packed-keras`;
+    const PQ = `${P}up/packed-torch`;
+    await mustCreate(PK);
+    await mustCreate(PQ, { convention: 'CONVENTION_TORCH' });
+    const packed = {
+      packed: { layers: [PK, PQ], ndim: [1, 1], dims: [2, 1], count: [4, 4], mean: tensor([1, 2, 1]), variance: tensor([0.5, 2, 1.5]) },
+    };
+    const p = expectOk('UpdateStats packed', await call('UpdateStats', packed));
+    if (p) {
+      const s = p.packed;
+      check('a packed request is answered packed, in its order', (p.stats || []).length === 0 && same(s.layers, [PK, PQ]), show(p));
+      check('packed answer: shapes', same(s.ndim.map(num), [1, 1]) && same(s.dims.map(num), [2, 1]), show(s));
+      check('packed answer: keras and torch statistics as per layer',
+        close(read(s.mean).values, [0.01, 0.02, 0.1]) && close(read(s.variance).values, [0.995, 1.01, 1.1]), show(s));
+      check('packed answer: counts, versions, no step yet',
+        same(s.count.map(num), [4, 4]) && same(s.version.map(num), [1, 1]) && same(s.last_step.map(num), [-1, -1]), show(s));
+    }
+    const PU = 'normsvc.v1.UpdateStatsRequest';
+    const good = packed.packed;
+    const badPacked = [
+      ['both updates and packed', { ...packed, updates: [{ layer: K, moments: m }] }, 'packed'],
+      ['packed with a bad layer name', { packed: { ...good, layers: [PK, 'a b'] } }, 'packed.layers[1]'],
+      ['packed with an ndim per layer missing', { packed: { ...good, ndim: [1] } }, 'packed.ndim'],
+      ['packed dims that do not add up', { packed: { ...good, dims: [2] } }, 'packed.dims'],
+      ['packed mean of another size', { packed: { ...good, mean: tensor([1, 2]) } }, 'packed.mean'],
+      ['packed NaN in a variance', { packed: { ...good, variance: tensor([0.5, NaN, 1.5]) } }, 'packed.variance'],
+      ['packed count 0', { packed: { ...good, count: [4, 0] } }, 'packed.count'],
+    ];
+    for (const [what, request, field] of badPacked) {
+      const before = await get(PK);
+      expectError(`UpdateStats ${what}`, await call('UpdateStats', request), grpc.status.INVALID_ARGUMENT, { type: PU, request, field });
+      check(`UpdateStats ${what}: nothing changed`, num((await get(PK)).stats.version) === num(before.stats.version));
+    }
   });
 
   await section('ResetStats', async () => {

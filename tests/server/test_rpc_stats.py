@@ -11,6 +11,7 @@ from safetensors.numpy import load as load_safetensors
 from server_util import entry, moments_of, pb, raises_code, rich_details, stats_arrays, update_request
 
 from normsvc import Moments
+from normsvc.wire.packed import pack_moments, unpack_stats
 from normsvc.store import Store
 
 C = grpc.StatusCode
@@ -55,6 +56,86 @@ def test_update_stats_is_all_or_nothing(stub, rng):
     assert rich_details(info.value)["BadRequest"].field_violations[0].field == "updates[1].moments.mean"
     layers = stub.GetLayer(pb.GetLayerRequest(names=["a", "b"])).layers
     assert [layer.stats.version for layer in layers] == [1, 1]
+
+
+def packed_request(updates: dict, **fields) -> pb.UpdateStatsRequest:
+    request = pb.UpdateStatsRequest(**fields)
+    pack_moments(updates, request.packed)
+    return request
+
+
+def test_packed_updates_equal_per_layer_updates(stub, rng):
+    """The packed form of a 53-layer-like step: the same statistics, bit for bit, as LayerMoments."""
+    for i in range(12):  # p/i goes packed, q/i the same moments per layer
+        for name in (f"p/{i}", f"q/{i}"):
+            create(stub, name, momentum=0.9, convention=pb.CONVENTION_TORCH if i % 2 else pb.CONVENTION_KERAS,
+                   num_features=[4 + i])
+    for step in range(3):
+        packed = {f"p/{i}": moments_of(rng.normal(i, 1 + i / 10, (16, 4 + i))) for i in range(12)}
+        a = stub.UpdateStats(packed_request(packed, request_id=f"s{step}", step=step, rank=0, world_size=1))
+        b = stub.UpdateStats(update_request({n.replace("p/", "q/"): m for n, m in packed.items()}))
+        assert not a.stats and not b.HasField("packed") and list(a.packed.layers) == list(packed)
+        got = unpack_stats(a.packed)
+        for entry_b in b.stats:
+            want = entry_b.stats
+            g = got[entry_b.layer.replace("q/", "p/")]
+            mean, var = stats_arrays(want)
+            assert np.array_equal(g.mean, mean) and np.array_equal(g.variance, var)
+            assert (g.version, g.num_batches, g.count, g.last_step) == (want.version, want.num_batches,
+                                                                         want.count, step)
+        # a retry of the packed request: the same answer, nothing applied twice
+        again = stub.UpdateStats(packed_request(packed, request_id=f"s{step}", step=step, rank=0, world_size=1))
+        assert list(again.packed.version) == list(a.packed.version)
+
+
+def test_packed_requests_are_checked_like_per_layer_ones(stub, rng):
+    for name in ("a", "b", "frozen"):
+        create(stub, name, num_features=[4])
+    stub.Freeze(pb.FreezeRequest(name="frozen"))
+    good = moments_of(rng.normal(size=(8, 4)))
+    both = packed_request({"a": good})
+    both.updates.add().CopyFrom(entry("a", good))
+    with raises_code(C.INVALID_ARGUMENT, "both updates (1 layers) and packed are set: expected one of them") as info:
+        stub.UpdateStats(both)
+    assert rich_details(info.value)["BadRequest"].field_violations[0].field == "packed"
+    with raises_code(C.INVALID_ARGUMENT, "expected at least one layer"):
+        stub.UpdateStats(packed_request({}))
+    with raises_code(C.INVALID_ARGUMENT, "repeats layer 'a'") as info:
+        request = packed_request({"a": good, "b": good})
+        request.packed.layers[1] = "a"
+        stub.UpdateStats(request)
+    assert rich_details(info.value)["BadRequest"].field_violations[0].field == "packed.layers[1]"
+    with raises_code(C.NOT_FOUND, "'missing'"):
+        stub.UpdateStats(packed_request({"a": good, "missing": good}))
+    with raises_code(C.FAILED_PRECONDITION, "'frozen'"):
+        stub.UpdateStats(packed_request({"a": good, "frozen": good}))
+    with raises_code(C.INVALID_ARGUMENT, "'b'") as info:  # b keeps 4 features
+        stub.UpdateStats(packed_request({"a": good, "b": moments_of(rng.normal(size=(8, 3)))}))
+    assert rich_details(info.value)["BadRequest"].field_violations[0].field == "packed.mean"
+    with raises_code(C.INVALID_ARGUMENT, "positive sample count") as info:
+        stub.UpdateStats(packed_request({"a": Moments(np.float64(0), np.zeros(4), np.zeros(4))}))
+    assert rich_details(info.value)["BadRequest"].field_violations[0].field == "packed.count"
+    bad = packed_request({"a": good, "b": good})
+    bad.packed.dims[:] = [4]
+    with raises_code(C.INVALID_ARGUMENT, "packed.dims") as info:
+        stub.UpdateStats(bad)
+    layers = stub.GetLayer(pb.GetLayerRequest(names=["a", "b"])).layers
+    assert [layer.stats.version for layer in layers] == [0, 0]  # nothing changed
+
+
+def test_the_client_sends_per_group_counts_per_layer(server, rng):
+    """Moments whose count differs per statistic do not pack: the client sends them as LayerMoments."""
+    from normsvc import Client
+
+    with Client(server.address) as client:
+        client.create_layer("cum", convention="cumulative", num_features=3)
+        client.create_layer("bn", num_features=3)
+        x = rng.normal(size=(6, 3))
+        per_group = Moments(np.full(3, 6.0), x.mean(0), ((x - x.mean(0)) ** 2).sum(0))
+        stats = client.update_many({"cum": per_group, "bn": Moments.from_samples(x)})
+    np.testing.assert_allclose(stats["cum"].mean, x.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(stats["cum"].variance, x.var(0), rtol=1e-13)
+    assert stats["bn"].version == 1
 
 
 def _bad(m: pb.Moments, what: str) -> pb.Moments:

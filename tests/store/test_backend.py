@@ -59,6 +59,32 @@ def test_a_request_id_is_bound_to_its_content(store, assert_unchanged, rng):
     assert a.freeze(request_id="freeze-1").frozen and a.freeze(request_id="freeze-1").version == 2
 
 
+def test_request_digests_tell_content_apart():
+    from normsvc.moments import Moments
+    from normsvc.store.validation import DIGEST_VERSION, request_digest
+
+    a = Moments(np.float64(4), np.arange(6.0), np.ones(6))
+    digest = request_digest("update", None, {"x": a})
+    assert len(digest) == 17 and digest.startswith(DIGEST_VERSION)
+    assert request_digest("update", None, {"x": Moments(a.count.copy(), a.mean.copy(), a.m2.copy())}) == digest
+    others = [{"x": Moments(a.count, a.mean.reshape(2, 3), a.m2.reshape(2, 3))},  # shape
+              {"x": Moments(a.count, np.nextafter(a.mean, 9), a.m2)},  # one ulp
+              {"x": Moments(a.count + 1, a.mean, a.m2)},
+              {"y": a}, {"x": a, "y": a}]
+    assert digest not in {request_digest("update", None, o) for o in others}
+    assert request_digest("freeze", None, {}) != request_digest("reset", None, {})
+
+
+def test_ids_remembered_with_an_older_digest_count_as_retries():
+    from normsvc.store.backend import is_retry
+
+    new = b"\x02" + bytes(16)
+    assert is_retry("bn", "r", bytes(range(16)), new)  # an older normsvc's blake2b: unknown, as before
+    assert is_retry("bn", "r", None, new) and is_retry("bn", "r", new, new)
+    with pytest.raises(AlreadyExists, match="request_id 'r'"):
+        is_retry("bn", "r", b"\x02" + bytes(range(16)), new)
+
+
 def test_request_window_is_bounded(store_url, rng):
     with Store.open(store_url, request_window=3) as store:
         layer = store.create_layer("bn")

@@ -549,7 +549,7 @@ def test_pending_contributions_survive_reopening_the_sqlite_store(sqlite_url):
 
 
 def _contribution(step, rank, world_size, m):
-    return Contribution(step, rank, world_size, steps_mod.moments_digest(m), m)
+    return Contribution(step, rank, world_size, m)
 
 
 def test_merge_is_the_concatenated_batch(rng):
@@ -560,6 +560,14 @@ def test_merge_is_the_concatenated_batch(rng):
     assert float(merged.count) == len(whole)
     np.testing.assert_allclose(merged.mean, whole.mean(0), rtol=1e-13)
     np.testing.assert_allclose(merged.variance, whole.var(0), rtol=1e-12)
+    # the compiled merge gives the bits of Moments.merge in rank order, empty parts included
+    sequential = parts[0].moments
+    for c in parts[1:]:
+        sequential = sequential.merge(c.moments)
+    assert np.array_equal(merged.mean, sequential.mean) and np.array_equal(merged.m2, sequential.m2)
+    assert float(merged.count) == float(sequential.count)
+    empty = _contribution(0, 0, 2, Moments(np.float64(0), np.zeros(4), np.zeros(4)))
+    assert np.array_equal(steps_mod.merge([empty, parts[1]], 0).mean, parts[1].moments.mean)
     # per-sample moments concatenate along the sample axis
     ys = [rng.normal(size=(2 + r, 3, 5)) for r in range(3)]
     parts = [_contribution(0, r, 3, np_moments(y, 2)) for r, y in enumerate(ys)]
@@ -596,19 +604,22 @@ def test_pending_contributions_encode_and_decode_exactly(rng):
     back = steps_mod.decode_pending(steps_mod.encode_pending(pending))
     assert len(back) == len(pending)
     for a, b in zip(pending, back):
-        assert (a.step, a.rank, a.world_size, a.digest) == (b.step, b.rank, b.world_size, b.digest)
+        assert (a.step, a.rank, a.world_size) == (b.step, b.rank, b.world_size)
         for field in ("count", "mean", "m2"):
             x, y = np.asarray(getattr(a.moments, field)), np.asarray(getattr(b.moments, field))
             assert x.shape == y.shape and np.array_equal(x, y)
     assert steps_mod.decode_pending(steps_mod.encode_pending(())) == ()
 
 
-def test_digest_tells_shapes_and_values_apart():
-    a = np.arange(6.0)
-    assert steps_mod.digest(a) == steps_mod.digest(a.copy())
-    assert steps_mod.digest(a) != steps_mod.digest(a.reshape(2, 3))
-    assert steps_mod.digest(a) != steps_mod.digest(a + 1e-300)
-    assert steps_mod.digest(a[:3], a[3:]) != steps_mod.digest(a[:2], a[2:])
+def test_a_retry_is_told_from_a_conflict_by_the_values_themselves():
+    a = np_moments(np.arange(6.0).reshape(3, 2), 0)
+    s = steps_mod.admit(Steps(), StepKey("r", 0, 1, 2), a, "bn")
+    same = Moments(a.count.copy(), a.mean.copy(), a.m2.copy())
+    assert steps_mod.admit(s, StepKey("r", 0, 1, 2), same, "bn") is None
+    for other in (Moments(a.count, np.nextafter(a.mean, np.inf), a.m2),  # one ulp apart
+                  Moments(a.count + 1, a.mean, a.m2)):
+        with pytest.raises(AlreadyExists, match="rank 1 already contributed other moments"):
+            steps_mod.admit(s, StepKey("r", 0, 1, 2), other, "bn")
 
 
 # --------------------------------------------------------------------------
