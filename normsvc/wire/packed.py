@@ -121,8 +121,8 @@ def unpack_moments(msg: pb.PackedMoments, *, field: str, max_elements: int | Non
     counts = np.array(msg.count, dtype=np.float64)
     if counts.size != len(names):
         raise tensor_error(f"{field}.count", f"has {counts.size} entries: expected one per layer ({len(names)})")
-    sizes = np.array([math.prod(s) for s in shapes], dtype=np.int64)
-    total = int(sizes.sum())
+    sizes = [math.prod(s) for s in shapes]  # Python ints: huge dims fail the size check below, never overflow
+    total = sum(sizes)
     arrays = {}
     for part in ("mean", "variance"):
         if not msg.HasField(part):
@@ -133,6 +133,7 @@ def unpack_moments(msg: pb.PackedMoments, *, field: str, max_elements: int | Non
                                                   "layers' statistics one after the other")
         arrays[part] = a if a.dtype == np.float64 else a.astype(np.float64)
     mean, variance = arrays["mean"], arrays["variance"]
+    sizes = np.array(sizes, dtype=np.int64)  # each at most the tensors' checked length
     m2 = np.empty(total)
     bad = _valid_m2(sizes, counts, mean, variance, m2)
     if bad >= 0:

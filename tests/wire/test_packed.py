@@ -68,6 +68,7 @@ def corrupt(msg: pb.PackedMoments, **changes) -> pb.PackedMoments:
     ({"mean": None}, "packed.mean", "is missing"),
     ({"variance": np.zeros(3)}, "packed.variance", "expected [81]"),
     ({"mean": np.zeros((81, 1))}, "packed.mean", "expected [81]"),
+    ({"dims": [1 << 62, 1 << 62, 5, 1]}, "packed.mean", f"expected [{(1 << 62) * 6 + 2}]"),  # no overflow
 ])
 def test_malformed_packed_moments_name_the_field(rng, changes, field, words):
     msg = corrupt(packed(step(rng)), **changes)
