@@ -37,7 +37,8 @@ test: $(call STAMP,test)
 serve: $(call STAMP,serve)
 	$(VENV)/bin/normsvc serve --host 127.0.0.1 --port 50051 --store sqlite:///.normsvc/stats.db
 
-## bench: compare the CPU kernels with PyTorch, numpy and a plain copy
+## bench: compare the CPU kernels with PyTorch, numpy and a plain copy, once with torch imported first and once
+## with normsvc first (fresh processes); per case the worse torch/normsvc ratio
 bench: $(call STAMP,bench)
 	$(PY) bench/kernels.py
 

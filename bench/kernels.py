@@ -2,8 +2,19 @@
 
 Run with ``make bench`` (or ``python bench/kernels.py [--rounds N]``).
 Every case is float32, forward, training mode (batch statistics).  The
-implementations are interleaved round by round and the table reports
-medians, because the machines this runs on are shared and noisy.
+implementations are interleaved round by round, in a shuffled order each
+round (a case that follows a large plain-store write pays for writing that
+output back, so no implementation always follows the same one), and the
+tables report medians, because the machines this runs on are shared and
+noisy.
+
+By default the suite runs twice, each time in a fresh process: once with
+torch imported before normsvc (as most users import it) and once with
+normsvc imported, and its parallel kernels started, before torch.  The order
+decides which OpenMP runtime the process ends up with and how long its idle
+threads spin (see docs/benchmarks.md); the table gives both runs side by
+side and, per case, the worse torch/normsvc ratio of the two.
+``--import-first torch|normsvc`` runs one order only, in this process.
 
 Columns: milliseconds per call for normsvc, PyTorch (same thread count),
 numpy (float32, the obvious expression) and a plain copy of the same bytes;
@@ -16,29 +27,63 @@ growing inputs, which is how ``normsvc.kernels.cpu.SERIAL_BELOW`` was chosen.
 ``--fusion`` times the one-pass kernel for contiguous groups (layer and RMS
 norm, channels-first instance and group norm, up to
 ``cpu.FUSED_SEGMENT_BYTES`` per group) against the two passes it replaced.
+``--stream`` times the channels-last cases with y written by streaming
+stores and by plain stores, alone and followed by a read of y (what the
+next layer does), which is how ``cpu.STREAM_ABOVE`` was chosen.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
+import random
 import statistics
+import subprocess
 import sys
 import time
 
 import numpy as np
 
-import normsvc
-from normsvc.kernels import cpu
+# imported by _import_in_order, in the order the run asks for
+normsvc = cpu = torch = F = None
+ORDERS = ("torch", "normsvc")
 
-try:
-    import torch
-    import torch.nn.functional as F
-except ImportError:  # the table still runs, without the torch column
-    torch = None
+
+def _import_in_order(first: str) -> dict:
+    """Import torch and normsvc, ``first`` first; returns what decided the OpenMP runtime.
+
+    normsvc first also makes one parallel call before torch is imported, so
+    that numba's OpenMP layer is loaded first (the other way round from
+    torch first); either way one libgomp ends up serving both libraries.
+    """
+    global normsvc, cpu
+    spin_env = {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+    def import_torch():
+        global torch, F
+        try:
+            import torch
+            import torch.nn.functional as F
+        except ImportError:  # the table still runs, without the torch column
+            torch = None
+
+    if first == "torch":
+        import_torch()
+        seen = spin_env  # torch's libgomp read the environment as it was before normsvc
+    import normsvc
+    from normsvc.kernels import cpu
+
+    if first == "normsvc":
+        seen = {k: os.environ.get(k) for k in spin_env}  # normsvc may have set GOMP_SPINCOUNT
+        normsvc.batch_norm(np.ones((64, 64, 64), np.float32))  # starts numba's OpenMP layer
+        import_torch()
+    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+    runtimes = sorted({line.split()[-1] for line in maps.splitlines() if "libgomp" in line})
+    return {"first": first, "openmp_env_at_load": seen, "libgomp": runtimes}
 
 
 def _cases(rng):
@@ -107,12 +152,31 @@ def _timer(fn, arg, inner):
     return (time.perf_counter() - t0) / inner
 
 
-def run_table(rounds: int) -> str:
+def _busy_ticks() -> tuple[int, int]:
+    """(CPU ticks all processes spent busy, ticks this process spent), from /proc/stat (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    t = os.times()
+    return v[0] + v[1] + v[2] + v[5] + v[6], round((t.user + t.system) * os.sysconf("SC_CLK_TCK"))
+
+
+def other_load(start: tuple[int, int], wall: float) -> float:
+    """Cores' worth of CPU other processes used since ``start`` (what makes a shared machine noisy)."""
+    end = _busy_ticks()
+    return ((end[0] - start[0]) - (end[1] - start[1])) / os.sysconf("SC_CLK_TCK") / max(wall, 1e-9)
+
+
+def measure(rounds: int) -> list[dict]:
+    """Per case: the median ms of each implementation (normsvc, torch, numpy, copy)."""
     rng = np.random.default_rng(0)
+    order = random.Random(0)
     threads = cpu.numba.get_num_threads()
     if torch is not None:
         torch.set_num_threads(threads)
-    rows, ratios = [], []
+    rows = []
     for name, x, ours, theirs, to_torch, ref in _cases(rng):
         dst = np.empty_like(x)
         impls = {"normsvc": (ours, x), "numpy": (ref, x), "copy": (lambda a: np.copyto(dst, a), x)}
@@ -123,25 +187,79 @@ def run_table(rounds: int) -> str:
             fn(arg)
             fn(arg)
         samples = {k: [] for k in impls}
+        keys = list(impls)
         for _ in range(rounds):
-            for key, (fn, arg) in impls.items():
+            order.shuffle(keys)
+            for key in keys:
+                fn, arg = impls[key]
                 samples[key].append(_timer(fn, arg, inner))
         med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
-        t_ratio = med["torch"] / med["normsvc"] if "torch" in med else float("nan")
-        ratios.append(t_ratio)
-        gbs = 2 * x.nbytes / (med["normsvc"] * 1e-3) / 1e9
-        rows.append((name, med["normsvc"], med.get("torch", float("nan")), med["numpy"], med["copy"],
-                     t_ratio, med["copy"] / med["normsvc"], gbs))
+        rows.append({"case": name, "bytes": x.nbytes, **med})
+    return rows
+
+
+def _ratio(row: dict) -> float:
+    return row["torch"] / row["normsvc"] if "torch" in row else float("nan")
+
+
+def _geomean(values) -> float:
+    good = [v for v in values if not math.isnan(v)]
+    return math.exp(sum(math.log(v) for v in good) / len(good)) if good else float("nan")
+
+
+def format_table(rows: list[dict]) -> str:
     head = ("| case | normsvc ms | torch ms | numpy ms | copy ms | torch/normsvc | copy/normsvc | normsvc GB/s |\n"
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    lines = [head] + [
-        f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.1f} |"
-        for r in rows
-    ]
-    good = [r for r in ratios if not math.isnan(r)]
-    if good:
-        geo = math.exp(sum(math.log(r) for r in good) / len(good))
-        lines.append(f"\ngeometric-mean speed-up over torch: {geo:.2f}x")
+    lines = [head]
+    for r in rows:
+        gbs = 2 * r["bytes"] / (r["normsvc"] * 1e-3) / 1e9
+        lines.append(f"| {r['case']} | {r['normsvc']:.3f} | {r.get('torch', float('nan')):.3f} | {r['numpy']:.3f} | "
+                     f"{r['copy']:.3f} | {_ratio(r):.2f} | {r['copy'] / r['normsvc']:.2f} | {gbs:.1f} |")
+    lines.append(f"\ngeometric-mean speed-up over torch: {_geomean(_ratio(r) for r in rows):.2f}x")
+    return "\n".join(lines)
+
+
+def run_table(rounds: int) -> str:
+    return format_table(measure(rounds))
+
+
+def _child(first: str, rounds: int) -> dict:
+    """One import order in a fresh process (the environment passed on unchanged)."""
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--import-first", first, "--rounds",
+                           str(rounds), "--json"], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the run with {first} imported first failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_both_orders(rounds: int) -> str:
+    """The suite once per import order (fresh processes); per case the worse torch/normsvc ratio."""
+    runs = {first: _child(first, rounds) for first in ORDERS}
+    lines = []
+    for first, run in runs.items():
+        info = run["info"]
+        env = ", ".join(f"{k}={v}" for k, v in info["openmp_env_at_load"].items() if v is not None) or "unset"
+        lines.append(f"# {first} imported first: OpenMP runtime {' + '.join(info['libgomp']) or 'none'}; "
+                     f"GOMP_SPINCOUNT/OMP_WAIT_POLICY when it loaded: {env}; other processes used "
+                     f"{info['other_load']:.2f} cores during the run")
+    lines += ["",
+              "| case | torch first: normsvc ms | torch ms | torch/normsvc | normsvc first: normsvc ms | torch ms | "
+              "torch/normsvc | worse torch/normsvc | copy/normsvc (worse run) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    worst = []
+    by_case = [{first: row for first, row in zip(ORDERS, rows)} for rows in zip(*(runs[f]["rows"] for f in ORDERS))]
+    for case in by_case:
+        a, b = case["torch"], case["normsvc"]
+        ratios = {first: _ratio(case[first]) for first in ORDERS}
+        worse = min(ORDERS, key=lambda f: ratios[f] if not math.isnan(ratios[f]) else math.inf)
+        worst.append((a["case"], ratios[worse]))
+        nan = float("nan")
+        lines.append(f"| {a['case']} | {a['normsvc']:.3f} | {a.get('torch', nan):.3f} | {ratios['torch']:.2f} | "
+                     f"{b['normsvc']:.3f} | {b.get('torch', nan):.3f} | {ratios['normsvc']:.2f} | "
+                     f"**{ratios[worse]:.2f}** | {case[worse]['copy'] / case[worse]['normsvc']:.2f} |")
+    lines.append(f"\ngeometric-mean speed-up over torch, worse order per case: {_geomean(r for _, r in worst):.2f}x")
+    slower = [f"{name} ({r:.2f}x)" for name, r in worst if r < 1.0]
+    lines.append("slower than torch in some order: " + (", ".join(slower) if slower else "none"))
     return "\n".join(lines)
 
 
@@ -201,16 +319,81 @@ def run_fusion(rounds: int) -> str:
     return "\n".join(lines)
 
 
+def run_stream(rounds: int) -> str:
+    """Channels-last norms with y streamed out and with plain stores, alone and followed by a read of y."""
+    rng = np.random.default_rng(0)
+    limit = cpu.STREAM_ABOVE
+    lines = ["| case | MiB | plain ms | streamed ms | plain + read of y ms | streamed + read of y ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    order = random.Random(0)
+    try:
+        for kind in ("batch", "group(32)"):
+            for n in (8, 16, 20, 24, 32):
+                x = rng.standard_normal((n, 56, 56, 64), dtype=np.float32)
+                if kind == "batch":
+                    norm = lambda: normsvc.batch_norm(x, axis=-1)  # noqa: E731
+                else:
+                    norm = lambda: normsvc.group_norm(x, groups=32, axis=-1)  # noqa: E731
+
+                def variant(streamed, read, norm=norm):
+                    def call():
+                        cpu.STREAM_ABOVE = 0 if streamed else 1 << 62
+                        y = norm()[0]
+                        if read:
+                            y.sum()
+                    return call
+
+                impls = {(s_, r_): variant(s_, r_) for s_ in (False, True) for r_ in (False, True)}
+                for fn in impls.values():
+                    fn()
+                samples = {k: [] for k in impls}
+                keys = list(impls)
+                for _ in range(rounds):
+                    order.shuffle(keys)
+                    for key in keys:
+                        samples[key].append(_timer(lambda _: impls[key](), None, 1))
+                med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+                lines.append(f"| {kind} {n}x56x56x64 | {x.nbytes / 2**20:.1f} | {med[False, False]:.3f} | "
+                             f"{med[True, False]:.3f} | {med[False, True]:.3f} | {med[True, True]:.3f} |")
+    finally:
+        cpu.STREAM_ABOVE = limit
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case (median reported)")
+    ap.add_argument("--import-first", choices=ORDERS,
+                    help="one run in this process with this import order (default: both, in fresh processes)")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # a child's rows, for the parent
     ap.add_argument("--threshold", action="store_true", help="time serial vs parallel kernels instead")
     ap.add_argument("--fusion", action="store_true", help="time one-pass vs two-pass kernels instead")
+    ap.add_argument("--stream", action="store_true", help="time streamed vs plain stores of y instead")
     args = ap.parse_args(argv)
-    print(f"# {datetime.date.today()} | {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}, numba {cpu.numba.__version__}, numpy {np.__version__}, "
-          f"torch {torch.__version__ if torch else 'absent'}, threads {cpu.numba.get_num_threads()}")
-    run = run_threshold if args.threshold else run_fusion if args.fusion else run_table
+    both = args.import_first is None and not (args.threshold or args.fusion or args.stream)
+    info = None if both else _import_in_order(args.import_first or "torch")
+    if args.json:
+        start, t0 = _busy_ticks(), time.perf_counter()
+        rows = measure(args.rounds)
+        info["other_load"] = other_load(start, time.perf_counter() - t0)
+        print(json.dumps({"info": info, "rows": rows}))
+        return 0
+    import numba  # for the header; normsvc is not imported here when the children do the work
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    versions = f"Python {platform.python_version()}, numba {numba.__version__}, numpy {np.__version__}"
+    try:
+        from importlib.metadata import version
+
+        versions += f", torch {version('torch')}"
+    except Exception:  # noqa: BLE001 - torch is optional
+        versions += ", torch absent"
+    print(f"# {now} | {platform.machine()}, {os.cpu_count()} cores, {versions}, threads {numba.get_num_threads()}")
+    if both:
+        print(run_both_orders(args.rounds))
+        return 0
+    run = run_threshold if args.threshold else run_fusion if args.fusion else run_stream if args.stream else run_table
+    print(f"# {info['first']} imported first; OpenMP runtime {' + '.join(info['libgomp']) or 'none'}")
     print(run(args.rounds))
     return 0
 

@@ -159,6 +159,135 @@ def _check_one_and_two_pass(view, kernel, knob, dtype, rng, kernel_calls, monkey
 
 
 # ---------------------------------------------------------------------------
+# Channels-last: the four-row moments loop and the streamed apply pass
+
+
+def _reference(x, g, h, eps=1e-3):
+    """float64 training-mode norm of a view x[A, B, C, D, E]: (y, mean, m2)."""
+    B, D, E = x.shape[1], x.shape[3], x.shape[4]
+    xs = x.astype(np.float64)
+    mean = xs.mean(axis=(1, 3, 4))
+    m2 = ((xs - mean[:, None, :, None, None]) ** 2).sum(axis=(1, 3, 4))
+    y = (xs - mean[:, None, :, None, None]) / np.sqrt(m2 / (B * D * E) + eps)[:, None, :, None, None]
+    y = y * g.astype(np.float64)[None, None, :, :, None] + h.astype(np.float64)[None, None, :, :, None]
+    return y, mean, m2
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 13])
+@pytest.mark.parametrize("C, F", [(1, 1), (3, 1), (64, 1), (5, 3), (32, 2)])
+def test_row_moments_any_row_count(rows, C, F, rng):
+    """The channels-last moments loop takes four rows per step and the rest one by one."""
+    x = rng.normal(rng.uniform(-1e3, 1e3), 1.0, size=(2, rows, C, F)).astype(np.float32)
+    shift = cpu._shift(x)
+    s1, s2 = np.empty((2, 1, C)), np.empty((2, 1, C))
+    cpu._moments_serial(x, shift, 1, s1, s2)
+    mean, m2, _, _ = cpu._finish(np.float64(rows * F), shift, s1, s2, 0.0, False)
+    xs = x.astype(np.float64)
+    np.testing.assert_allclose(mean, xs.mean(axis=(1, 3)), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(m2, ((xs - xs.mean(axis=(1, 3), keepdims=True)) ** 2).sum(axis=(1, 3)),
+                               rtol=1e-9, atol=1e-12)
+
+
+# [A, B, C, D, E] views with one statistic per (a, c) shared by many rows: row lengths C*D below,
+# at and above one 64-byte line, odd and even, one and several samples
+STREAM_VIEWS = [
+    (1, 4099, 64, 1, 1),  # batch norm, NHWC
+    (1, 3001, 37, 1, 1),  # odd channel count: lines straddle rows
+    (1, 12007, 3, 1, 1),  # rows much shorter than a line
+    (1, 257, 1030, 1, 1),  # rows longer than many lines
+    (3, 1001, 8, 3, 1),  # group norm, NHWC, odd D
+    (8, 509, 16, 4, 1),  # group norm with enough samples for the per-sample kernel
+]
+
+
+@pytest.mark.parametrize("view", STREAM_VIEWS, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 1, 5])
+def test_streamed_apply_equals_plain_stores(view, dtype, offset, rng, monkeypatch):
+    """Streaming stores (large outputs) write exactly what plain stores write, wherever y starts
+    relative to a 64-byte line (``offset`` elements into an allocation)."""
+    A, B, C, D, E = view
+    x = rng.normal(rng.uniform(-1e4, 1e4), 2.0, size=view).astype(dtype)
+    center = x.astype(np.float64).mean(axis=(1, 3, 4))
+    p = rng.uniform(0.5, 2, size=(A, C))
+    g, h = rng.normal(size=(C, D)).astype(dtype), rng.normal(size=(C, D)).astype(dtype)
+    monkeypatch.setattr(cpu, "STREAM_ABOVE", 1 << 62)
+    plain = cpu.apply(x, center, p, g, h)
+    monkeypatch.setattr(cpu, "STREAM_ABOVE", 0)
+    out = np.full(x.size + 16, np.nan, dtype)[offset : offset + x.size].reshape(view)
+    streamed = cpu.apply(x, center, p, g, h, out=out)
+    assert streamed is out
+    np.testing.assert_array_equal(streamed, plain)
+    want = (x.astype(np.float64) - center[:, None, :, None, None]) * p[:, None, :, None, None]
+    want = want * g[None, None, :, :, None] + h[None, None, :, :, None]
+    # |x - center| = O(10), p <= 2, |g| = O(1): float32 ulps of O(100), float64 far below
+    np.testing.assert_allclose(streamed, want, rtol=0, atol=1e-4 if dtype == np.float32 else 1e-10)
+
+
+def test_streamed_apply_into_a_misaligned_output(rng, monkeypatch):
+    """An output that does not even start on an element boundary takes plain stores throughout."""
+    x = rng.normal(size=(1, 4000, 8, 1, 1)).astype(np.float32)
+    out = np.ndarray(x.shape, np.float32, buffer=np.zeros(x.nbytes + 1, np.uint8), offset=1)
+    assert not out.flags.aligned
+    monkeypatch.setattr(cpu, "STREAM_ABOVE", 0)
+    y = cpu.apply(x, np.zeros((1, 8)), np.ones((1, 8)), np.ones((8, 1), np.float32), np.zeros((8, 1), np.float32),
+                  out=out)
+    np.testing.assert_array_equal(y, x)
+
+
+@pytest.mark.parametrize("view", STREAM_VIEWS, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channels_last_normalize_streamed_and_plain_match_the_reference(view, dtype, rng, monkeypatch):
+    """Training mode on the channels-last paths (two parallel passes, or both passes per sample),
+    with y streamed out and with plain stores, against float64; |mean| = 1e4 * std included."""
+    A, B, C, D, E = view
+    x = rng.normal(rng.uniform(-1e4, 1e4), 1.0, size=view).astype(dtype)
+    g, h = rng.normal(size=(C, D)).astype(dtype), rng.normal(size=(C, D)).astype(dtype)
+    want, mean, m2 = _reference(x, g, h)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(min(2, threads))  # 8 samples: the per-sample kernel at 2 threads
+    try:
+        for limit in (1 << 62, 0):
+            monkeypatch.setattr(cpu, "STREAM_ABOVE", limit)
+            y, got_mean, got_m2 = cpu.normalize(x, 1e-3, False, g, h)
+            np.testing.assert_allclose(got_mean, mean, rtol=1e-12, atol=0)
+            np.testing.assert_allclose(got_m2, m2, rtol=1e-9)
+            np.testing.assert_allclose(y, want, rtol=0, atol=2e-4 if dtype == np.float32 else 1e-9)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def test_large_channels_last_outputs_are_streamed(rng, monkeypatch):
+    """The stream flag follows the output's size: STREAM_ABOVE bytes and up."""
+    flags = []
+    for name in ("_apply_parallel", "_normalize_slabs"):
+        kernel = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _k=kernel: (flags.append(a[-1]), _k(*a))[1])
+    x = rng.normal(size=(16, 8, 8, 64)).astype(np.float32)  # 256 KiB
+    for limit, want in ((x.nbytes, True), (x.nbytes + 1, False)):
+        monkeypatch.setattr(cpu, "STREAM_ABOVE", limit)
+        ops.batch_norm(x)  # two passes
+        ops.instance_norm(x)  # per sample
+        assert flags[-2:] == [want, want]
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kind, kwargs", [("batch", {"axis": -1}), ("group", {"axis": -1, "groups": 8})])
+def test_half_inputs_on_the_streamed_path(dtype_name, kind, kwargs, rng, monkeypatch):
+    """float16 and bfloat16 are computed in float32 (streamed there too) and returned in their dtype."""
+    from reference import BFLOAT16
+
+    dtype = BFLOAT16 if dtype_name == "bfloat16" else np.float16
+    monkeypatch.setattr(cpu, "STREAM_ABOVE", 0)
+    x = rng.normal(2.0, 3.0, size=(8, 16, 17, 32)).astype(dtype)  # parallel kernels (>= SERIAL_BELOW)
+    y, m = ops.norm(kind, x, **kwargs)
+    assert y.dtype == dtype
+    ref = REFERENCES[kind](x.astype(np.float64), epsilon=1e-3, **kwargs)
+    assert_y_close(y, ref, dtype)
+    assert_stats_close(m.mean, m.variance, x.astype(np.float64), ref, dtype)
+
+
+# ---------------------------------------------------------------------------
 # Threads
 
 
