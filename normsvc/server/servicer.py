@@ -275,8 +275,8 @@ class NormServicer(pb_grpc.NormServiceServicer):
         packed = request.HasField("packed")
         if packed:
             if request.updates:
-                raise InvalidArgument(f"both updates ({len(request.updates)} layers) and packed are set: expected "
-                                      "one of them", field="packed")
+                raise InvalidArgument(f"both updates (with {len(request.updates)} layer entries) and packed are set: "
+                                      "expected one of them", field="packed")
             names = request.packed.layers
             self._check_names(names, "packed.layers", "")
             updates = unpack_moments(request.packed, field="packed", max_elements=self.limits.max_tensor_elements)

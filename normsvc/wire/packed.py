@@ -195,14 +195,15 @@ def unpack_stats(msg: pb.PackedStats) -> dict[str, RunningStats]:
     n = len(names)
     shapes = _shapes(msg.ndim, msg.dims, n, "packed")
     sizes = [math.prod(s) for s in shapes]
-    columns = [list(c) for c in (msg.count, msg.num_batches, msg.version, msg.frozen, msg.updated_at, msg.run,
-                                 msg.last_step)]
-    if any(len(c) != n for c in columns) or len(msg.renorm) not in (0, n):
-        raise tensor_error("packed", f"has fields of other lengths than its {n} layers")
-    counts, num_batches, versions, frozen, updated_at, runs, last_steps = columns
+    names_of = ("count", "num_batches", "version", "frozen", "updated_at", "run", "last_step", "renorm")
+    columns = [list(getattr(msg, f)) for f in names_of]
+    for field, column in zip(names_of, columns):
+        if len(column) != n and not (field == "renorm" and not column):
+            raise tensor_error(f"packed.{field}", f"has {len(column)} entries: expected one per layer ({n})")
+    counts, num_batches, versions, frozen, updated_at, runs, last_steps, renorm = columns
     total = sum(sizes)
     mean, variance = _floats(msg.mean, total, "packed.mean"), _floats(msg.variance, total, "packed.variance")
-    renorm = [False] * n if not msg.renorm else list(msg.renorm)
+    renorm = renorm or [False] * n  # unset: no layer has renorm
     renorm_total = sum(s for s, r in zip(sizes, renorm) if r)
     extra = [_floats(getattr(msg, f), renorm_total, f"packed.{f}") for f in _RENORM] if renorm_total else None
     out, at, extra_at = {}, 0, 0

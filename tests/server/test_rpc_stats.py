@@ -95,7 +95,7 @@ def test_packed_requests_are_checked_like_per_layer_ones(stub, rng):
     good = moments_of(rng.normal(size=(8, 4)))
     both = packed_request({"a": good})
     both.updates.add().CopyFrom(entry("a", good))
-    with raises_code(C.INVALID_ARGUMENT, "both updates (1 layers) and packed are set: expected one of them") as info:
+    with raises_code(C.INVALID_ARGUMENT, "both updates (with 1 layer entries) and packed are set: expected one of them") as info:
         stub.UpdateStats(both)
     assert rich_details(info.value)["BadRequest"].field_violations[0].field == "packed"
     with raises_code(C.INVALID_ARGUMENT, "expected at least one layer"):

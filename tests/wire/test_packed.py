@@ -126,5 +126,5 @@ def test_unpacked_stats_equal_the_per_layer_codec(rng, renorm):
 def test_packed_stats_with_missing_columns_are_refused(rng):
     msg = pack_stats({"a": some_stats(rng, (4,))}, pb.PackedStats())
     msg.version.append(3)
-    with pytest.raises(InvalidTensor, match="other lengths than its 1 layers"):
+    with pytest.raises(InvalidTensor, match=r"packed.version: has 2 entries: expected one per layer \(1\)"):
         unpack_stats(msg)
