@@ -37,6 +37,8 @@ included).  RMS layers pool in every convention, so that the running
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -99,12 +101,12 @@ class LayerConfig:
         """The kind's entry in the table of norms."""
         return norms.NORMS[self.kind]
 
-    @property
+    @functools.cached_property  # read on every update: computed once per config
     def sample_ndim(self) -> int | None:
         """Leading axes of the pushed moments that are averaged away (None: all of them)."""
         return 1 if self.virtual_batch_size is not None else self.norm.sample_ndim
 
-    @property
+    @functools.cached_property  # read on every update: computed once per config
     def stat_ndim(self) -> int:
         """Rank of the running statistics."""
         return self.norm.stat_ndim(self.axis)

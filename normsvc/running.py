@@ -392,5 +392,4 @@ def fold(state: RunningStats, moments: Moments, *, convention: str, momentum: fl
                _CODES[convention], float(m), _flat(new_mean), _flat(new_var))
     if not ok:
         return None
-    return RunningStats(new_mean, new_var, state.count + k, num_batches, state.version, state.frozen,
-                        state.updated_at)
+    return state.evolve(mean=new_mean, variance=new_var, count=state.count + k, num_batches=num_batches)

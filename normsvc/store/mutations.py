@@ -21,75 +21,77 @@ from . import steps as step_state
 from .records import Record, known_shape
 from .steps import Steps, StepKey
 
-__all__ = ["updated", "update", "contribute", "set_frozen", "reset", "put"]
+__all__ = ["updated", "apply", "update", "contribute", "set_frozen", "reset", "put"]
 
 Mutation = Callable[[Record], "Record | None"]
 
 
 def updated(record: Record, stats: RunningStats, now: float) -> Record:
-    """``record`` with new statistics, one version on, stamped ``now``."""
-    s = stats  # built directly: dataclasses.replace costs more than the update itself on the hot path
-    new = RunningStats(s.mean, s.variance, s.count, s.num_batches, record.stats.version + 1, s.frozen, now,
-                       moving_stddev=s.moving_stddev, renorm_mean=s.renorm_mean, renorm_stddev=s.renorm_stddev)
+    """``record`` with new statistics, one version on, stamped ``now`` (no run or last step: the
+    record's step state tells those, see :meth:`Record.report`)."""
+    new = stats.evolve(version=record.stats.version + 1, updated_at=now, run="", last_step=None)
     return Record(record.name, record.config, new, record.steps)
 
 
-def update(moments, now: float) -> Mutation:
-    """Fold one batch's moments into the running statistics, by the layer's convention."""
-
-    def fn(record: Record) -> Record:
-        cfg, stats = record.config, record.stats
-        if cfg.sample_ndim == 0 and not cfg.renorm and not stats.frozen and isinstance(moments, Moments) \
-                and known_shape(record) is not None:
-            # the hot path: one compiled pass, or None and the checks below say what is wrong
-            new = fold(stats, moments, convention=cfg.convention, momentum=cfg.momentum)
-            if new is not None:
-                return updated(record, new, now)
-        batch = validation.batch(record.name, cfg, known_shape(record), moments)
-        if stats.frozen:
-            raise FrozenLayer(f"layer {record.name!r} is frozen and takes no updates: unfreeze it first",
-                              layer=record.name)
-        if known_shape(record) is None:
-            fresh = initial_state(cfg.convention, batch.mean.shape, renorm=cfg.renorm)
-            stats = replace(stats, mean=fresh.mean, variance=fresh.variance, moving_stddev=fresh.moving_stddev,
-                            renorm_mean=fresh.renorm_mean, renorm_stddev=fresh.renorm_stddev)
-        renorm = (cfg.renorm_momentum, cfg.epsilon) if cfg.renorm else None
-        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-            new = apply_update(stats, batch, convention=cfg.convention, momentum=cfg.momentum, renorm=renorm)
-        if not validation.all_finite(new.mean, new.variance, *(new.renorm or ())):
-            raise InvalidArgument(f"moments for layer {record.name!r} overflow the running statistics to Inf",
-                                  layer=record.name, field="moments.mean")
-        return updated(record, new, now)
-
-    return fn
+def apply(record: Record, moments, now: float) -> Record:
+    """``record`` with one batch's moments folded into its statistics, by the layer's convention."""
+    cfg, stats = record.config, record.stats
+    if cfg.sample_ndim == 0 and not cfg.renorm and not stats.frozen and type(moments) is Moments \
+            and known_shape(record) is not None:
+        # the hot path: one compiled pass, or None and the checks below say what is wrong
+        new = fold(stats, moments, convention=cfg.convention, momentum=cfg.momentum)
+        if new is not None:
+            return updated(record, new, now)
+    batch = validation.batch(record.name, cfg, known_shape(record), moments)
+    if stats.frozen:
+        raise FrozenLayer(f"layer {record.name!r} is frozen and takes no updates: unfreeze it first",
+                          layer=record.name)
+    if known_shape(record) is None:
+        fresh = initial_state(cfg.convention, batch.mean.shape, renorm=cfg.renorm)
+        stats = replace(stats, mean=fresh.mean, variance=fresh.variance, moving_stddev=fresh.moving_stddev,
+                        renorm_mean=fresh.renorm_mean, renorm_stddev=fresh.renorm_stddev)
+    renorm = (cfg.renorm_momentum, cfg.epsilon) if cfg.renorm else None
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        new = apply_update(stats, batch, convention=cfg.convention, momentum=cfg.momentum, renorm=renorm)
+    if not validation.all_finite(new.mean, new.variance, *(new.renorm or ())):
+        raise InvalidArgument(f"moments for layer {record.name!r} overflow the running statistics to Inf",
+                              layer=record.name, field="moments.mean")
+    return updated(record, new, now)
 
 
-def contribute(moments, key: StepKey, now: float, *, lag: int, closed: dict) -> Mutation:
-    """Add one rank's moments to a step (see :mod:`normsvc.store.steps`); apply the steps now due.
+def update(updates: Mapping, now: float) -> Mutation:
+    """Fold each layer's moments (``updates[name]``) into its running statistics, by its convention."""
+    return lambda record: apply(record, updates[record.name], now)
+
+
+def contribute(updates: Mapping, key: StepKey, now: float, *, lag: int, closed: dict) -> Mutation:
+    """Add each layer's moments (``updates[name]``) to a step as one rank's contribution (see
+    :mod:`normsvc.store.steps`); apply the steps now due.
 
     Each step due takes one update of the layer's convention with the
     merged moments (one version each).  ``closed[name]`` receives the steps
     this call closed before all their ranks came.
     """
+    whole = key.world_size == 1
 
     def fn(record: Record) -> Record | None:
+        moments, cfg = updates[record.name], record.config
         # while the layer learns its shape, the contributions already waiting fix it
         shape = known_shape(record)
         if shape is None:
-            shape = step_state.pending_shape(record.steps, record.config.sample_ndim)
-        if not validation.plain_batch(record.config, shape, moments, whole=key.world_size == 1):
-            validation.batch(record.name, record.config, shape, moments, whole=key.world_size == 1)
+            shape = step_state.pending_shape(record.steps, cfg.sample_ndim)
+        if not validation.plain_batch(cfg, shape, moments, whole=whole):
+            validation.batch(record.name, cfg, shape, moments, whole=whole)
         step_state.check_not_frozen(record.stats.frozen, record.name)
         steps = step_state.admit(record.steps, key, moments, record.name)
-        closed[record.name] = []
         if steps is None:
             return None  # a retry of a contribution already here
         ready, steps = step_state.due(steps, key.step, lag)
-        record = Record(record.name, record.config, record.stats, steps)
+        record = Record(record.name, cfg, record.stats, steps)
         for step, parts, complete in ready:
-            record = update(step_state.merge(parts, record.config.sample_ndim), now)(record)
+            record = apply(record, step_state.merge(parts, cfg.sample_ndim), now)
             if not complete:
-                closed[record.name].append((step, [c.rank for c in parts], parts[0].world_size))
+                closed.setdefault(record.name, []).append((step, [c.rank for c in parts], parts[0].world_size))
         return record
 
     return fn

@@ -125,7 +125,8 @@ def _switch_run(steps: Steps, run: str, layer: str) -> Steps:
 
 def admit(steps: Steps, key: StepKey, moments: Moments, layer: str) -> Steps | None:
     """``steps`` with the contribution added; None for a retry of one already there."""
-    steps = _switch_run(steps, key.run, layer)
+    if key.run != steps.run:
+        steps = _switch_run(steps, key.run, layer)
     if steps.last_step is not None and key.step <= steps.last_step:
         raise FailedPrecondition(
             f"step {key.step} of run {key.run!r} was already applied to layer {layer!r} (the run is at step "
@@ -133,7 +134,8 @@ def admit(steps: Steps, key: StepKey, moments: Moments, layer: str) -> Steps | N
             "step, or a new run (run=...) or reset() to start over",
             layer=layer, field="step", reason="STEP_APPLIED",
         )
-    for c in steps.pending:
+    pending = steps.pending
+    for c in pending:
         if c.step != key.step:
             continue
         if c.world_size != key.world_size:
@@ -149,14 +151,15 @@ def admit(steps: Steps, key: StepKey, moments: Moments, layer: str) -> Steps | N
                 f"of layer {layer!r}: expected the same moments again (a retry) or a later step",
                 layer=layer, field="rank", reason="CONTRIBUTION_CONFLICT",
             )
-    # kept beyond the call: a copy, so the caller may reuse its arrays
-    owned = Moments._trusted(np.array(moments.count, dtype=np.float64), np.array(moments.mean, dtype=np.float64),
-                             np.array(moments.m2, dtype=np.float64))
+    # kept beyond the call: a copy, so the caller may reuse its arrays (a scalar count is immutable)
+    count = moments.count
+    owned = Moments._checked(np.float64(count) if count.ndim == 0 else np.array(count, dtype=np.float64),
+                             np.array(moments.mean, dtype=np.float64), np.array(moments.m2, dtype=np.float64))
     new = Contribution(key.step, key.rank, key.world_size, owned)
-    at = len(steps.pending)  # kept sorted by (step, rank); a new one usually goes last
-    while at and (steps.pending[at - 1].step, steps.pending[at - 1].rank) > (key.step, key.rank):
+    at = len(pending)  # kept sorted by (step, rank); a new one usually goes last
+    while at and (pending[at - 1].step, pending[at - 1].rank) > (key.step, key.rank):
         at -= 1
-    pending = steps.pending[:at] + (new,) + steps.pending[at:]
+    pending = pending + (new,) if at == len(pending) else pending[:at] + (new,) + pending[at:]
     return Steps(steps.run, steps.last_step, steps.incomplete, steps.ended, pending, steps.origin)
 
 
@@ -173,7 +176,14 @@ def due(steps: Steps, arriving: int, lag: int) -> tuple[list, Steps]:
     lowest open step when all its ranks are in, or when ``arriving`` is
     ``lag`` or more steps ahead of it; then the next, and so on.
     """
-    ready, pending = [], list(steps.pending)
+    pending = steps.pending
+    if not pending:
+        return [], steps
+    first = pending[0]  # the hot path: the lowest open step still waits for ranks
+    if arriving - first.step < lag and (len(pending) < first.world_size
+                                        or pending[first.world_size - 1].step != first.step):
+        return [], steps
+    ready, pending = [], list(pending)
     last, incomplete = steps.last_step, steps.incomplete
     while pending:
         step = pending[0].step
@@ -199,10 +209,10 @@ def merge(parts: list, sample_ndim: int | None) -> Moments:
     if sample_ndim == 0:
         if len(moments) > 1 and all(m.count.ndim == 0 for m in moments):
             # the hot path: one compiled pass, the same operations in the same order as Moments.merge
-            counts = np.array([m.count for m in moments])
-            mean, m2 = np.empty(moments[0].mean.shape), np.empty(moments[0].mean.shape)
-            total = _chan(counts, np.stack([m.mean.reshape(-1) for m in moments]),
-                          np.stack([m.m2.reshape(-1) for m in moments]), mean.reshape(-1), m2.reshape(-1))
+            shape = moments[0].mean.shape
+            mean, m2 = np.empty(shape), np.empty(shape)
+            total = _chan(np.array([m.count for m in moments]), np.concatenate([m.mean for m in moments], axis=None),
+                          np.concatenate([m.m2 for m in moments], axis=None), mean.reshape(-1), m2.reshape(-1))
             return Moments._checked(np.float64(total), mean, m2)
         merged = moments[0]
         for m in moments[1:]:
@@ -219,21 +229,27 @@ def merge(parts: list, sample_ndim: int | None) -> Moments:
 
 @njit(cache=True, nogil=False, error_model="numpy")
 def _chan(counts, means, m2s, out_mean, out_m2):  # pragma: no cover - compiled
-    """Rows of scalar-count moments merged in order, as repeated :meth:`Moments.merge` does
-    (``wb = nb / n``, 0 where ``n`` is 0), element by element; returns the total count."""
+    """Rows of scalar-count moments (``means``/``m2s``: the rows one after the other) merged in
+    order, as repeated :meth:`Moments.merge` does (``wb = nb / n``, 0 where ``n`` is 0), element by
+    element; returns the total count."""
+    rows = counts.size
+    # the running count before each row and each row's weight: the same for every element
+    before, weight = np.empty(rows), np.empty(rows)
     total = counts[0]
-    for r in range(1, counts.size):
-        total = total + counts[r]
-    for i in range(means.shape[1]):
-        na, mean, m2 = counts[0], means[0, i], m2s[0, i]
-        for r in range(1, means.shape[0]):
-            nb = counts[r]
-            n = na + nb
-            delta = means[r, i] - mean
-            wb = nb / n if n > 0 else 0.0
+    for r in range(1, rows):
+        nb = counts[r]
+        n = total + nb
+        before[r] = total
+        weight[r] = nb / n if n > 0 else 0.0
+        total = n
+    size = out_mean.size
+    for i in range(size):
+        mean, m2 = means[i], m2s[i]
+        for r in range(1, rows):
+            delta = means[r * size + i] - mean
+            wb = weight[r]
             mean = mean + delta * wb
-            m2 = m2 + m2s[r, i] + delta * delta * na * wb
-            na = n
+            m2 = m2 + m2s[r * size + i] + delta * delta * before[r] * wb
         out_mean[i] = mean
         out_m2[i] = m2
     return total

@@ -263,12 +263,11 @@ class Store:
             return {}
         now, closed = time.time(), {}
         if key is None:
-            fns = {name: mutations.update(m, now) for name, m in updates.items()}
+            fn = mutations.update(updates, now)
         else:
-            fns = {name: mutations.contribute(m, key, now, lag=self.step_lag, closed=closed)
-                   for name, m in updates.items()}
+            fn = mutations.contribute(updates, key, now, lag=self.step_lag, closed=closed)
         digest = None if request_id is None else validation.request_digest("update", key, updates)
-        out = self._backend.mutate(list(updates), lambda r: fns[r.name](r), request_id, digest=digest)
+        out = self._backend.mutate(list(updates), fn, request_id, digest=digest)
         self._report_closed(closed, key)
         return {name: out[name].report() for name in updates}
 

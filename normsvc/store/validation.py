@@ -8,6 +8,7 @@ and what was expected.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import xxhash
+from numba import njit
 
 from ..moments import Moments
 from ..running import BatchStatistics, RunningStats, batch_statistics
@@ -62,6 +64,11 @@ def validate_name(name) -> str:
     """
     if not isinstance(name, str):
         raise InvalidArgument(f"layer name must be a string, got {type(name).__name__}", field="name")
+    return _checked_name(str(name))
+
+
+@functools.lru_cache(maxsize=4096)  # a model's layer names come with every request: checked once each
+def _checked_name(name: str) -> str:
     if not name or len(name) > MAX_NAME_LENGTH:
         raise InvalidArgument(
             f"layer name has {len(name)} characters: expected 1 to {MAX_NAME_LENGTH}", field="name"
@@ -104,14 +111,25 @@ def step_key(step, rank, world_size, run) -> StepKey | None:
 DIGEST_VERSION = b"\x02"
 
 
+#: How a scalar has always been digested: np.ascontiguousarray makes it an array of shape (1,).
+_SCALAR = struct.pack("<2q", 1, 1)
+
+
 def _array_parts(arrays) -> list:
     """Per array its rank and shape (int64), then its float64 values: what a digest covers."""
     out = []
     for a in arrays:
-        a = np.ascontiguousarray(a, dtype="<f8")
+        if type(a) is np.float64:  # a scalar count
+            out += (_SCALAR, struct.pack("<d", a))
+            continue
+        if type(a) is not np.ndarray or a.dtype != _F8 or not a.ndim or not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a, dtype="<f8")
         out.append(struct.pack(f"<{a.ndim + 1}q", a.ndim, *a.shape))
         out.append(a.data)
     return out
+
+
+_F8 = np.dtype("<f8")
 
 
 def request_digest(what: str, key: StepKey | None, values: Mapping) -> bytes:
@@ -212,7 +230,16 @@ def plain_batch(cfg: LayerConfig, shape: tuple | None, moments, *, whole: bool =
     k = float(count)
     if not 0.0 < k < math.inf or (whole and cfg.convention == "torch" and k <= 1.0):
         return False
-    return all_finite(mean, m2) and np.minimum.reduce(m2, axis=None) >= 0
+    return _finite_and_nonnegative(mean.reshape(-1), m2.reshape(-1))
+
+
+@njit(cache=True, nogil=False)
+def _finite_and_nonnegative(mean, m2):  # pragma: no cover - compiled
+    """Whether every mean is finite and every m2 finite and >= 0."""
+    for i in range(mean.size):
+        if not (math.isfinite(mean[i]) and 0.0 <= m2[i] < math.inf):
+            return False
+    return True
 
 
 def batch(name: str, cfg: LayerConfig, shape: tuple | None, moments, *, whole: bool = True) -> BatchStatistics:

@@ -139,11 +139,14 @@ def unpack_moments(msg: pb.PackedMoments, *, field: str, max_elements: int | Non
     if bad >= 0:
         _raise_invalid(names[bad], counts[bad], *(a[sizes[:bad].sum():][:sizes[bad]] for a in (mean, variance)),
                        field)
-    out, at = {}, 0
-    for name, shape, size, count in zip(names, shapes, sizes.tolist(), counts.tolist()):
-        out[name] = Moments._checked(np.float64(count), mean[at:at + size].reshape(shape),
-                                     m2[at:at + size].reshape(shape))
-        at += size
+    out, at, checked = {}, 0, Moments._checked
+    for name, shape, size, count in zip(names, shapes, sizes.tolist(), counts):
+        end = at + size
+        if len(shape) == 1:  # the usual case: a slice already has the shape
+            out[name] = checked(count, mean[at:end], m2[at:end])
+        else:
+            out[name] = checked(count, mean[at:end].reshape(shape), m2[at:end].reshape(shape))
+        at = end
     return out
 
 

@@ -75,6 +75,25 @@ def test_request_digests_tell_content_apart():
     assert request_digest("freeze", None, {}) != request_digest("reset", None, {})
 
 
+def test_request_digests_are_stable_across_versions():
+    """A sqlite or redis store remembers digests across restarts and upgrades: the same content
+    must keep the same digest (values recorded with normsvc of 2026-11-26, commit b0ab078)."""
+    from normsvc.moments import Moments
+    from normsvc.store.steps import StepKey
+    from normsvc.store.validation import request_digest
+
+    a = Moments(np.float64(4.0), np.array([1.0, -2.5, 3.25]), np.array([0.5, 1.5, 2.0]))
+    b = Moments(np.array([[2.0, 3.0]]), np.array([[0.0, 1.0]]), np.array([[1.0, 4.0]]))
+    assert request_digest("update", StepKey("run-1", 7, 2, 4), {"bn/b": b, "bn/a": a}).hex() \
+        == "02566cb0fbefe292f36af8315e9732136d"
+    assert request_digest("update", None, {"x": a}).hex() == "0249ede501796edc13d58d391c7fee2bad"
+    # a count given as a 0-d array digests as the scalar does
+    assert request_digest("update", None, {"x": Moments(np.array(4.0), a.mean, a.m2)}).hex() \
+        == "0249ede501796edc13d58d391c7fee2bad"
+    put = {"x": (np.array([1.0, 2.0]), np.array([3.0, 4.0]), 5.0, 6)}
+    assert request_digest("put", None, put).hex() == "0232d14423690eb8be4457d103e00801e9"
+
+
 def test_ids_remembered_with_an_older_digest_count_as_retries():
     from normsvc.store.backend import is_retry
 
