@@ -65,7 +65,11 @@ def _names(names, field: str, leaf: str = "") -> None:
     """Check every name up front, so that a bad one is reported at its path in the request
     (``names[1]``, ``updates[0].layer``) rather than as the store's ``name``."""
     for i, name in enumerate(names):
-        _name(name, f"{field}[{i}]{leaf}")
+        try:
+            validate_name(name)
+        except InvalidArgument as exc:
+            exc.field = f"{field}[{i}]{leaf}"
+            raise
 
 
 #: NormalizeStream has no ``x``: its dtype and shape come in the header, its bytes in chunks.
@@ -277,7 +281,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
             if request.updates:
                 raise InvalidArgument(f"both updates (with {len(request.updates)} layer entries) and packed are set: "
                                       "expected one of them", field="packed")
-            names = request.packed.layers
+            names = list(request.packed.layers)
             self._check_names(names, "packed.layers", "")
             updates = unpack_moments(request.packed, field="packed", max_elements=self.limits.max_tensor_elements)
             paths = _packed_paths(names)
