@@ -31,7 +31,7 @@ from .._proto import normsvc_pb2 as pb
 from ..errors import InvalidArgument, InvalidType
 from ..config import DEFAULT, default_run, make_config, step_arguments
 from ..wire import framing
-from ..wire.packed import packable, packed_field, unpack_stats
+from ..wire.packed import pack_moments, packable, unpack_stats
 from ..wire.messages import (
     config_from_pb,
     config_to_pb,
@@ -205,7 +205,6 @@ def delete_layer(name):
 #: both sides (measured in-process, 256 channels: 1 layer 104 vs 159 us, 2 layers 177 vs 197, 3 layers
 #: 349 vs 265, 8 layers 548 vs 399; 53 layers 8.5 vs 2.3 ms).
 PACK_FROM = 3
-_PACKED_FIELD = pb.UpdateStatsRequest.DESCRIPTOR.fields_by_name["packed"].number
 
 
 def update_many(updates, request_id, step=None, rank=None, world_size=None, run=None):
@@ -213,14 +212,12 @@ def update_many(updates, request_id, step=None, rank=None, world_size=None, run=
         return {}  # nothing to send
     request = pb.UpdateStatsRequest(request_id=new_request_id(request_id))
     _step_fields(request, step, rank, world_size, run)
-    if len(updates) >= PACK_FROM and packable(updates):
-        # one buffer per field for all layers (wire/packed.py), written without protobuf's copies
-        raw = b"".join([request.SerializeToString(), *packed_field(_PACKED_FIELD, updates)])
-        response = yield Call("UpdateStats", raw, raw=True)
+    if len(updates) >= PACK_FROM and packable(updates):  # one buffer per field for all layers (wire/packed.py)
+        pack_moments(updates, request.packed)
     else:
         for name, moments in updates.items():
             moments_to_pb(name, moments, request.updates.add())
-        response = yield Call("UpdateStats", request)
+    response = yield Call("UpdateStats", request)
     if response.HasField("packed"):
         return unpack_stats(response.packed)
     return {entry.layer: stats_from_pb(entry.stats) for entry in response.stats}

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import grpc
 
-from .._proto import normsvc_pb2 as pb
 from .._proto import normsvc_pb2_grpc as pb_grpc
 from ..errors import InvalidArgument
 from ..config import DEFAULT
@@ -57,7 +56,7 @@ CHANNEL_OPTIONS = [
 ]
 
 #: Methods whose requests the client serializes itself -> the response deserializer (see :mod:`normsvc.wire.framing`).
-RAW_METHODS = {"Normalize": framing.normalize_response, "UpdateStats": pb.UpdateStatsResponse.FromString}
+RAW_METHODS = {"Normalize": framing.normalize_response}
 
 
 #: What a retry may cure: the server out of reach, or one that cancelled the call while shutting down.

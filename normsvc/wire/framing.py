@@ -30,7 +30,7 @@ import numpy as np
 from .._proto import normsvc_pb2 as pb
 from .tensors import DTYPES, decode
 
-__all__ = ["varint", "read_varint", "with_tensor", "tensor_field", "message_field", "normalize_response", "normalize_y"]
+__all__ = ["varint", "read_varint", "with_tensor", "normalize_response", "normalize_y"]
 
 _LEN = 2  # wire type of length-delimited fields
 _VARINT = 0
@@ -51,12 +51,6 @@ def with_tensor(message: bytes, number: int, array: np.ndarray, dtype: int) -> b
 
     ``array`` must already have the element type ``dtype`` names, little-endian.
     """
-    return b"".join([message, *tensor_field(number, array, dtype)])
-
-
-def tensor_field(number: int, array: np.ndarray, dtype: int) -> list:
-    """``array`` as Tensor field ``number`` of a message: the pieces to join (its bytes last, not
-    copied here).  ``array`` must already have the element type ``dtype`` names, little-endian."""
     data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # bytes of any element type
     shape = b"".join(varint(int(s)) for s in array.shape)
     head = bytes([1 << 3 | _VARINT]) + varint(dtype)
@@ -64,12 +58,7 @@ def tensor_field(number: int, array: np.ndarray, dtype: int) -> list:
         head += bytes([2 << 3 | _LEN]) + varint(len(shape)) + shape
     if len(data):
         head += bytes([3 << 3 | _LEN]) + varint(len(data))
-    return [varint(number << 3 | _LEN) + varint(len(head) + len(data)), head, data]
-
-
-def message_field(number: int, pieces: list) -> list:
-    """The serialized message ``pieces`` (joined) as field ``number`` of an enclosing message."""
-    return [varint(number << 3 | _LEN) + varint(sum(len(p) for p in pieces)), *pieces]
+    return b"".join([message, varint(number << 3 | _LEN), varint(len(head) + len(data)), head, data])
 
 
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:

@@ -23,12 +23,11 @@ import numpy as np
 from numba import njit
 
 from .._proto import normsvc_pb2 as pb
-from . import framing
 from ..moments import Moments
 from ..running import RunningStats
 from .tensors import decode, tensor_error
 
-__all__ = ["packable", "pack_moments", "packed_field", "unpack_moments", "pack_stats", "unpack_stats"]
+__all__ = ["packable", "pack_moments", "unpack_moments", "pack_stats", "unpack_stats"]
 
 #: The most axes one layer's statistics may have on the wire.
 MAX_NDIM = 32
@@ -58,41 +57,19 @@ def _shape_fields(shapes, out) -> None:
     out.dims[:] = [d for s in shapes for d in s]
 
 
-def _moments_fields(updates: Mapping[str, Moments]) -> tuple[pb.PackedMoments, np.ndarray, np.ndarray]:
-    """PackedMoments' small fields, and the means and variances of every layer one after the other."""
+def pack_moments(updates: Mapping[str, Moments], out: pb.PackedMoments) -> pb.PackedMoments:
+    """``updates`` (all :func:`packable`) into a PackedMoments message."""
     moments = list(updates.values())
-    out = pb.PackedMoments(layers=list(updates))
+    out.layers[:] = list(updates)
     _shape_fields([m.mean.shape for m in moments], out)
     counts = [float(m.count) for m in moments]
     out.count[:] = counts
+    _put(_concat([m.mean for m in moments]), out.mean)
     m2 = _concat([m.m2 for m in moments])
     per_value = np.repeat(np.array(counts), [m.mean.size for m in moments])
     # Moments.variance: m2 / count, 0 for an empty batch
-    variance = np.divide(m2, per_value, out=np.zeros(m2.size), where=per_value > 0)
-    return out, _concat([m.mean for m in moments]), variance
-
-
-def pack_moments(updates: Mapping[str, Moments], out: pb.PackedMoments) -> pb.PackedMoments:
-    """``updates`` (all :func:`packable`) into a PackedMoments message."""
-    small, mean, variance = _moments_fields(updates)
-    out.MergeFrom(small)
-    _put(mean, out.mean)
-    _put(variance, out.variance)
+    _put(np.divide(m2, per_value, out=np.zeros(m2.size), where=per_value > 0), out.variance)
     return out
-
-
-def packed_field(number: int, updates: Mapping[str, Moments]) -> list:
-    """``updates`` (all :func:`packable`) as PackedMoments field ``number`` of a serialized message:
-    the pieces to join, the same message :func:`pack_moments` builds, without protobuf's copies of
-    the two large tensors (see :mod:`normsvc.wire.framing`)."""
-    small, mean, variance = _moments_fields(updates)
-    return framing.message_field(number, [small.SerializeToString(),
-                                          *framing.tensor_field(_MEAN, mean, pb.DTYPE_FLOAT64),
-                                          *framing.tensor_field(_VARIANCE, variance, pb.DTYPE_FLOAT64)])
-
-
-_MEAN = pb.PackedMoments.DESCRIPTOR.fields_by_name["mean"].number
-_VARIANCE = pb.PackedMoments.DESCRIPTOR.fields_by_name["variance"].number
 
 
 def _shapes(ndim, dims, n: int, field: str) -> list[tuple]:

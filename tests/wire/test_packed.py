@@ -8,7 +8,7 @@ from normsvc.errors import InvalidTensor, TensorTooLarge
 from normsvc.moments import Moments
 from normsvc.running import RunningStats
 from normsvc.wire.messages import moments_to_pb, stats_from_pb, stats_to_pb
-from normsvc.wire.packed import pack_moments, pack_stats, packable, packed_field, unpack_moments, unpack_stats
+from normsvc.wire.packed import pack_moments, pack_stats, packable, unpack_moments, unpack_stats
 from normsvc.wire.tensors import decode_moments, encode
 
 
@@ -21,20 +21,6 @@ def step(rng) -> dict:
 
 def packed(updates) -> pb.PackedMoments:
     return pb.PackedMoments.FromString(pack_moments(updates, pb.PackedMoments()).SerializeToString())
-
-
-def test_the_framed_request_is_the_message_pack_moments_builds(rng):
-    """The Client writes a packed UpdateStatsRequest itself (wire/framing.py): protobuf parses it
-    into exactly the message pack_moments fills, for every layout, an empty batch and one layer."""
-    fields = dict(request_id="r-1", step=7, rank=2, world_size=4, run="job")
-    cases = [step(rng), {"z": Moments(np.float64(0), np.zeros(3), np.zeros(3))},
-             {"big": Moments(np.float64(3), rng.normal(size=300), rng.uniform(size=300))}]
-    for updates in cases:
-        want = pb.UpdateStatsRequest(**fields)
-        pack_moments(updates, want.packed)
-        raw = b"".join([pb.UpdateStatsRequest(**fields).SerializeToString(), *packed_field(7, updates)])
-        got = pb.UpdateStatsRequest.FromString(raw)
-        assert got == want and len(raw) == want.ByteSize()
 
 
 def test_unpacked_moments_equal_the_per_layer_codec(rng):
