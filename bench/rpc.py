@@ -22,6 +22,9 @@ Client sends (one layer as LayerMoments, a 53-layer step as PackedMoments).  Cas
 * the same 53 layers pushed as one step contribution (step, rank,
   world_size=4, run): each call is one rank's share, every 4th completes a
   step (one merged update of each layer), as 4 data-parallel workers do;
+  and the same Client call against a service that does no work (a third
+  server of the echo's type answering normsvc's own response bytes at once):
+  the ceiling any server-side code could reach with this Client and wire form;
 * Normalize of a 4 MiB float32 tensor (inference mode) from 1 and from 4
   concurrent callers: MB/s of x.
 
@@ -39,6 +42,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -68,15 +72,18 @@ def resnet50_bn_channels() -> list[int]:
 # --- the echo server (runs in a subprocess: `bench/rpc.py --serve-echo`) --------------
 
 
-def serve_echo() -> None:
+def serve_echo(canned: str | None = None) -> None:
+    """The echo server; with ``canned`` (a file), UpdateStats answers that file's bytes instead:
+    a service that does no work, the most any server-side code could reach with the real Client."""
     # the same allocator settings `normsvc serve` takes at start-up, so the
     # echo's large buffers are reused too and the comparison stays like for like
     from normsvc.server.malloc import keep_large_blocks
 
     keep_large_blocks()
+    answer = None if canned is None else Path(canned).read_bytes()
 
     def echo(request, context):
-        return request
+        return request if answer is None else answer
 
     methods = ("UpdateStats", "Normalize")
     handlers = {m: grpc.unary_unary_rpc_method_handler(echo) for m in methods}  # bytes in, bytes out
@@ -151,9 +158,10 @@ def main(argv=None) -> int:
     parser.add_argument("--callers", type=int, default=32, help="concurrent UpdateStats callers (default 32)")
     parser.add_argument("--record", action="store_true", help="append the results to docs/benchmarks.md")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--canned", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_echo:
-        serve_echo()
+        serve_echo(args.canned)
         return 0
 
     import normsvc
@@ -168,6 +176,7 @@ def main(argv=None) -> int:
                                    "--store", "memory://", "--log-level", "WARNING"])
     rng = np.random.default_rng(0)
     rows = []
+    procs = [echo_proc, svc_proc]
     try:
         channel = grpc.insecure_channel(echo_address, options=[("grpc.max_send_message_length", -1),
                                                                ("grpc.max_receive_message_length", -1)])
@@ -203,6 +212,21 @@ def main(argv=None) -> int:
         contribution.step, contribution.rank, contribution.world_size, contribution.run = 0, 0, 4, "bench"
         contribution_bytes = contribution.SerializeToString()
         contributions = iter(range(1 << 62))
+
+        # the ceiling: the same Client against a service that answers a canned UpdateStats response
+        # (normsvc's own answer to this request) at once, doing no work
+        svc_channel = grpc.insecure_channel(svc_address, options=[("grpc.max_send_message_length", -1),
+                                                                  ("grpc.max_receive_message_length", -1)])
+        canned_path = Path(tempfile.mkdtemp()) / "answer.bin"
+        canned_path.write_bytes(svc_channel.unary_unary(f"/{SERVICE}/UpdateStats")(contribution_bytes))
+        svc_channel.close()
+        null_proc, null_address = start([sys.executable, os.path.abspath(__file__), "--serve-echo",
+                                         "--canned", str(canned_path)])
+        procs.append(null_proc)
+        null_client = Client(null_address, timeout=120)
+
+        def null_contribute():
+            null_client.update_many(step_moments, step=0, rank=0, world_size=4, run=run)
 
         def svc_contribute():
             i = next(contributions)  # rank i % 4 of step i // 4: every 4th call completes a step
@@ -241,12 +265,15 @@ def main(argv=None) -> int:
             for _ in range(3):
                 echo_fn()
                 svc_fn()
+        for _ in range(3):
+            null_contribute()
         y = norm_layer.normalize(x, training=False)
         assert y.shape == x.shape and y.dtype == x.dtype
 
         results = {key: {"echo": [], "normsvc": []} for key in ("update", "step_batched", "step_single",
                                                                   "step_contribution", "normalize_1",
                                                                   "normalize_4")}
+        results["step_null"] = {"normsvc": []}
         for r in range(args.rounds):
             order = ("echo", "normsvc") if r % 2 == 0 else ("normsvc", "echo")
             for who in order:
@@ -255,13 +282,16 @@ def main(argv=None) -> int:
                 results["step_batched"][who].append(timed(cases["step_batched"][i], 20))
                 results["step_single"][who].append(timed(cases["step_single"][i], 5))
                 results["step_contribution"][who].append(timed(cases["step_contribution"][i], 20))
+                if who == "normsvc":
+                    results["step_null"]["normsvc"].append(timed(null_contribute, 20))
                 results["normalize_1"][who].append(closed_loop(cases["normalize"][i], 1, args.seconds))
                 results["normalize_4"][who].append(closed_loop(cases["normalize"][i], 4, args.seconds))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         client.close()
+        null_client.close()
         channel.close()
     finally:
-        for proc in (echo_proc, svc_proc):
+        for proc in procs:
             proc.stdin.close()
             proc.kill()
             proc.wait(timeout=30)
@@ -289,6 +319,9 @@ def main(argv=None) -> int:
     rows.append(("53-layer step: single / batched time", f"{es / eb:.1f}x", f"{ss / sb:.1f}x", None, ""))
     ec, sc = med("step_contribution", "echo") * 1e3, med("step_contribution", "normsvc") * 1e3
     rows.append(("53-layer step contribution, 1 of 4 ranks (ms)", f"{ec:.2f}", f"{sc:.2f}", ec / sc, ">= 0.5"))
+    nc = med("step_null", "normsvc") * 1e3
+    rows.append(("... the same Client against a service doing no work (canned answer): the ceiling (ms)",
+                 f"{ec:.2f}", f"{nc:.2f}", ec / nc, ""))
     for callers in (1, 4):
         key = f"normalize_{callers}"
         e, s = med(key, "echo", "rate") * mb, med(key, "normsvc", "rate") * mb
