@@ -71,18 +71,8 @@ import normsvc.torch
 from normsvc import Moments
 
 HERE = Path(__file__).resolve().parent
-
-
-def resnet50_bn_channels() -> list[int]:
-    """ResNet-50's 53 BatchNorm layers: channel counts (stem, then 16 bottlenecks, 4 with a downsample)."""
-    channels = [64]
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for block in range(blocks):
-            channels += [width, width, 4 * width]
-            if block == 0:
-                channels.append(4 * width)  # downsample
-    assert len(channels) == 53
-    return channels
+sys.path.insert(0, str(HERE))  # the sibling bench/rpc.py, also in spawned ranks (they import this file)
+from rpc import resnet50_bn_channels  # noqa: E402
 
 
 class Layers(nn.Module):
