@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import normsvc
 from golden_steps import load_steps
@@ -594,6 +596,41 @@ def test_admit_and_due():
     ready, after = steps_mod.due(s, 0, lag=8)
     assert [(t, [c.rank for c in parts], complete) for t, parts, complete in ready] == [(0, [0, 1], True)]
     assert (after.last_step, after.incomplete) == (0, 0)
+
+
+def _due_reference(pending: list, last, incomplete: int, arriving: int, lag: int):
+    """The rule of steps.due, written plainly: apply the lowest open step while it is complete or
+    ``lag`` steps behind ``arriving``."""
+    ready = []
+    while pending:
+        step = min(c.step for c in pending)
+        parts = sorted((c for c in pending if c.step == step), key=lambda c: c.rank)
+        complete = len(parts) == parts[0].world_size
+        if not complete and arriving - step < lag:
+            break
+        ready.append((step, [c.rank for c in parts], complete))
+        pending = [c for c in pending if c.step != step]
+        last, incomplete = step, incomplete + (not complete)
+    return ready, last, incomplete, sorted((c.step, c.rank) for c in pending)
+
+
+@settings(max_examples=300, deadline=None)
+@given(world=st.integers(1, 4), present=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3)), max_size=14),
+       ahead=st.integers(0, 12), lag=st.integers(1, 8))
+def test_due_follows_its_rule(world, present, ahead, lag):
+    """steps.due (with its fast exit for a lowest step still waiting) against a plain reading of
+    the rule, on random sets of pending contributions."""
+    m = Moments(np.float64(2), np.zeros(2), np.ones(2))
+    s = Steps(run="r")
+    for step, rank in sorted(set(present)):
+        if rank < world:
+            s = steps_mod.admit(s, StepKey("r", step, rank, world), m, "bn")
+    arriving = (s.pending[-1].step if s.pending else 0) + ahead
+    ready, after = steps_mod.due(s, arriving, lag)
+    want = _due_reference(list(s.pending), s.last_step, s.incomplete, arriving, lag)
+    got = ([(t, [c.rank for c in parts], complete) for t, parts, complete in ready], after.last_step,
+           after.incomplete, [(c.step, c.rank) for c in after.pending])
+    assert got == want
 
 
 def test_pending_contributions_encode_and_decode_exactly(rng):
