@@ -38,7 +38,6 @@ included).  RMS layers pool in every convention, so that the running
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import asdict, dataclass
 from typing import NamedTuple

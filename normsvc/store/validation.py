@@ -64,11 +64,12 @@ def validate_name(name) -> str:
     """
     if not isinstance(name, str):
         raise InvalidArgument(f"layer name must be a string, got {type(name).__name__}", field="name")
-    return _checked_name(str(name))
+    # a model's layer names come with every request: each plain str is checked once (a str subclass
+    # may compare or hash as it likes, so it is checked every time)
+    return _checked_name(name) if type(name) is str else _check_name(name)
 
 
-@functools.lru_cache(maxsize=4096)  # a model's layer names come with every request: checked once each
-def _checked_name(name: str) -> str:
+def _check_name(name: str) -> str:
     if not name or len(name) > MAX_NAME_LENGTH:
         raise InvalidArgument(
             f"layer name has {len(name)} characters: expected 1 to {MAX_NAME_LENGTH}", field="name"
@@ -80,6 +81,9 @@ def _checked_name(name: str) -> str:
             field="name",
         )
     return name
+
+
+_checked_name = functools.lru_cache(maxsize=4096)(_check_name)
 
 
 def request_id(value) -> str | None:
@@ -113,6 +117,7 @@ DIGEST_VERSION = b"\x02"
 
 #: How a scalar has always been digested: np.ascontiguousarray makes it an array of shape (1,).
 _SCALAR = struct.pack("<2q", 1, 1)
+_F8 = np.dtype("<f8")
 
 
 def _array_parts(arrays) -> list:
@@ -127,9 +132,6 @@ def _array_parts(arrays) -> list:
         out.append(struct.pack(f"<{a.ndim + 1}q", a.ndim, *a.shape))
         out.append(a.data)
     return out
-
-
-_F8 = np.dtype("<f8")
 
 
 def request_digest(what: str, key: StepKey | None, values: Mapping) -> bytes:
