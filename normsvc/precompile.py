@@ -10,7 +10,8 @@ It runs the paths a server takes, with the argument types they see there:
 every norm in float16, float32 and float64, small inputs (serial kernels)
 and large ones (parallel kernels), training and inference; and an update as
 UpdateStats makes it (moments decoded from a message, so read-only arrays,
-and moments from the ops) into a memory and a sqlite store.  CUDA kernels
+and moments from the ops) into a memory and a sqlite store, plain and as
+step contributions of two ranks, one layer per entry and several packed.  CUDA kernels
 are not compiled here: that needs the GPU they will run on.
 """
 
@@ -22,7 +23,9 @@ import time
 import numpy as np
 
 from . import ops
+from ._proto import normsvc_pb2 as pb
 from .store import Store
+from .wire.packed import pack_moments, unpack_moments
 from .wire.tensors import decode_moments, encode_moments
 
 __all__ = ["precompile"]
@@ -54,6 +57,16 @@ def precompile() -> float:
                 layer = store.create_layer("precompile", num_features=16)
                 for m in (moments, decoded):
                     layer.update(m)
+                # step contributions of two ranks: checked, kept, merged in rank order and applied
+                for rank, m in enumerate((moments, decoded)):
+                    layer.update(m, step=0, rank=rank, world_size=2, run="precompile")
+                names = [f"precompile/{i}" for i in range(3)]
+                for name in names:
+                    store.create_layer(name, num_features=16)
+                packed = unpack_moments(pack_moments(dict.fromkeys(names, moments), pb.PackedMoments()),
+                                        field="packed")
+                for rank in range(2):
+                    store.update_many(packed, step=0, rank=rank, world_size=2, run="precompile")
                 for xd in inputs:
                     for training in (True, False):
                         layer.normalize(xd, training=training, update=False)

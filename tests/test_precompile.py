@@ -14,7 +14,8 @@ SERVER_WORK = textwrap.dedent(
     from normsvc.server import serve
     from normsvc.kernels import cpu
     from normsvc import running
-    from normsvc.wire import tensors as tensor_codec
+    from normsvc.wire import tensors as tensor_codec, packed
+    from normsvc.store import steps, validation
     from numba.core.registry import CPUDispatcher
 
     server = serve("sqlite:///" + {db!r}, host="127.0.0.1", port=0)
@@ -26,10 +27,18 @@ SERVER_WORK = textwrap.dedent(
                 layer.update(normsvc.moments(x.astype(dtype), axes=[0, 1, 2]))
                 layer.normalize(x.astype(dtype), training=True)
                 layer.normalize(x[:1, :2].astype(dtype), training=False)
+            # step contributions of two ranks: one layer per entry, then three packed
+            names = [f"bn/{{i}}" for i in range(3)]
+            for name in names:
+                client.create_layer(name, num_features=16)
+            for rank in range(2):
+                m = normsvc.moments(x[rank::2].astype(np.float64), axes=[0, 1, 2])
+                layer.update(m, step=0, rank=rank, world_size=2, run="r")
+                client.update_many(dict.fromkeys(names, m), step=0, rank=rank, world_size=2, run="r")
     finally:
         server.stop(0)
     hits = misses = 0
-    for module in (cpu, running, tensor_codec):
+    for module in (cpu, running, tensor_codec, packed, steps, validation):
         for name, f in vars(module).items():
             if isinstance(f, CPUDispatcher):
                 misses += sum(f.stats.cache_misses.values())
