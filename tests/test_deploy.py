@@ -409,6 +409,14 @@ def test_image_fresh_read_only_container_compiles_nothing(container):
             layer.update(normsvc.moments(x.astype(dtype), axes=[0, 1, 2]))
             layer.normalize(x.astype(dtype), training=True)
             layer.normalize(x[:1, :2].astype(dtype), training=False)
+        # step contributions of two ranks, one layer per entry and three packed
+        names = [f"bn/{i}" for i in range(3)]
+        for n in names:
+            client.create_layer(n, num_features=16)
+        for rank in range(2):
+            m = normsvc.moments(x[rank::2].astype(np.float64), axes=[0, 1, 2])
+            layer.update(m, step=0, rank=rank, world_size=2, run="r")
+            client.update_many(dict.fromkeys(names, m), step=0, rank=rank, world_size=2, run="r")
     logs = _docker("logs", name)
     out = logs.stdout + logs.stderr
     saved = [line for line in out.splitlines() if re.search(r"\[cache\] (data|index) saved", line)]
