@@ -30,6 +30,8 @@ from normsvc import cli
 from normsvc.server import serve
 from normsvc.store import Store
 
+from first_requests import make_first_requests
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE = [DEPLOY / "compose.yaml", DEPLOY / "compose.sqlite.yaml"]
@@ -402,21 +404,8 @@ HARDENED = ("--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-o
 def test_image_fresh_read_only_container_compiles_nothing(container):
     name, port = container(*HARDENED, env={"NUMBA_DEBUG_CACHE": "1"})
     assert _wait_healthy(name) == "healthy", _docker("logs", name).stderr[-2000:]
-    x = np.random.default_rng(0).standard_normal((64, 8, 8, 16)).astype(np.float32)
     with normsvc.Client(f"127.0.0.1:{port}", timeout=120) as client:
-        layer = client.create_layer("bn", num_features=16)
-        for dtype in (np.float16, np.float32, np.float64):
-            layer.update(normsvc.moments(x.astype(dtype), axes=[0, 1, 2]))
-            layer.normalize(x.astype(dtype), training=True)
-            layer.normalize(x[:1, :2].astype(dtype), training=False)
-        # step contributions of two ranks, one layer per entry and three packed
-        names = [f"bn/{i}" for i in range(3)]
-        for n in names:
-            client.create_layer(n, num_features=16)
-        for rank in range(2):
-            m = normsvc.moments(x[rank::2].astype(np.float64), axes=[0, 1, 2])
-            layer.update(m, step=0, rank=rank, world_size=2, run="r")
-            client.update_many(dict.fromkeys(names, m), step=0, rank=rank, world_size=2, run="r")
+        make_first_requests(client)
     logs = _docker("logs", name)
     out = logs.stdout + logs.stderr
     saved = [line for line in out.splitlines() if re.search(r"\[cache\] (data|index) saved", line)]

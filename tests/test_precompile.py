@@ -5,11 +5,13 @@ import subprocess
 import sys
 import textwrap
 
-# A server process over the precompiled cache: UpdateStats and Normalize through a real
-# gRPC server and client (sqlite store), then every jitted function's cache statistics.
+# A server process over the precompiled cache: the first requests (tests/first_requests.py) through a
+# real gRPC server and client (sqlite store), then every jitted function's cache statistics.
 SERVER_WORK = textwrap.dedent(
     """
-    import numpy as np, normsvc
+    import sys
+    sys.path.insert(0, {tests!r})
+    from first_requests import make_first_requests
     from normsvc import Client
     from normsvc.server import serve
     from normsvc.kernels import cpu
@@ -21,20 +23,7 @@ SERVER_WORK = textwrap.dedent(
     server = serve("sqlite:///" + {db!r}, host="127.0.0.1", port=0)
     try:
         with Client(server.address) as client:
-            layer = client.create_layer("bn", num_features=16)
-            x = np.random.default_rng(0).standard_normal((64, 8, 8, 16)).astype(np.float32)
-            for dtype in (np.float16, np.float32, np.float64):
-                layer.update(normsvc.moments(x.astype(dtype), axes=[0, 1, 2]))
-                layer.normalize(x.astype(dtype), training=True)
-                layer.normalize(x[:1, :2].astype(dtype), training=False)
-            # step contributions of two ranks: one layer per entry, then three packed
-            names = [f"bn/{{i}}" for i in range(3)]
-            for name in names:
-                client.create_layer(name, num_features=16)
-            for rank in range(2):
-                m = normsvc.moments(x[rank::2].astype(np.float64), axes=[0, 1, 2])
-                layer.update(m, step=0, rank=rank, world_size=2, run="r")
-                client.update_many(dict.fromkeys(names, m), step=0, rank=rank, world_size=2, run="r")
+            make_first_requests(client)
     finally:
         server.stop(0)
     hits = misses = 0
@@ -56,7 +45,7 @@ def test_a_server_after_precompile_compiles_nothing(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "compiled in" in done.stdout and str(tmp_path / "cache") in done.stdout
-    work = SERVER_WORK.format(db=str(tmp_path / "stats.db"))
+    work = SERVER_WORK.format(db=str(tmp_path / "stats.db"), tests=os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, "-c", work], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     last = run.stdout.strip().splitlines()[-1].split()
