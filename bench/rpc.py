@@ -85,8 +85,12 @@ def serve_echo(canned: str | None = None) -> None:
     def echo(request, context):
         return request if answer is None else answer
 
+    def echo_each(requests, context):  # a stream: each message answered by itself
+        yield from requests
+
     methods = ("UpdateStats", "Normalize")
     handlers = {m: grpc.unary_unary_rpc_method_handler(echo) for m in methods}  # bytes in, bytes out
+    handlers["AllReduceMomentsStream"] = grpc.stream_stream_rpc_method_handler(echo_each)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=ECHO_WORKERS),
         options=[("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE),

@@ -25,19 +25,22 @@ step, wall time and its CPU time (the most it can hold the GIL).
 Sync mode (``--world`` spawned processes, gloo): one training step's
 reductions, a forward reduction per layer in layer order then a backward
 reduction per layer in reverse order, as ``normsvc.torch``'s sync mode does
-them (``Client.allreduce`` of the layer's count, mean and m2 with
-``update_stats=True``, then of its ``sum(dy)`` and ``sum(dy * xmu)`` with
-``update_stats=False``), against ``torch.distributed.all_reduce`` on gloo of
-the same float64 payloads (2C + 1, then 2C values).  Cases interleave
-step by step (a barrier before each step, the order rotating each round);
-rank 0's medians.  Target: normsvc / gloo <= 1.0.  Further rows, for where
-the time goes: the whole ``normsvc.torch`` sync module (forward + backward
-of the converted layers, minus the same plain layers' forward + backward),
-the same ``allreduce`` calls with ``world_size=1`` (no waiting for other
-ranks: client, transport and service), and a bare gRPC echo of the same
-AllReduceMoments request bytes (the transport alone: ``bench/rpc.py
---serve-echo``).  ``--profile`` adds cProfile's top functions of the
-training thread (shared mode) and of rank 0's sync reductions.
+them (``allreduce`` on the rank's ``Client.allreduce_stream()`` of the
+layer's count, mean and m2 with ``update_stats=True``, then of its
+``sum(dy)`` and ``sum(dy * xmu)`` with ``update_stats=False``), against
+``torch.distributed.all_reduce`` on gloo of the same float64 payloads
+(2C + 1, then 2C values).  Cases interleave step by step (a barrier before
+each step, the order rotating each round); rank 0's medians.  Target:
+normsvc / gloo <= 1.0.  Further rows, for where the time goes: the whole
+``normsvc.torch`` sync module (forward + backward of the converted layers,
+minus the same plain layers' forward + backward), the same reductions as
+unary ``Client.allreduce`` calls (sync mode's way before the stream), the
+same on the stream with ``world_size=1`` (no waiting for other ranks:
+client, transport and service), and a bare gRPC echo of the same
+AllReduceMoments request bytes, on one stream and as unary calls (the
+transport alone: ``bench/rpc.py --serve-echo``).  ``--profile`` adds
+cProfile's top functions of the training thread (shared mode) and of rank
+0's sync reductions.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import json
 import os
 import platform
 import pstats
+import queue
 import statistics
 import subprocess
 import sys
@@ -217,7 +221,7 @@ def shared_mode(address: str, rounds: int, steps: int, pace: float, profile: boo
 # --- sync mode: one step's reductions against gloo ---------------------------------------------
 
 
-CASES = ("gloo", "normsvc", "module", "solo", "echo")
+CASES = ("gloo", "normsvc", "unary", "module", "solo", "echo", "stream_echo")
 
 
 def _sync_rank(rank: int, world: int, address: str, echo_address: str, tmp: str, run: str, rounds: int, steps: int,
@@ -234,12 +238,11 @@ def _sync_rank(rank: int, world: int, address: str, echo_address: str, tmp: str,
     channels = resnet50_bn_channels()
     client = normsvc.Client(address, timeout=60)
     names = [f"bench-torch/{run}/sync/bn{i:02d}" for i in range(len(channels))]
+    unary = [f"bench-torch/{run}/unary/bn{i:02d}" for i in range(len(channels))]
     solo = [f"bench-torch/{run}/solo{rank}/bn{i:02d}" for i in range(len(channels))]
     for i, c in enumerate(channels):
-        client.create_layer(solo[i], kind="batch", axis=1, convention="torch", momentum=0.1, epsilon=1e-5,
-                            num_features=c)
-        if rank == 0:
-            client.create_layer(names[i], kind="batch", axis=1, convention="torch", momentum=0.1, epsilon=1e-5,
+        for name in [solo[i], *([names[i], unary[i]] if rank == 0 else [])]:
+            client.create_layer(name, kind="batch", axis=1, convention="torch", momentum=0.1, epsilon=1e-5,
                                 num_features=c)
     rng = np.random.default_rng(rank)
     fwd, bwd = [], []
@@ -253,7 +256,7 @@ def _sync_rank(rank: int, world: int, address: str, echo_address: str, tmp: str,
 
     def request(name, m, group, update):
         req = pb.AllReduceMomentsRequest(group=group, step=0, rank=rank, world_size=world, update_stats=update,
-                                         run=run)
+                                         run=f"{run}-normsvc", wait_seconds=60.0)
         moments_to_pb(name, m, req.moments.add())
         return req.SerializeToString()
 
@@ -261,6 +264,10 @@ def _sync_rank(rank: int, world: int, address: str, echo_address: str, tmp: str,
     bwd_bytes = [request(n, m, f"torch.bwd/{n}", False) for n, m in zip(names, bwd)]
     channel = grpc.insecure_channel(echo_address)
     echo = channel.unary_unary("/normsvc.v1.NormService/UpdateStats")
+    echo_requests = queue.SimpleQueue()
+    echo_answers = channel.stream_stream("/normsvc.v1.NormService/AllReduceMomentsStream")(
+        iter(echo_requests.get, None))
+    streams = {"normsvc": client.allreduce_stream(), "solo": client.allreduce_stream()}
 
     torch.manual_seed(0)
     plain = Layers(channels).train()
@@ -268,18 +275,21 @@ def _sync_rank(rank: int, world: int, address: str, echo_address: str, tmp: str,
     module = normsvc.torch.convert(Layers(channels), client, mode="sync", prefix=f"bench-torch/{run}/module/",
                                    run=run, timeout=60).train()
     xs = _inputs(channels, seed=100 + rank, grad=True)
-    counter = {"normsvc": 0, "solo": 0}
+    counter = {"normsvc": 0, "solo": 0, "unary": 0}
 
     def reductions(layers, world_size, key):
+        """One step's reductions as sync mode makes them: on an AllReduceStream (``unary``: one
+        Client.allreduce call each, as sync mode did before the stream)."""
         step = counter[key]
         counter[key] += 1
         r = rank if world_size > 1 else 0
+        call = client.allreduce if key == "unary" else streams[key].allreduce
         for name, m in zip(layers, fwd):
-            client.allreduce({name: m}, step=step, rank=r, world_size=world_size, group=f"torch.fwd/{name}",
-                             update_stats=True, run=run)
+            call({name: m}, step=step, rank=r, world_size=world_size, group=f"torch.fwd/{name}",
+                 update_stats=True, run=f"{run}-{key}")
         for name, m in zip(reversed(layers), reversed(bwd)):
-            client.allreduce({name: m}, step=step, rank=r, world_size=world_size, group=f"torch.bwd/{name}",
-                             update_stats=False, run=run)
+            call({name: m}, step=step, rank=r, world_size=world_size, group=f"torch.bwd/{name}",
+                 update_stats=False, run=f"{run}-{key}")
 
     def fwd_bwd(model):
         outs = model(xs)
@@ -297,9 +307,18 @@ def _sync_rank(rank: int, world: int, address: str, echo_address: str, tmp: str,
         for b in reversed(bwd_bytes):
             echo(b)
 
+    def stream_echo_step():
+        for b in fwd_bytes:
+            echo_requests.put(b)
+            next(echo_answers)
+        for b in reversed(bwd_bytes):
+            echo_requests.put(b)
+            next(echo_answers)
+
     run_case = {"gloo": gloo, "normsvc": lambda: reductions(names, world, "normsvc"),
+                "unary": lambda: reductions(unary, world, "unary"),
                 "module": lambda: fwd_bwd(module), "plain": lambda: fwd_bwd(plain),
-                "solo": lambda: reductions(solo, 1, "solo"), "echo": echo_step}
+                "solo": lambda: reductions(solo, 1, "solo"), "echo": echo_step, "stream_echo": stream_echo_step}
     order = [*CASES, "plain"]
     for case in order:  # warm up: connections, gloo's pairs, first calls
         for _ in range(2):
@@ -330,6 +349,9 @@ def _sync_rank(rank: int, world: int, address: str, echo_address: str, tmp: str,
         nbt = int(module.bns[0].num_batches_tracked)
         with open(os.path.join(tmp, "sync.json"), "w") as f:
             json.dump({"times": times, "module_updates": nbt, "profile": prof_text}, f)
+    for stream in streams.values():
+        stream.close()
+    echo_requests.put(None)
     client.close()
     channel.close()
     dist.destroy_process_group()
@@ -416,10 +438,13 @@ def main(argv=None) -> int:
     print("| one training step's reductions (106 calls) | ms per step | us per layer (fwd + bwd) | / gloo | target |")
     print("| --- | ---: | ---: | ---: | ---: |")
     rows = [("torch.distributed.all_reduce, gloo (baseline)", "gloo", t["gloo"]),
-            ("**normsvc Client.allreduce, as sync mode calls it**", "normsvc", t["normsvc"]),
+            ("**normsvc allreduce on an AllReduceStream, as sync mode calls it**", "normsvc", t["normsvc"]),
             ("normsvc.torch sync module: fwd + bwd minus plain fwd + bwd", None, module_net),
-            ("  the same allreduce calls, world_size=1 (no waiting for ranks)", "solo", t["solo"]),
-            ("  bare gRPC echo of the same request bytes (transport)", "echo", t["echo"])]
+            ("  the same reductions as unary Client.allreduce calls", "unary", t["unary"]),
+            ("  the same on the stream, world_size=1 (no waiting for ranks)", "solo", t["solo"]),
+            ("  bare gRPC echo of the same request bytes on one stream (the stream's transport)", "stream_echo",
+             t["stream_echo"]),
+            ("  bare gRPC echo of the same request bytes, unary calls (the unary transport)", "echo", t["echo"])]
     for label, case, values in rows:
         m = statistics.median(values)
         target = "<= 1.0" if case == "normsvc" else ""

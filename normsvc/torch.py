@@ -8,7 +8,9 @@ in-process :class:`normsvc.Store`), in the spirit of
 ``mode="sync"`` (synchronized batch statistics, SyncBatchNorm without NCCL)
     Training: ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the
     mean and biased variance of the batches of ALL ranks, from one
-    AllReduceMoments call per layer and forward; the running statistics take
+    AllReduceMoments per layer and forward (messages on one open stream per
+    training thread, :meth:`normsvc.Client.allreduce_stream`, which
+    :func:`close` ends); the running statistics take
     one update per step (torch convention: unbiased with the global count)
     and the module's buffers are set from the answer.  The backward is exact:
     a second reduction of ``sum(dy)`` and ``sum(dy * (x - mean))`` across
@@ -416,6 +418,8 @@ class Binding:
         self._stale: set = set()  # shared mode: layers trained since their statistics were last fetched
         self._latest: dict = {}  # layer -> newest RunningStats heard of (shared mode)
         self._applied: dict = {}  # layer -> version copied into the module's buffers
+        self._streams = threading.local()  # sync mode over a Client: each thread's AllReduceStream
+        self._opened: list = []  # every stream opened, for close()
 
     def __repr__(self) -> str:
         return (f"Binding(mode={self.mode!r}, run={self.run!r}, rank={self.rank}, world_size={self.world_size}, "
@@ -434,9 +438,7 @@ class Binding:
     def _reduce_forward(self, layer: str, moments: Moments, step: int, update: bool):
         """Global moments of one layer's step, and its running statistics after it (None without update)."""
         if self._rendezvous:
-            answer = self.target.allreduce({layer: moments}, step=step, rank=self.rank, world_size=self.world_size,
-                                           group=_group("fwd", layer), update_stats=update, timeout=self.timeout,
-                                           run=self.run)
+            answer = self._allreduce({layer: moments}, step=step, group=_group("fwd", layer), update_stats=update)
             return answer.moments[layer], answer.stats.get(layer)
         if not update:  # a Store: one rank, whose moments are the global ones
             return moments, None
@@ -454,11 +456,22 @@ class Binding:
         statistics alone, and the group keeps it apart from the forward's.
         """
         one = Moments(np.float64(1.0), sums, np.zeros_like(sums))
-        answer = self.target.allreduce({layer: one}, step=step, rank=self.rank, world_size=self.world_size,
-                                       group=_group("bwd", layer), update_stats=False, timeout=self.timeout,
-                                       run=self.run)
-        merged = answer.moments[layer]
+        merged = self._allreduce({layer: one}, step=step, group=_group("bwd", layer), update_stats=False).moments[layer]
         return merged.mean * merged.count
+
+    def _allreduce(self, moments: dict, **kwargs):
+        """One reduction, on this thread's stream of the Client (opened at its first reduction)."""
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            opener = getattr(self.target, "allreduce_stream", None)
+            if opener is None:  # a Client-like target without streams: one unary call each
+                return self.target.allreduce(moments, rank=self.rank, world_size=self.world_size,
+                                             timeout=self.timeout, run=self.run, **kwargs)
+            stream = self._streams.stream = opener()
+            with self._lock:
+                self._opened.append(stream)
+        return stream.allreduce(moments, rank=self.rank, world_size=self.world_size, timeout=self.timeout,
+                                run=self.run, **kwargs)
 
     # --- shared mode -------------------------------------------------------------------
 
@@ -520,8 +533,14 @@ class Binding:
             self._fetch()
 
     def close(self) -> None:
-        """Flush, then stop the background thread (shared mode); later training forwards raise
-        FailedPrecondition, inference goes on with the last statistics."""
+        """Shared mode: flush, then stop the background thread; later training forwards raise
+        FailedPrecondition, inference goes on with the last statistics.  Sync mode: end the
+        reduction streams (each holds one of the server's stream slots); a later training
+        forward opens another."""
+        with self._lock:
+            opened, self._opened, self._streams = self._opened, [], threading.local()
+        for stream in opened:
+            stream.close()
         if self._pusher is None or self._pusher.closed:
             return
         try:
@@ -863,10 +882,13 @@ def flush(module: nn.Module) -> None:
 
 
 def close(module: nn.Module) -> None:
-    """Flush and stop the background threads of ``module``'s conversions (shared mode; sync: nothing).
+    """Release what ``module``'s conversions hold on the service.
 
-    After it, inference still works (with the last statistics); training
-    forwards raise FailedPrecondition.
+    Shared mode: flush and stop the background thread; after it, inference
+    still works (with the last statistics) and training forwards raise
+    FailedPrecondition.  Sync mode: end the reduction streams, each of which
+    holds one of the server's stream slots; a later training forward opens
+    another.
     """
     for bind in _bindings(module):
         bind.close()

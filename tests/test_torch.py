@@ -128,6 +128,27 @@ def test_sync_rank_that_never_comes_times_out():
         assert time.monotonic() - start < 15
 
 
+def test_sync_mode_reduces_over_one_stream_per_thread_that_close_ends():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    with running_server() as server, normsvc.Client(server.address) as client:
+        model = nt.convert(model, client, prefix="one/", rank=0, world_size=1, run="r")
+        for _ in range(3):
+            model(torch.randn(5, 3)).sum().backward()
+        registry = server.metrics.registry
+        assert registry.get_sample_value("normsvc_allreduce_steps_total", {"outcome": "completed"}) == 3 * 2
+        assert registry.get_sample_value("normsvc_rpc_requests_total",
+                                         {"method": "AllReduceMoments", "code": "OK"}) is None  # no unary call
+        assert server.streams.open == 1  # one training thread: one stream, whatever the layers and steps
+        nt.close(model)
+        deadline = time.monotonic() + 10
+        while server.streams.open and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.streams.open == 0
+        model(torch.randn(5, 3)).sum().backward()  # training again opens another
+        assert server.streams.open == 1
+        assert client.layer("one/1").stats().num_batches == 4
+
+
 def test_sync_mode_in_process_store_world_size_one():
     """A Store serves one rank: the same numbers as plain torch, and the running statistics in the store."""
     torch.manual_seed(1)

@@ -326,7 +326,7 @@ class UpdateStatsResponse(_message.Message):
     def __init__(self, stats: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ..., packed: _Optional[_Union[PackedStats, _Mapping]] = ...) -> None: ...
 
 class AllReduceMomentsRequest(_message.Message):
-    __slots__ = ("group", "step", "rank", "world_size", "moments", "update_stats", "run")
+    __slots__ = ("group", "step", "rank", "world_size", "moments", "update_stats", "run", "wait_seconds")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -334,6 +334,7 @@ class AllReduceMomentsRequest(_message.Message):
     MOMENTS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_STATS_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     group: str
     step: int
     rank: int
@@ -341,7 +342,8 @@ class AllReduceMomentsRequest(_message.Message):
     moments: _containers.RepeatedCompositeFieldContainer[LayerMoments]
     update_stats: bool
     run: str
-    def __init__(self, group: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., moments: _Optional[_Iterable[_Union[LayerMoments, _Mapping]]] = ..., update_stats: _Optional[bool] = ..., run: _Optional[str] = ...) -> None: ...
+    wait_seconds: float
+    def __init__(self, group: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., moments: _Optional[_Iterable[_Union[LayerMoments, _Mapping]]] = ..., update_stats: _Optional[bool] = ..., run: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class AllReduceMomentsResponse(_message.Message):
     __slots__ = ("global_moments", "stats")

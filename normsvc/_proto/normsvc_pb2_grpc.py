@@ -70,6 +70,11 @@ class NormServiceStub:
                 request_serializer=normsvc_dot_v1_dot_normsvc__pb2.AllReduceMomentsRequest.SerializeToString,
                 response_deserializer=normsvc_dot_v1_dot_normsvc__pb2.AllReduceMomentsResponse.FromString,
                 _registered_method=True)
+        self.AllReduceMomentsStream = channel.stream_stream(
+                '/normsvc.v1.NormService/AllReduceMomentsStream',
+                request_serializer=normsvc_dot_v1_dot_normsvc__pb2.AllReduceMomentsRequest.SerializeToString,
+                response_deserializer=normsvc_dot_v1_dot_normsvc__pb2.AllReduceMomentsResponse.FromString,
+                _registered_method=True)
         self.WatchLayer = channel.unary_stream(
                 '/normsvc.v1.NormService/WatchLayer',
                 request_serializer=normsvc_dot_v1_dot_normsvc__pb2.WatchLayerRequest.SerializeToString,
@@ -171,15 +176,31 @@ class NormServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AllReduceMomentsStream(self, request_iterator, context):
+        """AllReduceMoments over one long-lived stream: each request message is one
+        AllReduceMoments call, answered by one response message, in order. What
+        a trainer that reduces once per layer and direction uses (a message on an
+        open stream costs about half a unary call). Each message waits at most
+        its wait_seconds (or the server's maximum wait). The stream ends at the
+        first failed message with that message's status, as AllReduceMoments
+        would have answered it; the client opens a new stream for the next call.
+        The stream holds one of the server's stream slots for as long as it is
+        open, waiting or not. The token's rights are checked on every message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchLayer(self, request, context):
         """Streams every new version of the layers' running statistics. Ends with
         NOT_FOUND when a watched layer is deleted, UNAVAILABLE when the server
-        shuts down. Each open stream (WatchLayer, NormalizeStream, a rank waiting
-        in AllReduceMoments) holds one of the server's stream slots: when the
-        server's (max_streams) or the token's (max_streams_per_token) are all
-        taken, the call is refused at once with RESOURCE_EXHAUSTED, reason
-        TOO_MANY_STREAMS, QuotaFailure subject the limit; unary calls and the
-        health service never wait for them.
+        shuts down. Each open stream (WatchLayer, NormalizeStream,
+        AllReduceMomentsStream, a rank waiting in AllReduceMoments) holds one of
+        the server's stream slots: when the server's (max_streams) or the
+        token's (max_streams_per_token) are all taken, the call is refused at
+        once with RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS, QuotaFailure
+        subject the limit; unary calls and the health service never wait for
+        them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -273,6 +294,11 @@ def add_NormServiceServicer_to_server(servicer, server):
             ),
             'AllReduceMoments': grpc.unary_unary_rpc_method_handler(
                     servicer.AllReduceMoments,
+                    request_deserializer=normsvc_dot_v1_dot_normsvc__pb2.AllReduceMomentsRequest.FromString,
+                    response_serializer=normsvc_dot_v1_dot_normsvc__pb2.AllReduceMomentsResponse.SerializeToString,
+            ),
+            'AllReduceMomentsStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AllReduceMomentsStream,
                     request_deserializer=normsvc_dot_v1_dot_normsvc__pb2.AllReduceMomentsRequest.FromString,
                     response_serializer=normsvc_dot_v1_dot_normsvc__pb2.AllReduceMomentsResponse.SerializeToString,
             ),
@@ -500,6 +526,33 @@ class NormService:
             request,
             target,
             '/normsvc.v1.NormService/AllReduceMoments',
+            normsvc_dot_v1_dot_normsvc__pb2.AllReduceMomentsRequest.SerializeToString,
+            normsvc_dot_v1_dot_normsvc__pb2.AllReduceMomentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllReduceMomentsStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/normsvc.v1.NormService/AllReduceMomentsStream',
             normsvc_dot_v1_dot_normsvc__pb2.AllReduceMomentsRequest.SerializeToString,
             normsvc_dot_v1_dot_normsvc__pb2.AllReduceMomentsResponse.FromString,
             options,

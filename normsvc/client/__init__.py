@@ -9,8 +9,9 @@ User code moves from in-process to remote statistics by swapping one object::
 (layer handles, :class:`~normsvc.running.RunningStats`,
 :class:`~normsvc.moments.Moments`, numpy arrays) and raises the same
 exceptions (:mod:`normsvc.wire.status` maps statuses back to them).  It adds
-:meth:`Client.allreduce` (synchronized batch statistics across ranks) and
-:meth:`Client.watch` (a stream of new versions).  :class:`AsyncClient` has
+:meth:`Client.allreduce` (synchronized batch statistics across ranks; over one
+open stream with :meth:`Client.allreduce_stream`) and :meth:`Client.watch` (a
+stream of new versions).  :class:`AsyncClient` has
 the same methods as coroutines.
 
 Transport behaviour (:mod:`.transport`): every call has a deadline
@@ -28,11 +29,14 @@ How it is built, one concept a module:
 * :mod:`.sync` (:class:`Client`, :class:`Watch`) and :mod:`.aio`
   (:class:`AsyncClient`, :class:`AsyncWatch`): the drivers, which run the
   operations with blocking or awaited calls and hold no protocol logic;
+  :mod:`.allreduce_stream` (:class:`AllReduceStream`) runs allreduce's over
+  one open stream;
 * :mod:`.transport`: target, credentials, deadlines and retries;
   :mod:`.watch`: a watch's bookkeeping; :mod:`.results`: the values returned.
 """
 
 from .aio import AsyncClient, AsyncWatch
+from .allreduce_stream import AllReduceStream
 from .layer import RemoteLayer
 from .results import AllReduceResult, LayerInfo, LayerStats
 from .sync import Client, Watch
@@ -46,6 +50,7 @@ __all__ = [
     "LayerInfo",
     "LayerStats",
     "AllReduceResult",
+    "AllReduceStream",
     "Watch",
     "AsyncWatch",
     "DEFAULT_TARGET",

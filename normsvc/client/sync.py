@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from .allreduce_stream import AllReduceStream
 from .api import ClientApi
 from .operations import Call
 from .results import LayerStats
@@ -77,6 +78,16 @@ class Client(ClientApi):
                 return method(call.request, **attempts.options())
             except grpc.RpcError as error:
                 time.sleep(attempts.retry_after(error))
+
+    def allreduce_stream(self) -> AllReduceStream:
+        """An :class:`~normsvc.client.AllReduceStream`: :meth:`allreduce` calls over one open stream
+        (AllReduceMomentsStream), for a trainer that reduces once per layer.
+
+        Same arguments, results and errors as :meth:`allreduce`, about half
+        the transport time per call.  The stream opens at its first call and
+        holds one of the server's stream slots until it is closed.
+        """
+        return AllReduceStream(self)
 
     def watch(self, names, *, skip_initial: bool = False, timeout: float | None = None) -> "Watch":
         """Every new version of the layers' statistics, as :class:`LayerStats` items.

@@ -20,8 +20,8 @@ nest, read < write < admin:
 =====  =================================================================
 read   GetLayer, ListLayers, WatchLayer, ExportStats, Normalize without an
        update of the running statistics
-write  + CreateLayer, UpdateStats, AllReduceMoments, ResetStats, Normalize
-       with update
+write  + CreateLayer, UpdateStats, AllReduceMoments (and its stream, checked
+       on every message), ResetStats, Normalize with update
 admin  + DeleteLayer, Freeze, Unfreeze, ImportStats
 =====  =================================================================
 
@@ -168,6 +168,7 @@ RULES = {
     "ResetStats": ("write", _name("name")),
     "UpdateStats": ("write", _entries("updates")),
     "AllReduceMoments": ("write", _entries("moments")),
+    "AllReduceMomentsStream": ("write", _entries("moments")),  # every message
     "WatchLayer": ("read", _names("names")),
     "Normalize": (lambda r: _normalize_role(r.mode, not r.HasField("update") or r.update), _name("layer")),
     "NormalizeStream": (
@@ -229,6 +230,14 @@ def method_name(full_method: str) -> str | None:
     if full_method.startswith(SERVICE):
         return full_method[len(SERVICE):]
     return None
+
+
+def each_authorized(principal: Principal, method: str, request_iterator):
+    """The messages of a request stream whose every message is authorized on its own
+    (AllReduceMomentsStream: each names its layers); raises at the first that is not."""
+    for request in request_iterator:
+        authorize(principal, method, request)
+        yield request
 
 
 def stream_header(request_iterator):

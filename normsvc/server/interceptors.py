@@ -256,6 +256,10 @@ class AuthInterceptor(_Cached):
                     if header is not None:
                         auth.authorize(principal, method, header)
                     yield from behaviour(messages, context)
+            elif handler.request_streaming:  # AllReduceMomentsStream: every message names its layers
+                def wrapper(request_iterator, context):
+                    principal = auth.authenticate(tokens, context.invocation_metadata())
+                    yield from behaviour(auth.each_authorized(principal, method, request_iterator), context)
             elif streaming:
                 def wrapper(request, context):
                     auth.authorize(auth.authenticate(tokens, context.invocation_metadata()), method, request)

@@ -65,6 +65,15 @@ class Metrics:
             "normsvc_stream_bytes_reserved", "Bytes of NormalizeStream buffers reserved", registry=self.registry,
         )
         self._http = None
+        self._outcomes: dict = {}  # outcome -> its child of allreduce_steps
+
+    def allreduce_outcome(self, outcome: str) -> None:
+        """Count an AllReduceMoments step by outcome (each step of every rank's call: the child is
+        looked up once, since labels() validates and locks)."""
+        counter = self._outcomes.get(outcome)
+        if counter is None:
+            counter = self._outcomes[outcome] = self.allreduce_steps.labels(outcome)
+        counter.inc()
 
     def follow_capacity(self, streams, budget) -> None:
         """Report the slots ``streams`` (StreamSlots) and the bytes ``budget`` (StreamBudget) hold."""

@@ -284,14 +284,14 @@ def serve(
     health_server = bound_health = unsubscribe = None
     try:
         hub = WatchHub()
-        on_outcome = lambda outcome: metrics.allreduce_steps.labels(outcome).inc()  # noqa: E731
         if store.backend.shared:  # replicas share the store (redis): the rendezvous and notices go through it
             from .shared_allreduce import SharedRendezvous
 
-            rendezvous = SharedRendezvous(store.backend, max_wait=allreduce_max_wait, on_outcome=on_outcome)
+            rendezvous = SharedRendezvous(store.backend, max_wait=allreduce_max_wait,
+                                          on_outcome=metrics.allreduce_outcome)
             unsubscribe = store.backend.subscribe(_forward_changes(store, hub))
         else:
-            rendezvous = Rendezvous(max_wait=allreduce_max_wait, on_outcome=on_outcome)
+            rendezvous = Rendezvous(max_wait=allreduce_max_wait, on_outcome=metrics.allreduce_outcome)
             unsubscribe = None
         stream_budget = StreamBudget(limits.max_stream_bytes)
         servicer = NormServicer(store, limits=limits, hub=hub, rendezvous=rendezvous, metrics=metrics,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import math
 import os
 import tempfile
 
@@ -31,8 +32,9 @@ from .watch import DELETED, WatchHub, follow
 __all__ = ["NormServicer", "SERIALIZED_RESPONSES"]
 
 #: Methods whose servicer answers the serialized response (bytes), so that a large
-#: tensor is copied into the answer once; serve() registers them with a pass-through serializer.
-SERIALIZED_RESPONSES = ("Normalize",)
+#: tensor is copied into the answer once (Normalize), or every rank of an AllReduceMoments
+#: step sends the answer serialized once; serve() registers them with a pass-through serializer.
+SERIALIZED_RESPONSES = ("Normalize", "AllReduceMoments", "AllReduceMomentsStream")
 _Y_FIELD = pb.NormalizeResponse.DESCRIPTOR.fields_by_name["y"].number
 
 #: Bytes a repeated message field adds to each entry's own: its tag and a length of up to 5 bytes.
@@ -115,17 +117,26 @@ def _with_results(message, moments, stats):
     return message
 
 
-@contextlib.contextmanager
-def _field_paths(entries, field: str):
+class _field_paths:
     """Store errors name fields relative to one layer's call (``moments.mean``); give them
-    their path in the request (``updates[2].moments.mean``) for BadRequest violations."""
-    try:
-        yield
-    except NormsvcError as exc:
-        index = {e.layer: i for i, e in enumerate(entries)}.get(exc.layer)
-        if index is not None and (exc.field == "moments" or (exc.field or "").startswith("moments.")):
-            exc.field = f"{field}[{index}].{exc.field}"
-        raise
+    their path in the request (``updates[2].moments.mean``) for BadRequest violations.
+
+    A class, not a contextlib generator: it wraps every AllReduceMoments and
+    UpdateStats, and costs nothing until an error passes through it."""
+
+    __slots__ = ("entries", "field")
+
+    def __init__(self, entries, field: str):
+        self.entries, self.field = entries, field
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if isinstance(exc, NormsvcError):
+            index = {e.layer: i for i, e in enumerate(self.entries)}.get(exc.layer)
+            if index is not None and (exc.field == "moments" or (exc.field or "").startswith("moments.")):
+                exc.field = f"{self.field}[{index}].{exc.field}"
 
 
 @contextlib.contextmanager
@@ -139,6 +150,18 @@ def _packed_paths(names):
         if part or exc.field == "moments":
             exc.field = {"": "packed", "m2": "packed.variance"}.get(part, f"packed.{part}")
         raise
+
+
+class _StepStats(dict):
+    """What an AllReduceMoments step's ``reduce`` returns: {layer: RunningStats} after its update
+    (empty without one), and ``answers``, the step's serialized answers by layer order, which
+    the ranks that meet in this process share (they get this very object)."""
+
+    __slots__ = ("answers",)
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.answers = {}
 
 
 def _required(names, field: str) -> None:
@@ -304,7 +327,22 @@ class NormServicer(pb_grpc.NormServiceServicer):
             convert.stats_to_pb(stats[name], entry.stats)
         return response
 
+    def AllReduceMomentsStream(self, request_iterator, context):
+        # one AllReduceMoments per message, in order; the first error ends the stream with its status
+        for request in request_iterator:
+            yield self.AllReduceMoments(request, context)
+
     def AllReduceMoments(self, request, context):
+        # a rank waits at most until its call's deadline (a stream's, if it has one), its wait_seconds
+        # and the rendezvous's maximum
+        remaining = context.time_remaining()
+        timeout = None if remaining is None else remaining - DEADLINE_MARGIN
+        if request.HasField("wait_seconds"):
+            wait = request.wait_seconds
+            if not 0.0 < wait < math.inf:
+                raise InvalidArgument(f"wait_seconds={wait!r}: expected a finite number of seconds > 0",
+                                      field="wait_seconds")
+            timeout = wait if timeout is None else min(timeout, wait)
         moments = self._moments(request.moments, "moments")
         update = not request.HasField("update_stats") or request.update_stats
         group, step = request.group, request.step
@@ -315,25 +353,32 @@ class NormServicer(pb_grpc.NormServiceServicer):
 
         def reduce(merged):
             if not update:
-                return {}
+                return _StepStats()
             # one contribution of world size 1: a step the run already applied is refused, never skipped
             stats = self.store.update_many(merged, step=step, rank=0, world_size=1, run=request.run)
             self._published("AllReduceMoments", stats)
-            return stats
+            return _StepStats(stats)
 
-        remaining = context.time_remaining()
-        timeout = None if remaining is None else remaining - DEADLINE_MARGIN
         with _field_paths(request.moments, "moments"):
             merged, stats = self.rendezvous.join(
                 (request.run, group), step, request.rank, request.world_size, moments,
                 reduce=reduce, timeout=timeout, is_active=context.is_active, options=(update,),
             )
-        response = pb.AllReduceMomentsResponse()
-        for name, m in merged.items():
-            encode_moments(m, response.global_moments.add(layer=name).moments)
-            if name in stats:
-                convert.stats_to_pb(stats[name], response.stats.add(layer=name).stats)
-        return response
+        # the ranks of a step get the same answer: the first to serialize it shares the bytes (ranks that
+        # list the layers in another order, or whose stats came from another replica, serialize their own)
+        answers = getattr(stats, "answers", None)
+        order = tuple(merged)
+        raw = None if answers is None else answers.get(order)
+        if raw is None:
+            response = pb.AllReduceMomentsResponse()
+            for name, m in merged.items():
+                convert.moments_to_pb(name, m, response.global_moments.add())  # merged here: float64, finite
+                if name in stats:
+                    convert.stats_to_pb(stats[name], response.stats.add(layer=name).stats)
+            raw = response.SerializeToString()
+            if answers is not None:
+                answers[order] = raw
+        return raw
 
     def WatchLayer(self, request, context):
         _required(request.names, "names")

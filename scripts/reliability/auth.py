@@ -108,6 +108,15 @@ class Requests:
                          pb.LayerMoments(layer="team-b/bn", moments=self.moments())])),
             ("AllReduceMoments", "AllReduceMoments", "write", lambda: pb.AllReduceMomentsRequest(
                 step=n(), rank=0, world_size=1, run="auth", moments=[pb.LayerMoments(layer=bn, moments=self.moments())])),
+            ("AllReduceMomentsStream", "AllReduceMomentsStream", "write", lambda: [pb.AllReduceMomentsRequest(
+                step=n(), rank=0, world_size=1, run="auth-stream", wait_seconds=5.0,
+                moments=[pb.LayerMoments(layer="team-a/stream", moments=self.moments())])]),
+            # every message is checked: the team-b/ token passes the first message and not the second
+            ("AllReduceMomentsStream team-b/, then team-a/", "AllReduceMomentsStream", "write", lambda: [
+                pb.AllReduceMomentsRequest(step=n(), rank=0, world_size=1, run="auth-stream", update_stats=False,
+                                           moments=[pb.LayerMoments(layer="team-b/bn", moments=self.moments())]),
+                pb.AllReduceMomentsRequest(step=n(), rank=0, world_size=1, run="auth-stream", update_stats=False,
+                                           moments=[pb.LayerMoments(layer=bn, moments=self.moments())])]),
             ("WatchLayer", "WatchLayer", "read", lambda: pb.WatchLayerRequest(names=[bn])),
             ("Normalize training", "Normalize", "write", lambda: pb.NormalizeRequest(
                 layer=bn, x=self.x(), mode=pb.MODE_TRAINING)),
@@ -139,8 +148,8 @@ def invoke(stub, method: str, request, metadata) -> str:
                 next(stream)
             finally:
                 stream.cancel()
-        elif method == "NormalizeStream":
-            list(stub.NormalizeStream(iter(request), metadata=metadata, timeout=TIMEOUT))
+        elif method in ("NormalizeStream", "AllReduceMomentsStream"):
+            list(getattr(stub, method)(iter(request), metadata=metadata, timeout=TIMEOUT))
         else:
             getattr(stub, method)(request, metadata=metadata, timeout=TIMEOUT)
     except grpc.RpcError as exc:
@@ -179,7 +188,7 @@ class Result:
 
 
 def _setup(stub, metadata) -> None:
-    for name in ("team-a/bn", "team-a/steps", "team-b/bn"):
+    for name in ("team-a/bn", "team-a/steps", "team-a/stream", "team-b/bn"):
         stub.CreateLayer(pb.CreateLayerRequest(name=name, config=pb.LayerConfig(num_features=[FEATURES])),
                          metadata=metadata, timeout=TIMEOUT)
 

@@ -55,7 +55,7 @@ DOCUMENTED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ALR
 MAX_TENSOR_ELEMENTS = 65536
 MAX_MESSAGE = 64 << 20
 OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
-TIMEOUTS = {"AllReduceMoments": 1.0, "WatchLayer": 2.0}
+TIMEOUTS = {"AllReduceMoments": 1.0, "AllReduceMomentsStream": 2.0, "WatchLayer": 2.0}
 TIMEOUT = 20.0
 
 LAYERS = {  # the layers the inputs meet: name -> config
@@ -241,7 +241,7 @@ def mutated(draw, data: bytes) -> bytes:
 # --- valid requests (the seeds) ------------------------------------------------------------------
 
 def seeds(imported: bytes) -> dict:
-    """method -> list of valid requests, each a list of serialized messages (one, except NormalizeStream)."""
+    """method -> list of valid requests, each a list of serialized messages (one, except for the streams)."""
     rng = np.random.default_rng(0)
 
     def m(f=4):
@@ -265,6 +265,9 @@ def seeds(imported: bytes) -> dict:
                                               request_id="frozen-1")],
         "AllReduceMoments": [pb.AllReduceMomentsRequest(step=3, rank=0, world_size=1, run="ar",
                                                         moments=[pb.LayerMoments(layer="fz/bn", moments=m())])],
+        "AllReduceMomentsStream": [[pb.AllReduceMomentsRequest(
+            step=s, rank=0, world_size=1, run="ars", wait_seconds=1, update_stats=False,
+            moments=[pb.LayerMoments(layer="fz/bn", moments=m(8))]) for s in (4, 5)]],
         "WatchLayer": [pb.WatchLayerRequest(names=["fz/bn", "fz/gn"])],
         "Normalize": [pb.NormalizeRequest(layer="fz/ln", x=x, mode=pb.MODE_TRAINING),
                       pb.NormalizeRequest(layer="fz/bn", x=encode(rng.normal(size=(3, 4))), mode=pb.MODE_INFERENCE),
@@ -322,7 +325,7 @@ def call(channel, method: str, payload: list):
             finally:
                 stream.cancel()
             return "OK", None
-        if method == "NormalizeStream":
+        if method in ("NormalizeStream", "AllReduceMomentsStream"):
             for _ in rpc(iter(payload), timeout=timeout):
                 pass
             return "OK", None

@@ -43,7 +43,7 @@ def test_stubs_import_as_part_of_the_package():
     assert normsvc_pb2.DESCRIPTOR.package == "normsvc.v1"
     assert set(service.methods_by_name) == {
         "CreateLayer", "GetLayer", "ListLayers", "DeleteLayer", "ResetStats", "UpdateStats",
-        "AllReduceMoments", "WatchLayer", "Normalize", "NormalizeStream", "Freeze", "Unfreeze",
-        "ExportStats", "ImportStats",
+        "AllReduceMoments", "AllReduceMomentsStream", "WatchLayer", "Normalize", "NormalizeStream", "Freeze",
+        "Unfreeze", "ExportStats", "ImportStats",
     }
     assert hasattr(normsvc_pb2_grpc, "NormServiceStub")

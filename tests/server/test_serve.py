@@ -37,7 +37,7 @@ def test_reflection_lets_a_generic_client_list_and_call_the_service(memory_serve
                                     response_deserializer=response_cls.FromString)
     response = call(request_cls(name="generic/bn"), timeout=10)
     assert response.layer.name == "generic/bn"
-    assert len(service.methods) == 14
+    assert len(service.methods) == 15
 
 
 def test_health_goes_not_serving_on_shutdown(start_server, connect):
