@@ -760,12 +760,15 @@ class BatchNorm(_BatchNorm):
             return _SyncBatchNorm.apply(x, self.weight, self.bias, self, step, tracked)
         pusher = self.binding._pusher
         pusher.check()
+        # parameters and buffers read from their dicts: per layer and step, nn.Module.__getattr__ is not free
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
         if not tracked:
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         # torch's own kernel computes the batch statistics once: with momentum 1.0 it writes this
         # batch's mean and unbiased variance into a scratch pair, which the pusher sends
-        scratch = torch.zeros(2, self.num_features, dtype=self.running_mean.dtype, device=x.device)
-        y = F.batch_norm(x, scratch[0], scratch[1], self.weight, self.bias, True, 1.0, self.eps)
+        scratch = torch.zeros(2, self.num_features, dtype=self._buffers["running_mean"].dtype, device=x.device)
+        y = F.batch_norm(x, scratch[0], scratch[1], weight, bias, True, 1.0, self.eps)
         pusher.record(self.layer, x.numel() // x.shape[1], scratch)
         return y
 
