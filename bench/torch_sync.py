@@ -27,7 +27,7 @@ reductions, a forward reduction per layer in layer order then a backward
 reduction per layer in reverse order, as ``normsvc.torch``'s sync mode does
 them (``allreduce`` on the rank's ``Client.allreduce_stream()`` of the
 layer's count, mean and m2 with ``update_stats=True``, then of its
-``sum(dy)`` and ``sum(dy * xmu)`` with ``update_stats=False``), against
+``sum(dy)`` and ``sum(dy * x_hat)`` with ``update_stats=False``), against
 ``torch.distributed.all_reduce`` on gloo of the same float64 payloads
 (2C + 1, then 2C values).  Cases interleave step by step (a barrier before
 each step, the order rotating each round); rank 0's medians.  Target:
@@ -41,6 +41,11 @@ AllReduceMoments request bytes, on one stream and as unary calls (the
 transport alone: ``bench/rpc.py --serve-echo``).  ``--profile`` adds
 cProfile's top functions of the training thread (shared mode) and of rank
 0's sync reductions.
+
+Last, sync mode's local work where activations have their real size (no
+network: one rank on an in-process Store): one BatchNorm2d's forward and
+backward at 32 x 256 x 28 x 28 and 32 x 64 x 112 x 112, converted against
+``nn.BatchNorm2d``, alternating.
 """
 
 from __future__ import annotations
@@ -246,7 +251,7 @@ def _sync_rank(rank: int, world: int, address: str, echo_address: str, tmp: str,
                                 num_features=c)
     rng = np.random.default_rng(rank)
     fwd, bwd = [], []
-    for c in channels:  # what sync mode sends: count, mean, m2; then sum(dy) and sum(dy * xmu) as one sample
+    for c in channels:  # what sync mode sends: count, mean, m2; then sum(dy) and sum(dy * x_hat) as one sample
         x = rng.standard_normal((8, c))
         fwd.append(Moments(np.float64(8.0), x.mean(axis=0), ((x - x.mean(axis=0)) ** 2).sum(axis=0)))
         sums = rng.standard_normal((2, c))
@@ -366,6 +371,29 @@ def sync_mode(address: str, echo_address: str, world: int, rounds: int, steps: i
             return json.load(f)
 
 
+def sync_compute(rounds: int) -> dict:
+    """Sync mode's local work on activations of real size: one BatchNorm2d's forward + backward,
+    converted (sync mode, one rank, an in-process Store: no network) against nn.BatchNorm2d, alternating.
+    Returns {shape: (plain times, converted times)}."""
+    out = {}
+    for shape in ((32, 256, 28, 28), (32, 64, 112, 112)):
+        torch.manual_seed(0)
+        plain = nn.BatchNorm2d(shape[1])
+        with normsvc.Store.open("memory://") as store:
+            converted = normsvc.torch.convert(nn.BatchNorm2d(shape[1]), store, prefix="compute")
+            x = torch.randn(*shape, requires_grad=True)
+            dy = torch.randn(*shape)
+            times = ([], [])
+            for i in range(2 + 4 * rounds):
+                for model, into in ((plain, times[0]), (converted, times[1])):
+                    t0 = time.perf_counter()
+                    model(x).backward(dy)
+                    if i >= 2:  # after the warm-up
+                        into.append(time.perf_counter() - t0)
+        out["x".join(map(str, shape))] = times
+    return out
+
+
 # --- the report ---------------------------------------------------------------------------
 
 
@@ -397,6 +425,7 @@ def main(argv=None) -> int:
     with _servers(args.store) as (address, echo_address):
         shared = shared_mode(address, args.rounds, args.steps, args.pace / 1e3, args.profile)
         sync = sync_mode(address, echo_address, args.world, args.rounds, max(1, args.steps // 5), args.profile)
+    compute = sync_compute(args.rounds)
     elapsed = time.perf_counter() - started
     channels = resnet50_bn_channels()
     t = sync["times"]
@@ -454,6 +483,15 @@ def main(argv=None) -> int:
     print()
     verdict = "met" if ratio <= 1.0 else f"missed: {ratio:.1f}x gloo's time"
     print(f"Sync mode: normsvc / gloo = {ratio:.2f} (target <= 1.0): {verdict}.")
+    print()
+    print(f"Sync mode's local work on activations of real size: one BatchNorm2d, forward + backward, one rank on an "
+          f"in-process Store (no network), {torch.get_num_threads()} torch threads:")
+    print()
+    print("| input | nn.BatchNorm2d (ms) | sync mode (ms) | sync / plain |")
+    print("| --- | ---: | ---: | ---: |")
+    for shape, (plain_t, conv_t) in compute.items():
+        p_med, c_med = statistics.median(plain_t), statistics.median(conv_t)
+        print(f"| {shape} | {_ms(plain_t)} | {_ms(conv_t)} | {c_med / p_med:.2f} |")
     if args.profile:
         print()
         print("cProfile, shared mode, the training thread (100 converted forwards), by own time:")

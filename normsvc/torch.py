@@ -13,7 +13,7 @@ in-process :class:`normsvc.Store`), in the spirit of
     :func:`close` ends); the running statistics take
     one update per step (torch convention: unbiased with the global count)
     and the module's buffers are set from the answer.  The backward is exact:
-    a second reduction of ``sum(dy)`` and ``sum(dy * (x - mean))`` across
+    a second reduction of ``sum(dy)`` and ``sum(dy * x_hat)`` across
     ranks, as torch's SyncBatchNorm does, so outputs, input gradients and the
     running statistics equal those of one process on the concatenated batch
     (parameter gradients too, once DDP has averaged them).  Works on CPU.
@@ -659,10 +659,6 @@ def _merged(entries: list) -> Moments:
 # --- the module -------------------------------------------------------------------
 
 
-def _reduced_dims(x: torch.Tensor) -> list:
-    return [0, *range(2, x.dim())]
-
-
 def _per_channel(x: torch.Tensor) -> list:
     return [1, x.shape[1]] + [1] * (x.dim() - 2)
 
@@ -781,9 +777,14 @@ _INPUT_DIMS = (((nn.BatchNorm1d, nn.LazyBatchNorm1d), (2, 3)), ((nn.BatchNorm2d,
 class _SyncBatchNorm(torch.autograd.Function):
     """Batch norm with the batch statistics of every rank; the backward of torch's SyncBatchNorm.
 
-    Per-channel arithmetic (global variance, invstd, the backward's
-    coefficients) is float64 on the host, where the statistics travel anyway;
-    elementwise work stays on the tensor's device, in its dtype (float32 for
+    The per-channel reductions are torch's own batch-norm kernels (on any
+    device): ``batch_norm_update_stats`` for this rank's mean and biased
+    variance, ``native_batch_norm_backward`` for ``sum(dy)`` and
+    ``sum(dy * x_hat)``; a generic ``var_mean`` or ``sum`` over the batch
+    and spatial dimensions is several times slower on CPU.  Per-channel
+    arithmetic (global variance, invstd, the backward's coefficients) is
+    float64 on the host, where the statistics travel anyway; elementwise work
+    stays on the tensor's device, in its dtype (float32 for
     float16/bfloat16).
     """
 
@@ -793,8 +794,8 @@ class _SyncBatchNorm(torch.autograd.Function):
         count = x.numel() // channels if channels else 0
         xc = x.to(_compute_dtype(x))
         if count:
-            var, mean = torch.var_mean(xc, dim=_reduced_dims(x), correction=0)
-            local = torch.stack([mean, var]).to(device="cpu", dtype=torch.float64).numpy()
+            local = torch.stack(torch.batch_norm_update_stats(xc, None, None, 0.0))  # mean, biased variance
+            local = local.to(device="cpu", dtype=torch.float64).numpy()
         else:  # an empty batch still takes part, as SyncBatchNorm's does
             local = np.zeros((2, channels))
         moments = Moments(np.float64(count), local[0], local[1] * count)
@@ -819,31 +820,34 @@ class _SyncBatchNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         module, dtype = ctx.module, _compute_dtype(x)
-        shape, dims = _per_channel(x), _reduced_dims(x)
-        mean = torch.from_numpy(ctx.mean).to(device=x.device, dtype=dtype)
-        xmu = x.to(dtype) - mean.view(shape)
-        dyc = dy.to(dtype)
-        local = torch.stack([dyc.sum(dims), (dyc * xmu).sum(dims)])
+        shape = _per_channel(x)
+        xc, dyc = x.to(dtype), dy.to(dtype)
+        mean, invstd = torch.from_numpy(np.stack([ctx.mean, ctx.invstd])).to(device=x.device, dtype=dtype)
+        # sum(dy) and sum(dy * x_hat), x_hat = (x - mean) * invstd with the GLOBAL mean and invstd
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dyc, xc, None, None, None, mean, invstd, True, module.eps, [False, True, True])
+        local = torch.stack([sum_dy, sum_dy_xhat])
         if weight is not None:
             local = torch.cat([local, weight.detach().to(dtype)[None]])
         local = local.to(device="cpu", dtype=torch.float64).numpy()  # one transfer: sums and weight
-        sum_dy, sum_dy_xmu = local[0], local[1]
-        invstd = ctx.invstd
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             sums = local[:2]
             if module.binding.world_size > 1:
                 sums = module.binding._reduce_backward(module.layer, np.ascontiguousarray(sums), ctx.step)
-            # torch's batch_norm_backward_elemt: (dy - mean(dy) - xmu * invstd^2 * mean(dy * xmu)) * invstd * w
-            scale = invstd * (local[2] if weight is not None else 1.0)
-            coef = np.stack([sums[0] / ctx.total, invstd * invstd * sums[1] / ctx.total, scale])
-            coef = torch.from_numpy(coef).to(device=x.device, dtype=dtype)
-            grad_x = ((dyc - coef[0].view(shape) - xmu * coef[1].view(shape)) * coef[2].view(shape)).to(x.dtype)
+            # SyncBatchNorm's grad_x: (dy - mean(dy) - x_hat * mean(dy * x_hat)) * invstd * w, over all
+            # ranks, as k1 * dy + k3 + (x - mean) * k2 (three passes over x)
+            k1 = ctx.invstd * (local[2] if weight is not None else 1.0)
+            k = torch.from_numpy(np.stack([k1, -k1 * sums[0] / ctx.total,
+                                           -k1 * ctx.invstd * sums[1] / ctx.total])).to(device=x.device, dtype=dtype)
+            xmu = xc - mean.view(shape)
+            grad_x = torch.addcmul(torch.addcmul(k[1].view(shape), xmu, k[2].view(shape)), dyc,
+                                   k[0].view(shape)).to(x.dtype)
         # parameter gradients stay local, as SyncBatchNorm's: DDP all-reduces them
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = torch.from_numpy(sum_dy_xmu * invstd).to(device=weight.device, dtype=weight.dtype)
+            grad_w = torch.from_numpy(local[1]).to(device=weight.device, dtype=weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = torch.from_numpy(sum_dy).to(device=x.device, dtype=ctx.bias_dtype)
+            grad_b = torch.from_numpy(local[0]).to(device=x.device, dtype=ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None
 
 
