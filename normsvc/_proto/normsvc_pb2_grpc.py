@@ -185,7 +185,10 @@ class NormServiceServicer:
         first failed message with that message's status, as AllReduceMoments
         would have answered it; the client opens a new stream for the next call.
         The stream holds one of the server's stream slots for as long as it is
-        open, waiting or not. The token's rights are checked on every message.
+        open, waiting or not. The token's rights are checked on every message. A
+        server shutting down cancels (CANCELLED) the streams between two messages
+        at once and the others once their message is answered: the client
+        reconnects, as for any CANCELLED from a server going away.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -35,7 +35,7 @@ from typing import Any, Callable
 from ..moments import Moments
 from ..errors import AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument
 
-__all__ = ["Rendezvous", "gave_up", "describe_step", "options_text", "shapes_text"]
+__all__ = ["Rendezvous", "ReductionStreams", "gave_up", "describe_step", "options_text", "shapes_text"]
 
 
 @dataclass
@@ -217,3 +217,59 @@ class Rendezvous:
             raise st.error
         merged, reduced = st.result
         return {name: merged[name] for name in order}, reduced
+
+
+class ReductionStreams:
+    """The open AllReduceMomentsStreams of a server, so that shutting down need not wait for them.
+
+    A trainer's stream stays open between its reductions.  :meth:`close`
+    (the server stopping) cancels the streams that are between reductions at
+    once, and each other one as soon as its reduction is answered: their
+    clients take the CANCELLED of a server going away as a cue to reconnect
+    (to another replica), and the server's grace period is left to the
+    reductions actually in flight.  A message that arrives after ``close``
+    is not reduced; its stream is cancelled.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._idle: dict = {}  # context -> whether its stream waits for its next message
+        self.closing = False
+
+    def messages(self, request_iterator, context):
+        """The stream's requests, one at a time, for as long as the server is not closing."""
+        with self._lock:
+            if self.closing:
+                context.cancel()
+                return
+            self._idle[context] = True
+        try:
+            for request in request_iterator:
+                with self._lock:
+                    if self.closing:
+                        break
+                    self._idle[context] = False
+                yield request  # reduced and answered before the stream asks for the next one
+                with self._lock:
+                    if self.closing:
+                        break
+                    self._idle[context] = True
+            else:
+                return  # the client ended the stream
+            context.cancel()
+        finally:
+            with self._lock:
+                self._idle.pop(context, None)
+
+    def open(self) -> int:
+        """Streams open now."""
+        with self._lock:
+            return len(self._idle)
+
+    def close(self) -> None:
+        """Cancel the streams that wait for their next message; the others end after their answer."""
+        with self._lock:
+            self.closing = True
+            idle = [context for context, waiting in self._idle.items() if waiting]
+        for context in idle:
+            context.cancel()

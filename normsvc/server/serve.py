@@ -36,7 +36,7 @@ from ..errors import InvalidArgument, LayerNotFound, NormsvcError
 from ..store import Store
 from ..store.steps import DEFAULT_LAG
 from . import auth, reflection
-from .allreduce import Rendezvous
+from .allreduce import ReductionStreams, Rendezvous
 from .decoding import tolerant
 from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, StreamLimitInterceptor
 from .limits import Limits, StreamBudget, StreamSlots
@@ -74,13 +74,13 @@ def resolve_device(device: str) -> str:
 
 class Server:
     """A running server: ``port``, ``address``, ``health_port`` (None without one), ``store``,
-    ``metrics``, ``rendezvous``, ``limits``
+    ``metrics``, ``rendezvous``, ``reductions`` (:class:`.allreduce.ReductionStreams`), ``limits``
     (resolved for this server), ``streams`` (:class:`.limits.StreamSlots`), ``stream_budget``
     (:class:`.limits.StreamBudget`); ``stop()`` ends it."""
 
     def __init__(self, grpc_server, *, port, host, store, owns_store, health_servicer, hub,
                  rendezvous, metrics, metrics_port, device, tls, limits=None, streams=None, stream_budget=None,
-                 unsubscribe=None, health_server=None, health_port=None):
+                 unsubscribe=None, health_server=None, health_port=None, reductions=None):
         self._server = grpc_server
         self._health_server = health_server
         self.health_port = health_port
@@ -92,6 +92,7 @@ class Server:
         self.health = health_servicer
         self.hub = hub
         self.rendezvous = rendezvous
+        self.reductions = reductions
         self.metrics = metrics
         self.metrics_port = metrics_port
         self.device = device
@@ -123,6 +124,8 @@ class Server:
             log.info("stopping: health NOT_SERVING, %s s grace for calls in flight", grace)
             self.health.enter_graceful_shutdown()
             self.hub.close()  # watch streams end (UNAVAILABLE) so clients reconnect elsewhere
+            if self.reductions is not None:  # reduction streams between reductions: cancelled (clients retry)
+                self.reductions.close()
             self._server.stop(grace).wait()
         finally:
             try:
@@ -294,8 +297,10 @@ def serve(
             rendezvous = Rendezvous(max_wait=allreduce_max_wait, on_outcome=metrics.allreduce_outcome)
             unsubscribe = None
         stream_budget = StreamBudget(limits.max_stream_bytes)
+        reductions = ReductionStreams()
         servicer = NormServicer(store, limits=limits, hub=hub, rendezvous=rendezvous, metrics=metrics,
-                                watch_poll=watch_poll, device=device, stream_budget=stream_budget)
+                                watch_poll=watch_poll, device=device, stream_budget=stream_budget,
+                                reductions=reductions)
         streams = StreamSlots(limits.max_streams, limits.max_streams_per_token)
         metrics.follow_capacity(streams, stream_budget)
         server, health_servicer = _grpc_server(servicer, metrics, tokens, limits, workers, streams)
@@ -321,7 +326,8 @@ def serve(
              f":{bound}", tls, "tokens" if tokens is not None else "off", device, getattr(store, "url", store),
              "" if bound_health is None else f"; health alone on port {bound_health}")
     return Server(server, port=bound, host=host, store=store, owns_store=owns_store,
-                  health_servicer=health_servicer, hub=hub, rendezvous=rendezvous, metrics=metrics,
+                  health_servicer=health_servicer, hub=hub, rendezvous=rendezvous, reductions=reductions,
+                  metrics=metrics,
                   metrics_port=bound_metrics, device=device, tls=tls, limits=limits, streams=streams,
                   stream_budget=stream_budget, unsubscribe=unsubscribe, health_server=health_server,
                   health_port=bound_health)

@@ -25,7 +25,7 @@ from ..wire import framing
 from ..wire import messages as convert
 from ..wire.packed import pack_stats, unpack_moments
 from ..wire.tensors import DTYPE_CODES, Assembler, chunks, decode, decode_moments, encode_moments
-from .allreduce import Rendezvous
+from .allreduce import ReductionStreams, Rendezvous
 from .limits import Limits, StreamBudget
 from .watch import DELETED, WatchHub, follow
 
@@ -172,12 +172,14 @@ def _required(names, field: str) -> None:
 class NormServicer(pb_grpc.NormServiceServicer):
     def __init__(self, store, *, limits: Limits | None = None, hub: WatchHub | None = None,
                  rendezvous: Rendezvous | None = None, metrics=None, watch_poll: float = 2.0,
-                 device: str = "cpu", stream_budget: StreamBudget | None = None):
+                 device: str = "cpu", stream_budget: StreamBudget | None = None,
+                 reductions: ReductionStreams | None = None):
         self.store = store
         self.limits = limits or Limits()
         self.stream_budget = stream_budget or StreamBudget(self.limits.max_stream_bytes)
         self.hub = hub or WatchHub()
         self.rendezvous = rendezvous or Rendezvous()
+        self.reductions = reductions or ReductionStreams()
         self.metrics = metrics
         self.watch_poll = watch_poll
         self._update_counters = {}
@@ -329,7 +331,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
 
     def AllReduceMomentsStream(self, request_iterator, context):
         # one AllReduceMoments per message, in order; the first error ends the stream with its status
-        for request in request_iterator:
+        for request in self.reductions.messages(request_iterator, context):
             yield self.AllReduceMoments(request, context)
 
     def AllReduceMoments(self, request, context):

@@ -185,3 +185,54 @@ def test_an_open_stream_holds_a_stream_slot(start_server, connect, rng):
     assert first.close() == []
     wait_until(lambda: server.streams.open == 0)
     assert Stream(stub, timeout=30).ask(request(1, 0, 1, {"bn": m})).stats[0].stats.version == 2
+
+
+def test_shutdown_cancels_idle_streams_and_gives_a_waiting_rank_the_grace(start_server, connect, rng):
+    """Streams between reductions do not hold the server's grace period: they are cancelled at once
+    (their clients reconnect).  A rank waiting for its partner keeps its stream until the grace ends."""
+    server = start_server("memory://")
+    stubs = [connect(server) for _ in range(3)]
+    create(stubs[0], "bn")
+    m = moments_of(rng.normal(size=(8, 2)))
+    idle, partner = Stream(stubs[0]), Stream(stubs[2])
+    idle.ask(request(0, 0, 1, {"bn": m}, group="idle"))
+    waiting = Stream(stubs[1])
+    outcome = []
+
+    def wait_for_partner():
+        started = time.monotonic()
+        try:
+            waiting.ask(request(0, 0, 2, {"bn": m}, group="pair", update_stats=False))
+        except grpc.RpcError as exc:
+            outcome.append((exc.code(), time.monotonic() - started))
+
+    waiter = threading.Thread(target=wait_for_partner)
+    waiter.start()
+    wait_until(lambda: server.rendezvous.pending() == {(("", "pair"), 0): [0]})
+    wait_until(lambda: server.reductions.open() == 3)
+    stopping = threading.Thread(target=server.stop, kwargs={"grace": 2.0})
+    started = time.monotonic()
+    stopping.start()
+    for stream in (idle, partner):  # cancelled at once, not after the grace
+        with pytest.raises(grpc.RpcError) as info:
+            next(stream.responses)
+        assert info.value.code() == C.CANCELLED
+    assert time.monotonic() - started < 1.5
+    waiter.join(30)
+    stopping.join(30)
+    # ended by the server's own end of the grace (either code tells the client to reconnect)
+    assert outcome and outcome[0][0] in (C.CANCELLED, C.UNAVAILABLE) and outcome[0][1] >= 1.5
+    assert not stopping.is_alive() and time.monotonic() - started < 10
+    wait_until(lambda: server.reductions.open() == 0)  # the waiting handler notices its call is gone
+
+
+def test_shutdown_with_only_idle_streams_does_not_wait_for_the_grace(start_server, connect, rng):
+    server = start_server("memory://")
+    stub = connect(server)
+    create(stub, "bn")
+    streams = [Stream(stub) for _ in range(3)]
+    for i, stream in enumerate(streams):
+        stream.ask(request(i, 0, 1, {"bn": moments_of(rng.normal(size=(8, 2)))}, group=f"g{i}"))
+    started = time.monotonic()
+    server.stop(grace=60)
+    assert time.monotonic() - started < 10
