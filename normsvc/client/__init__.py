@@ -29,14 +29,14 @@ How it is built, one concept a module:
 * :mod:`.sync` (:class:`Client`, :class:`Watch`) and :mod:`.aio`
   (:class:`AsyncClient`, :class:`AsyncWatch`): the drivers, which run the
   operations with blocking or awaited calls and hold no protocol logic;
-  :mod:`.allreduce_stream` (:class:`AllReduceStream`) runs allreduce's over
-  one open stream;
+  :mod:`.allreduce_stream` (:class:`AllReduceStream`,
+  :class:`AsyncAllReduceStream`) runs allreduce's over one open stream;
 * :mod:`.transport`: target, credentials, deadlines and retries;
   :mod:`.watch`: a watch's bookkeeping; :mod:`.results`: the values returned.
 """
 
 from .aio import AsyncClient, AsyncWatch
-from .allreduce_stream import AllReduceStream
+from .allreduce_stream import AllReduceStream, AsyncAllReduceStream
 from .layer import RemoteLayer
 from .results import AllReduceResult, LayerInfo, LayerStats
 from .sync import Client, Watch
@@ -51,6 +51,7 @@ __all__ = [
     "LayerStats",
     "AllReduceResult",
     "AllReduceStream",
+    "AsyncAllReduceStream",
     "Watch",
     "AsyncWatch",
     "DEFAULT_TARGET",

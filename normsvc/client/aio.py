@@ -23,6 +23,7 @@ import asyncio
 import grpc
 from grpc import aio
 
+from .allreduce_stream import AsyncAllReduceStream
 from .api import ClientApi
 from .operations import Call
 from .results import LayerStats
@@ -68,6 +69,11 @@ class AsyncClient(ClientApi):
                 return await method(call.request, **attempts.options())
             except grpc.RpcError as error:
                 await asyncio.sleep(attempts.retry_after(error))
+
+    def allreduce_stream(self) -> AsyncAllReduceStream:
+        """:meth:`Client.allreduce_stream <normsvc.client.Client.allreduce_stream>`: an
+        :class:`~normsvc.client.AsyncAllReduceStream`, ``await stream.allreduce(...)``."""
+        return AsyncAllReduceStream(self)
 
     async def watch(self, names, *, skip_initial: bool = False, timeout: float | None = None) -> "AsyncWatch":
         """:meth:`Client.watch <normsvc.client.Client.watch>`: ``async for item in await client.watch(...)``."""

@@ -1,4 +1,4 @@
-"""AllReduceStream: :meth:`Client.allreduce <normsvc.client.Client.allreduce>` over one open stream.
+"""AllReduceStream (and AsyncAllReduceStream): ``allreduce`` over one open stream.
 
 A trainer that reduces once per layer and direction (sync BatchNorm: 53
 layers of a ResNet-50, forward and backward, every step) pays a unary call's
@@ -20,15 +20,21 @@ errors as ``Client.allreduce``, for about half the transport time.
   stream per thread for concurrent reductions).  The stream holds one of the
   server's stream slots until :meth:`AllReduceStream.close` (or the client's
   ``close``).
+
+:class:`AsyncAllReduceStream` is the same for :class:`~normsvc.client.AsyncClient`
+(``AsyncClient.allreduce_stream()``), its methods coroutines; concurrent
+tasks take turns, and the overdue answer is a timeout on the read (no thread).
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
 
 import grpc
+from grpc import aio
 
 from ..config import DEFAULT
 from ..errors import DeadlineExceeded, FailedPrecondition, Unavailable
@@ -36,7 +42,7 @@ from . import operations
 from .results import AllReduceResult
 from .transport import Attempts
 
-__all__ = ["AllReduceStream"]
+__all__ = ["AllReduceStream", "AsyncAllReduceStream"]
 
 _METHOD = "AllReduceMomentsStream"
 _END = object()
@@ -45,6 +51,28 @@ _END = object()
 def _grace(wait: float) -> float:
     """How long after a reduction's own wait the client gives up on the server's answer."""
     return max(1.0, 0.1 * wait)
+
+
+def _wait(client, call) -> float | None:
+    """Seconds the reduction may wait for the other ranks (sent as wait_seconds; None: the server's
+    maximum), the call's timeout or the client's."""
+    wait = client.transport.timeout if call.timeout is DEFAULT else call.timeout
+    if wait is not None:
+        call.request.wait_seconds = wait
+    return wait
+
+
+def _closed_error() -> FailedPrecondition:
+    return FailedPrecondition("this AllReduceStream was closed: open another with the client's allreduce_stream()")
+
+
+def _overdue_error(client, overdue: float, wait: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"{_METHOD} on {client.target}: no answer {overdue:g} s after the reduction was sent "
+                            f"(it waits for the other ranks at most {wait:g} s): the server stopped answering")
+
+
+def _ended_error(client) -> Unavailable:  # ended with OK but no answer: not what a normsvc server does
+    return Unavailable(f"{_METHOD} on {client.target}: the stream ended without an answer")
 
 
 class _Requests:
@@ -150,8 +178,7 @@ class AllReduceStream:
         call = next(operation)  # the arguments are checked before anything is sent
         with self._lock:
             if self._closed:
-                raise FailedPrecondition("this AllReduceStream was closed: open another with "
-                                         "Client.allreduce_stream()")
+                raise _closed_error()
             response = self._exchange(call)
         try:
             operation.send(response)
@@ -170,10 +197,7 @@ class AllReduceStream:
 
     def _exchange(self, call):
         transport = self._client.transport
-        wait = transport.timeout if call.timeout is DEFAULT else call.timeout  # None: the server's maximum
-        request = call.request
-        if wait is not None:
-            request.wait_seconds = wait
+        wait, request = _wait(self._client, call), call.request
         attempts = None  # made at the first failure, as few calls fail
         started = time.monotonic()
         while True:
@@ -200,13 +224,10 @@ class AllReduceStream:
             return next(responses)
         except grpc.RpcError as error:
             if watchdog.fired is responses:
-                raise DeadlineExceeded(
-                    f"{_METHOD} on {self._client.target}: no answer {overdue:g} s after the reduction was sent "
-                    f"(it waits for the other ranks at most {wait:g} s): the server stopped answering"
-                ) from None
+                raise _overdue_error(self._client, overdue, wait) from None
             raise error
-        except StopIteration:  # ended with OK but no answer: not what a normsvc server does
-            raise Unavailable(f"{_METHOD} on {self._client.target}: the stream ended without an answer") from None
+        except StopIteration:
+            raise _ended_error(self._client) from None
         finally:
             watchdog.disarm()
 
@@ -223,3 +244,88 @@ class AllReduceStream:
             self._requests.end()
             self._responses.cancel()
             self._requests = self._responses = None
+
+
+class AsyncAllReduceStream:
+    """:class:`AllReduceStream` for :class:`~normsvc.client.AsyncClient`: ``await stream.allreduce(...)``.
+
+    Get it with :meth:`AsyncClient.allreduce_stream
+    <normsvc.client.AsyncClient.allreduce_stream>`; use it with ``async
+    with`` or ``await`` :meth:`close`.
+    """
+
+    def __init__(self, client):
+        self._client = client
+        self._lock = asyncio.Lock()
+        self._call = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self._call is not None else "idle")
+        return f"AsyncAllReduceStream({self._client.target!r}, {state})"
+
+    async def __aenter__(self) -> "AsyncAllReduceStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def allreduce(self, moments, *, step: int, rank: int, world_size: int, group: str = "",
+                        update_stats: bool = True, timeout=DEFAULT, run: str | None = None) -> AllReduceResult:
+        """:meth:`Client.allreduce <normsvc.client.Client.allreduce>`, as one message of the stream."""
+        operation = operations.allreduce(moments, step, rank, world_size, group, update_stats, timeout, run)
+        call = next(operation)  # the arguments are checked before anything is sent
+        async with self._lock:
+            if self._closed:
+                raise _closed_error()
+            response = await self._exchange(call)
+        try:
+            operation.send(response)
+        except StopIteration as done:
+            return done.value
+        raise AssertionError("operations.allreduce makes one call")  # pragma: no cover
+
+    async def close(self) -> None:
+        """End the stream (its server slot is freed); later calls raise FailedPrecondition."""
+        async with self._lock:
+            self._closed = True
+            self._drop()
+
+    async def _exchange(self, call):
+        transport = self._client.transport
+        wait, request = _wait(self._client, call), call.request
+        attempts = None
+        started = time.monotonic()
+        while True:
+            if self._call is None or self._call.done():  # none yet, or it ended while idle
+                self._drop()
+                self._call = self._client.connection.method(_METHOD)(metadata=transport.metadata)
+            try:
+                return await self._answer(request, wait)
+            except grpc.RpcError as error:
+                self._drop()
+                if attempts is None:
+                    attempts = Attempts(transport, _METHOD, None if wait is None else started + wait)
+                await asyncio.sleep(attempts.retry_after(error))
+            except BaseException:  # cancelled between request and answer: the stream is out of step
+                self._drop()
+                raise
+
+    async def _answer(self, request, wait):
+        await self._call.write(request)
+        if wait is None:
+            response = await self._call.read()
+        else:
+            overdue = wait + _grace(wait)
+            try:
+                response = await asyncio.wait_for(self._call.read(), overdue)
+            except asyncio.TimeoutError:
+                raise _overdue_error(self._client, overdue, wait) from None
+        if response is aio.EOF:
+            raise _ended_error(self._client)
+        return response
+
+    def _drop(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent import futures
@@ -162,3 +163,87 @@ def test_no_free_stream_slot_is_resource_exhausted(start_server, rng):
             one.allreduce({"bn": m}, step=0, rank=0, world_size=1, run="r")
             with pytest.raises(ResourceExhausted, match="stream"):
                 two.allreduce({"bn": m}, step=1, rank=0, world_size=1, run="r")
+
+
+# --- AsyncClient.allreduce_stream() ----------------------------------------------------------------
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_async_ranks_on_streams_match_numpy_and_the_unary_call(server, rng):
+    world, steps = 3, 3
+    shards = [[rng.normal(r, 1 + r, (4 + 3 * r, 5)) for r in range(world)] for _ in range(steps)]
+
+    async def main():
+        async with normsvc.AsyncClient(server.address) as client:
+            for name in ("s/bn", "u/bn"):
+                await client.create_layer(name, kind="batch", axis=1, convention="torch")
+
+            async def rank(r):
+                out = []
+                async with client.allreduce_stream() as stream:
+                    for step in range(steps):
+                        m = normsvc.moments(shards[step][r], axes=[0])
+                        out.append((await stream.allreduce({"s/bn": m}, step=step, rank=r, world_size=world, run="s"),
+                                    await client.allreduce({"u/bn": m}, step=step, rank=r, world_size=world, run="u")))
+                return out
+
+            return await asyncio.gather(*(rank(r) for r in range(world)))
+
+    results = _run(main())
+    for step in range(steps):
+        full = np.concatenate(shards[step])
+        for r in range(world):
+            streamed, unary = results[r][step]
+            g, u = streamed.moments["s/bn"], unary.moments["u/bn"]
+            assert float(g.count) == len(full)
+            np.testing.assert_allclose(g.mean, full.mean(0), rtol=1e-12)
+            np.testing.assert_allclose(g.variance, full.var(0), rtol=1e-12)
+            assert (g.mean.tobytes(), g.m2.tobytes()) == (u.mean.tobytes(), u.m2.tobytes())
+            assert streamed.stats["s/bn"].num_batches == step + 1
+            assert streamed.stats["s/bn"].mean.tobytes() == unary.stats["u/bn"].mean.tobytes()
+
+
+def test_async_errors_timeouts_and_close(server, rng):
+    m = normsvc.moments(rng.normal(size=(8, 2)), axes=[0])
+
+    async def main():
+        async with normsvc.AsyncClient(server.address) as client:
+            bn = await client.create_layer("bn", kind="batch", axis=1)
+            stream = client.allreduce_stream()
+            assert (await stream.allreduce({"bn": m}, step=0, rank=0, world_size=1, run="r")).stats["bn"].version == 1
+            await bn.freeze()
+            with pytest.raises(FailedPrecondition, match="frozen"):
+                await stream.allreduce({"bn": m}, step=1, rank=0, world_size=1, run="r")
+            await bn.unfreeze()
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match=r"missing ranks \[1\]"):
+                await stream.allreduce({"bn": m}, step=2, rank=0, world_size=2, run="r", timeout=0.5)
+            assert 0.4 < time.monotonic() - started < 5
+            assert (await stream.allreduce({"bn": m}, step=3, rank=0, world_size=1,
+                                           run="r")).stats["bn"].num_batches == 2
+            await stream.close()
+            with pytest.raises(FailedPrecondition, match="closed"):
+                await stream.allreduce({"bn": m}, step=4, rank=0, world_size=1, run="r")
+
+    _run(main())
+
+
+def test_async_stream_cannot_hang_on_a_server_that_stops_answering(rng):
+    silent = _Silent()
+
+    async def main():
+        async with normsvc.AsyncClient(f"127.0.0.1:{silent.port}") as client:
+            async with client.allreduce_stream() as stream:
+                started = time.monotonic()
+                with pytest.raises(DeadlineExceeded, match="the server stopped answering"):
+                    await stream.allreduce({"bn": normsvc.moments(rng.normal(size=(4, 2)), axes=[0])}, step=0,
+                                           rank=0, world_size=1, timeout=0.3)
+                assert 1.2 < time.monotonic() - started < 10
+
+    try:
+        _run(main())
+    finally:
+        silent.close()
