@@ -100,15 +100,15 @@ class _Requests:
 class _Watchdog:
     """Cancels the stream whose answer is overdue; sleeps through calls that are answered in time.
 
-    :meth:`arm` wakes the thread only when it sleeps without a deadline, so
-    back-to-back calls cost no thread switch.
+    :meth:`arm` wakes the thread only when it sleeps past the new deadline
+    (or without one), so back-to-back calls cost no thread switch.
     """
 
     def __init__(self):
         self._cond = threading.Condition()
         self._deadline = None
         self._call = None
-        self._idle = False
+        self._until = None  # what the thread sleeps until (None: no deadline)
         self._stopped = False
         self.fired = None  # the call it cancelled
         threading.Thread(target=self._run, name="normsvc-allreduce-watchdog", daemon=True).start()
@@ -116,7 +116,7 @@ class _Watchdog:
     def arm(self, call, deadline: float) -> None:
         with self._cond:
             self._call, self._deadline = call, deadline
-            if self._idle:
+            if self._until is None or deadline < self._until:
                 self._cond.notify()
 
     def disarm(self) -> None:
@@ -131,10 +131,9 @@ class _Watchdog:
     def _run(self) -> None:
         with self._cond:
             while not self._stopped:
+                self._until = self._deadline
                 if self._deadline is None:
-                    self._idle = True
                     self._cond.wait()
-                    self._idle = False
                     continue
                 remaining = self._deadline - time.monotonic()
                 if remaining > 0:

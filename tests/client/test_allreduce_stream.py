@@ -247,3 +247,30 @@ def test_async_stream_cannot_hang_on_a_server_that_stops_answering(rng):
         _run(main())
     finally:
         silent.close()
+
+
+def test_the_watchdog_keeps_the_nearest_deadline():
+    """A short timeout after a long one still fires on time (the thread sleeps until the earlier)."""
+    from normsvc.client.allreduce_stream import _Watchdog
+
+    class Call:
+        cancelled_at = None
+
+        def cancel(self):
+            self.cancelled_at = time.monotonic()
+
+    dog = _Watchdog()
+    try:
+        long_call, short_call = Call(), Call()
+        dog.arm(long_call, time.monotonic() + 60)
+        time.sleep(0.1)  # the thread now sleeps until the long deadline
+        dog.disarm()
+        started = time.monotonic()
+        dog.arm(short_call, started + 0.2)
+        deadline = started + 10
+        while short_call.cancelled_at is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert short_call.cancelled_at is not None and short_call.cancelled_at - started < 2
+        assert long_call.cancelled_at is None and dog.fired is short_call
+    finally:
+        dog.stop()
