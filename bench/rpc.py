@@ -323,7 +323,7 @@ def main(argv=None) -> int:
                  f"{e_rate:,.0f} ({spread('update', 'echo', 'rate')})",
                  f"{s_rate:,.0f} ({spread('update', 'normsvc', 'rate')})", s_rate / e_rate, ">= 0.7"))
     n_rate = med("update_null", "normsvc", "rate")
-    rows.append((f"... the same Client against a service doing no work (canned answer): the ceiling",
+    rows.append(("... the same Client against a service doing no work (canned answer): the ceiling",
                  f"{e_rate:,.0f}", f"{n_rate:,.0f} ({spread('update_null', 'normsvc', 'rate')})", n_rate / e_rate, ""))
     for q in ("p50", "p99"):
         e, s = med("update", "echo", q) * 1e3, med("update", "normsvc", q) * 1e3

@@ -21,8 +21,19 @@ from normsvc.wire.tensors import decode, encode, encode_moments
 
 __all__ = [
     "pb", "encode", "decode", "moments_of", "entry", "update_request", "raises_code", "rich_details",
-    "make_pki", "ServerProcess", "stats_arrays", "wait_until",
+    "make_pki", "ServerProcess", "stats_arrays", "wait_until", "create_layer", "allreduce_request",
 ]
+
+
+def create_layer(stub, name, **config):
+    """CreateLayer ``name`` with a LayerConfig of ``config``; the Layer message."""
+    return stub.CreateLayer(pb.CreateLayerRequest(name=name, config=pb.LayerConfig(**config))).layer
+
+
+def allreduce_request(step, rank, world_size, layers: dict, group="job", **kw) -> pb.AllReduceMomentsRequest:
+    """An AllReduceMomentsRequest of ``layers`` ({name: Moments}); ``kw``: its other fields."""
+    return pb.AllReduceMomentsRequest(group=group, step=step, rank=rank, world_size=world_size,
+                                      moments=[entry(k, v) for k, v in layers.items()], **kw)
 
 
 def moments_of(x, axes=(0,)) -> Moments:

@@ -10,21 +10,14 @@ import time
 import grpc
 import numpy as np
 import pytest
-from server_util import decode, entry, moments_of, pb, rich_details, stats_arrays, wait_until
+from server_util import allreduce_request as request
+from server_util import create_layer as create
+from server_util import decode, moments_of, pb, rich_details, stats_arrays, wait_until
 
 from normsvc.server.limits import Limits
 from normsvc.store import Store
 
 C = grpc.StatusCode
-
-
-def create(stub, name, **config):
-    return stub.CreateLayer(pb.CreateLayerRequest(name=name, config=pb.LayerConfig(**config))).layer
-
-
-def request(step, rank, world_size, layers: dict, group="job", **kw):
-    return pb.AllReduceMomentsRequest(group=group, step=step, rank=rank, world_size=world_size,
-                                      moments=[entry(k, v) for k, v in layers.items()], **kw)
 
 
 class Stream:
