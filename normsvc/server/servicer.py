@@ -154,14 +154,26 @@ def _packed_paths(names):
 
 class _StepStats(dict):
     """What an AllReduceMoments step's ``reduce`` returns: {layer: RunningStats} after its update
-    (empty without one), and ``answers``, the step's serialized answers by layer order, which
-    the ranks that meet in this process share (they get this very object)."""
+    (empty without one), and ``answers``, the step's serialized answer by layer order, made by
+    the last rank to arrive before the others wake, and shared by the ranks that meet in this
+    process (they get this very object)."""
 
     __slots__ = ("answers",)
 
     def __init__(self, *args):
         super().__init__(*args)
         self.answers = {}
+
+
+def _allreduce_answer(merged: dict, stats: dict) -> bytes:
+    """The serialized AllReduceMomentsResponse: the merged moments (float64 and finite: written
+    without the general codec's checks) and, with an update, the running statistics after it."""
+    response = pb.AllReduceMomentsResponse()
+    for name, m in merged.items():
+        convert.moments_to_pb(name, m, response.global_moments.add())
+        if name in stats:
+            convert.stats_to_pb(stats[name], response.stats.add(layer=name).stats)
+    return response.SerializeToString()
 
 
 def _required(names, field: str) -> None:
@@ -354,33 +366,25 @@ class NormServicer(pb_grpc.NormServiceServicer):
             raise InvalidArgument(f"group has {len(group)} characters: expected at most 128", field="group")
 
         def reduce(merged):
-            if not update:
-                return _StepStats()
-            # one contribution of world size 1: a step the run already applied is refused, never skipped
-            stats = self.store.update_many(merged, step=step, rank=0, world_size=1, run=request.run)
-            self._published("AllReduceMoments", stats)
-            return _StepStats(stats)
+            stats = _StepStats()
+            if update:
+                # one contribution of world size 1: a step the run already applied is refused, never skipped
+                stats.update(self.store.update_many(merged, step=step, rank=0, world_size=1, run=request.run))
+                self._published("AllReduceMoments", stats)
+            # the step's answer, serialized once before any waiting rank wakes: they all send these bytes
+            stats.answers[tuple(merged)] = _allreduce_answer(merged, stats)
+            return stats
 
         with _field_paths(request.moments, "moments"):
             merged, stats = self.rendezvous.join(
                 (request.run, group), step, request.rank, request.world_size, moments,
                 reduce=reduce, timeout=timeout, is_active=context.is_active, options=(update,),
             )
-        # the ranks of a step get the same answer: the first to serialize it shares the bytes (ranks that
-        # list the layers in another order, or whose stats came from another replica, serialize their own)
+        # a rank that lists the layers in another order, or whose stats came from another replica
+        # (no answers then), serializes its own
         answers = getattr(stats, "answers", None)
-        order = tuple(merged)
-        raw = None if answers is None else answers.get(order)
-        if raw is None:
-            response = pb.AllReduceMomentsResponse()
-            for name, m in merged.items():
-                convert.moments_to_pb(name, m, response.global_moments.add())  # merged here: float64, finite
-                if name in stats:
-                    convert.stats_to_pb(stats[name], response.stats.add(layer=name).stats)
-            raw = response.SerializeToString()
-            if answers is not None:
-                answers[order] = raw
-        return raw
+        raw = None if answers is None else answers.get(tuple(merged))
+        return _allreduce_answer(merged, stats) if raw is None else raw
 
     def WatchLayer(self, request, context):
         _required(request.names, "names")
