@@ -164,3 +164,27 @@ def test_every_rank_gets_the_store_error(memory_server, connect, rng):
     results = run_ranks(stubs[:2], [request(1, r, 2, {"missing": m}) for r in range(2)])
     assert [res.code() for res in results] == [C.NOT_FOUND] * 2
     assert memory_server.rendezvous.pending() == {}
+
+
+def test_each_rank_gets_the_layers_in_its_own_order(memory_server, connect, rng):
+    """The ranks of a step share one serialized answer when they list the layers alike; a rank that
+    lists them in another order gets them in its order, with the same numbers."""
+    stubs = [connect(memory_server) for _ in range(3)]
+    for name in ("a", "b"):
+        create(stubs[0], name, convention=pb.CONVENTION_TORCH)
+    xs = [(rng.normal(size=(6 + r, 3)), rng.normal(size=(5, 4))) for r in range(3)]
+    orders = [("a", "b"), ("a", "b"), ("b", "a")]
+    results = run_ranks(stubs, [
+        request(0, r, 3, {name: moments_of(xs[r][0 if name == "a" else 1]) for name in orders[r]})
+        for r in range(3)])
+    assert all(isinstance(res, pb.AllReduceMomentsResponse) for res in results), results
+    assert results[0].SerializeToString() == results[1].SerializeToString()
+    for r, res in enumerate(results):
+        assert tuple(g.layer for g in res.global_moments) == orders[r]
+        assert tuple(s.layer for s in res.stats) == orders[r]
+        for g in res.global_moments:
+            full = np.concatenate([x[0 if g.layer == "a" else 1] for x in xs])
+            np.testing.assert_allclose(decode(g.moments.mean, field="mean"), full.mean(0), rtol=1e-12)
+            np.testing.assert_allclose(decode(g.moments.variance, field="var"), full.var(0), rtol=1e-12)
+    by_layer = [{g.layer: g.SerializeToString() for g in res.global_moments} for res in results]
+    assert by_layer[0] == by_layer[2]  # the same bits whichever order the rank asked in
