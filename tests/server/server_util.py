@@ -22,12 +22,26 @@ from normsvc.wire.tensors import decode, encode, encode_moments
 __all__ = [
     "pb", "encode", "decode", "moments_of", "entry", "update_request", "raises_code", "rich_details",
     "make_pki", "ServerProcess", "stats_arrays", "wait_until", "create_layer", "allreduce_request",
+    "two_batch_norms",
 ]
 
 
 def create_layer(stub, name, **config):
     """CreateLayer ``name`` with a LayerConfig of ``config``; the Layer message."""
     return stub.CreateLayer(pb.CreateLayerRequest(name=name, config=pb.LayerConfig(**config))).layer
+
+
+def two_batch_norms(stub):
+    """Layers conv1/bn (keras, momentum 0.9) and conv2/bn (torch) on the server, and the same in an
+    in-process memory Store: the reference the server's statistics are checked against (returned)."""
+    from normsvc.store import Store
+
+    create_layer(stub, "conv1/bn", momentum=0.9)
+    create_layer(stub, "conv2/bn", convention=pb.CONVENTION_TORCH)
+    reference = Store.open("memory://")
+    reference.create_layer("conv1/bn", momentum=0.9)
+    reference.create_layer("conv2/bn", convention="torch")
+    return reference
 
 
 def allreduce_request(step, rank, world_size, layers: dict, group="job", **kw) -> pb.AllReduceMomentsRequest:

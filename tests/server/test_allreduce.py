@@ -8,9 +8,9 @@ import grpc
 import numpy as np
 from server_util import allreduce_request as request
 from server_util import create_layer as create
+from server_util import two_batch_norms
 from server_util import decode, moments_of, pb, raises_code, rich_details, stats_arrays
 
-from normsvc.store import Store
 
 C = grpc.StatusCode
 
@@ -36,11 +36,7 @@ def run_ranks(stubs, requests, timeout=30):
 def test_four_ranks_get_the_moments_of_the_concatenated_data(server, connect, rng):
     world = 4
     stubs = [connect(server) for _ in range(world)]
-    create(stubs[0], "conv1/bn", momentum=0.9)
-    create(stubs[0], "conv2/bn", convention=pb.CONVENTION_TORCH)
-    reference = Store.open("memory://")
-    reference.create_layer("conv1/bn", momentum=0.9)
-    reference.create_layer("conv2/bn", convention="torch")
+    reference = two_batch_norms(stubs[0])
     for step in range(3):
         # unequal shard sizes: the merge must weigh ranks by their counts
         shards = [(rng.normal(r, 1 + r, (16 * (r + 1), 3)), rng.normal(-r, 2, (8 + r, 5))) for r in range(world)]

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from server_util import allreduce_request as request
 from server_util import create_layer as create
+from server_util import two_batch_norms
 from server_util import decode, moments_of, pb, rich_details, stats_arrays, wait_until
 
 from normsvc.server.limits import Limits
-from normsvc.store import Store
 
 C = grpc.StatusCode
 
@@ -41,11 +41,7 @@ def test_ranks_on_streams_get_the_moments_of_the_concatenated_data(server, conne
     concatenated shards, and the running statistics against one Store fed the concatenated batch."""
     world, steps = 3, 4
     stubs = [connect(server) for _ in range(world)]
-    create(stubs[0], "conv1/bn", momentum=0.9)
-    create(stubs[0], "conv2/bn", convention=pb.CONVENTION_TORCH)
-    reference = Store.open("memory://")
-    reference.create_layer("conv1/bn", momentum=0.9)
-    reference.create_layer("conv2/bn", convention="torch")
+    reference = two_batch_norms(stubs[0])
     shards = [[(rng.normal(r, 1 + r, (16 * (r + 1), 3)), rng.normal(-r, 2, (8 + r, 5))) for r in range(world)]
               for _ in range(steps)]
     answers = [[] for _ in range(world)]
