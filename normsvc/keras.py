@@ -551,8 +551,15 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
         step, run = self.step, self.run
         count = math.prod(x.shape[a] for a in axes)
         with torch.no_grad():
-            variance, mean = torch.var_mean(x, dim=axes, correction=0) if count else (
-                torch.zeros(x.shape[self.axis]), torch.zeros(x.shape[self.axis]))
+            if not count:
+                variance = mean = torch.zeros(x.shape[self.axis])
+            elif len(axes) == x.ndim - 1:
+                # torch's batch-norm statistics kernel, the channel axis moved to dim 1 (a view):
+                # var_mean over the other axes took 48 ms for a 32x28x28x256 input where this takes 2
+                channel = next(i for i in range(x.ndim) if i not in axes)
+                mean, variance = torch.batch_norm_update_stats(x.movedim(channel, 1), None, None, 0.0)
+            else:
+                variance, mean = torch.var_mean(x, dim=axes, correction=0)
         local = Moments.from_variance(float(count), mean.double().cpu().numpy(), variance.double().cpu().numpy())
         result = service.allreduce({name: local}, step=step, rank=rank, world_size=world_size,
                                    group=_group("forward", name), run=run)
