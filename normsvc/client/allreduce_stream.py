@@ -75,28 +75,6 @@ def _ended_error(client) -> Unavailable:  # ended with OK but no answer: not wha
     return Unavailable(f"{_METHOD} on {client.target}: the stream ended without an answer")
 
 
-class _Requests:
-    """The request iterator of one open stream: what :meth:`put` hands it, until :meth:`end`."""
-
-    def __init__(self):
-        self._queue = queue.SimpleQueue()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self._queue.get()
-        if item is _END:
-            raise StopIteration
-        return item
-
-    def put(self, request) -> None:
-        self._queue.put(request)
-
-    def end(self) -> None:
-        self._queue.put(_END)
-
-
 class _Watchdog:
     """Cancels the stream whose answer is overdue; sleeps through calls that are answered in time.
 
@@ -155,7 +133,7 @@ class AllReduceStream:
     def __init__(self, client):
         self._client = client
         self._lock = threading.Lock()
-        self._requests: _Requests | None = None
+        self._requests: queue.SimpleQueue | None = None  # what the open stream sends, until _END
         self._responses = None
         self._watchdog: _Watchdog | None = None
         self._closed = False
@@ -234,13 +212,13 @@ class AllReduceStream:
         self._drop()
         if self._watchdog is None:
             self._watchdog = _Watchdog()
-        self._requests = _Requests()
+        self._requests = queue.SimpleQueue()
         method = self._client.connection.method(_METHOD)
-        self._responses = method(self._requests, metadata=self._client.transport.metadata)
+        self._responses = method(iter(self._requests.get, _END), metadata=self._client.transport.metadata)
 
     def _drop(self) -> None:
         if self._responses is not None:
-            self._requests.end()
+            self._requests.put(_END)
             self._responses.cancel()
             self._requests = self._responses = None
 
