@@ -1,6 +1,6 @@
 """GPU check and benchmark of normsvc's CUDA kernels, in one run (see shared gpu.md).
 
-    python3 bench/cuda.py [--quick] [--skip-timing] [--budget SECONDS]
+    python3 bench/cuda.py [--quick] [--skip-timing] [--skip-tests] [--budget SECONDS]
 
 1. Correctness on fresh random inputs of realistic sizes: every norm x layout
    x dtype against a float64 reference computed with torch on the GPU, each
@@ -18,6 +18,8 @@
    "call" times do not (what a caller waits for).
 4. The small case (layer 32x256): per-call wall time of normsvc, torch, a
    bare numba launch through the dispatcher and through normsvc's launcher.
+5. The test suite's GPU cases (pytest in child processes): tests/cuda on the
+   hardware (NORMSVC_TEST_GPU=1), and normsvc.torch's sync mode on CUDA.
 
 Prints a table and writes it to docs/cuda-bench-<date>-<gpu>.md (and to
 $OUT/docs/ when $OUT is set, so the device tool brings it back), rewritten
@@ -56,8 +58,10 @@ os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 
 import numpy as np  # noqa: E402
 
-Y_RTOL = {np.float64: 1e-11, np.float32: 1e-5, np.float16: 1e-3}
-STAT_RTOL = {np.float64: 1e-11, np.float32: 1e-5, np.float16: 1e-5}
+# by dtype name; bfloat16: about 2 of its ulps (8 bits of mantissa), computed in float32 and rounded once
+Y_RTOL = {"float64": 1e-11, "float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}
+STAT_RTOL = {"float64": 1e-11, "float32": 1e-5, "float16": 1e-5, "bfloat16": 1e-5}
+DTYPES = ("float16", "bfloat16", "float32", "float64")
 EPS = 1e-5
 
 _buf = io.StringIO()
@@ -214,11 +218,11 @@ def run_checks(torch, normsvc, K, quick: bool, dtypes) -> int:
             plan = "?"
             if time_left() < 0:
                 failures += 1
-                out(f"| {name} | {shape} | {np.dtype(dt).name} | {plan} | skipped: time budget spent |||||")
+                out(f"| {name} | {shape} | {dt} | {plan} | skipped: time budget spent |||||")
                 continue
             try:  # one failing case is reported and the rest still run
                 plan = K._path(view_of(kind, shape, kw))
-                tdt = {np.float16: torch.float16, np.float32: torch.float32, np.float64: torch.float64}[dt]
+                tdt = getattr(torch, dt)
                 x = (torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64) * 2 + 3).to(tdt)
                 ax = kw["axis"] % len(shape)
                 gamma = torch.rand(shape[ax], generator=gen, device="cuda", dtype=torch.float64) + 0.5
@@ -244,12 +248,12 @@ def run_checks(torch, normsvc, K, quick: bool, dtypes) -> int:
                 ok = all(max(r) <= 1 for r in res)
                 again = "same" if res[0] == res[1] else "differs"
                 ye, me, ve = res[1]
-                out(f"| {name} | {shape} | {np.dtype(dt).name} | {plan} | {ye:.2g} | {me:.2g} | {ve:.2g} | {again} "
+                out(f"| {name} | {shape} | {dt} | {plan} | {ye:.2g} | {me:.2g} | {ve:.2g} | {again} "
                     f"| {'ok' if ok else 'FAIL'} |")
                 failures += not ok
             except Exception as exc:  # report and go on
                 failures += 1
-                out(f"| {name} | {shape} | {np.dtype(dt).name} | {plan} | error: {err_text(exc)} |||||")
+                out(f"| {name} | {shape} | {dt} | {plan} | error: {err_text(exc)} |||||")
                 traceback.print_exc()
             x = y = y_ref = mag = None  # free the GPU memory before the next case
     out("")
@@ -356,6 +360,19 @@ def run_checks(torch, normsvc, K, quick: bool, dtypes) -> int:
         out(f"- numpy array with device='cuda' -> {type(y).__name__}: y err {ye:.2g} {'ok' if ok else 'FAIL'}")
         return ok
 
+    def host_bf16():
+        import ml_dtypes
+
+        x = torch.randn((16, 64, 32, 32), generator=gen, device="cuda").to(torch.bfloat16)
+        xh = x.float().cpu().numpy().astype(ml_dtypes.bfloat16)
+        y, m = normsvc.batch_norm(xh, axis=1, epsilon=EPS, device="cuda")
+        y_ref, *_ , mag = reference(torch, "batch", x, dict(axis=1))
+        ye, _ = worst(torch.as_tensor(y.astype(np.float32), device="cuda"), y_ref, Y_RTOL["bfloat16"] * mag)
+        ok = type(y) is np.ndarray and y.dtype == xh.dtype and ye <= 1
+        out(f"- bfloat16 numpy (ml_dtypes) array with device='cuda' -> {type(y).__name__} {y.dtype}: "
+            f"y err {ye:.2g} {'ok' if ok else 'FAIL'}")
+        return ok
+
     def channels_last():
         x = torch.randn((16, 64, 32, 32), generator=gen, device="cuda")
         xcl = x.to(memory_format=torch.channels_last)
@@ -367,7 +384,8 @@ def run_checks(torch, normsvc, K, quick: bool, dtypes) -> int:
         return ok
 
     for label, check in (("inference mode", inference), ("numba device array in", numba_in),
-                         ("numpy array with device='cuda'", host_in), ("torch channels_last tensor", channels_last)):
+                         ("numpy array with device='cuda'", host_in), ("bfloat16 numpy array", host_bf16),
+                         ("torch channels_last tensor", channels_last)):
         try:
             failures += not check()
         except Exception as exc:
@@ -433,6 +451,25 @@ def run_types(torch, normsvc, K) -> int:
         failures += 1
         out(f"- torch: error: {err_text(exc)} FAIL")
         traceback.print_exc()
+    try:  # bfloat16: its uint16 bits are wrapped in place, y is one fresh bfloat16 tensor
+        xb = torch.randn((64, 4096), device="cuda").to(torch.bfloat16)
+        normsvc.layer_norm(xb)
+        torch.cuda.synchronize()
+        wrapped = K.wrap(xb)
+        same_ptr = wrapped.arr.device_ctypes_pointer.value == xb.data_ptr()
+        before = torch.cuda.memory_allocated()
+        yb, _ = normsvc.layer_norm(xb)
+        torch.cuda.synchronize()
+        grew = torch.cuda.memory_allocated() - before
+        ok = (isinstance(yb, torch.Tensor) and yb.dtype == torch.bfloat16 and same_ptr
+              and grew == yb.numel() * yb.element_size())
+        failures += not ok
+        out(f"- torch bfloat16: in {xb.dtype} -> out {yb.dtype}; input wrapped in place: {same_ptr}; "
+            f"torch memory grew by {grew} B for a {yb.numel() * yb.element_size()} B result: {'ok' if ok else 'FAIL'}")
+    except Exception as exc:
+        failures += 1
+        out(f"- torch bfloat16: error: {err_text(exc)} FAIL")
+        traceback.print_exc()
     try:
         import cupy as cp
     except Exception as exc:
@@ -480,9 +517,9 @@ def bench_cases(torch):
         x = torch.randn((N, C, H, W), device="cuda")
         return x, x
 
-    def rows(m, k):
+    def rows(m, k, dtype=torch.float32):
         def make():
-            x = torch.randn((m, k), device="cuda")
+            x = torch.randn((m, k), device="cuda").to(dtype)
             return x, x
         return make
 
@@ -505,6 +542,8 @@ def bench_cases(torch):
          lambda t: F.instance_norm(t, eps=EPS)),
         ("rms 65536x1024 (extra)", "rms", 0.75, rows(65536, 1024), dict(axis=-1),
          lambda t: F.rms_norm(t, (t.shape[-1],), eps=EPS)),
+        ("layer 65536x1024 bfloat16 (extra)", "layer", 0.75, rows(65536, 1024, torch.bfloat16), dict(axis=-1),
+         lambda t: F.layer_norm(t, (t.shape[-1],), eps=EPS)),
     ]
 
 
@@ -643,6 +682,45 @@ def run_small(torch, normsvc, K, quick: bool) -> None:
 
 
 # ----------------------------------------------------------------------------
+# the test suite's GPU cases
+
+#: (label, pytest arguments, environment): the simulator's kernel tests on the hardware, and the
+#: torch integration's sync mode on CUDA tensors (outputs, gradients, host transfers).
+GPU_TESTS = (
+    ("tests/cuda on the GPU (NORMSVC_TEST_GPU=1)", ["tests/cuda"], {"NORMSVC_TEST_GPU": "1"}),
+    ("normsvc.torch sync mode on CUDA", ["tests/test_torch.py", "-k", "cuda"], {}),
+)
+
+
+def run_gpu_tests() -> int:
+    """pytest on the suite's GPU cases, in child processes; a line per run with its counts."""
+    failures = 0
+    out("## The test suite's GPU cases")
+    out("")
+    for label, args, env in GPU_TESTS:
+        timeout = min(240.0, time_left() + 60)
+        if timeout < 30:
+            failures += 1
+            out(f"- {label}: skipped: time budget spent")
+            continue
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *args]
+        try:
+            r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True,
+                               timeout=timeout)
+            lines = r.stdout.strip().splitlines()
+            summary = lines[-1] if lines else "(no output)"
+            ok = r.returncode == 0
+        except subprocess.TimeoutExpired as exc:
+            lines, summary, ok = _text(exc.stdout).splitlines(), f"killed after {timeout:.0f} s", False
+        failures += not ok
+        out(f"- {label}: {summary} {'ok' if ok else 'FAIL'}")
+        if not ok:  # the failures' short summary lines, and the end of the log on stderr
+            for ln in lines:
+                if ln.startswith(("FAILED", "ERROR")):
+                    out(f"  - {ln[:300]}")
+            print("\n".join(lines[-80:]), file=sys.stderr, flush=True)
+    out("")
+    return failures
 
 
 def _section(what: str, fn, *args) -> int:
@@ -663,6 +741,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--skip-tests", action="store_true", help="do not run the test suite's GPU cases")
     ap.add_argument("--budget", type=float, default=BUDGET_S,
                     help="seconds after which the remaining cases are skipped (default %(default)s)")
     ap.add_argument("--child-no-shuffle", action="store_true", help=argparse.SUPPRESS)
@@ -679,7 +758,7 @@ def main() -> int:
     if args.child_no_shuffle:
         assert not K.SHUFFLE
         # an exit status, not a count (256 failures would read as success)
-        return 1 if run_checks(torch, normsvc, K, True, (np.float32,)) else 0
+        return 1 if run_checks(torch, normsvc, K, True, ("float32", "bfloat16")) else 0
 
     if not torch.cuda.is_available() or not normsvc.cuda_available():
         print("no usable CUDA GPU (torch: %s, numba: %s)" % (torch.cuda.is_available(), normsvc.cuda_available()))
@@ -706,10 +785,8 @@ def main() -> int:
     out("")
     write_report()
     t0 = time.time()
-    failures = _section("correctness checks", run_checks, torch, normsvc, K, args.quick,
-                        (np.float16, np.float32, np.float64))
+    failures = _section("correctness checks", run_checks, torch, normsvc, K, args.quick, DTYPES)
     free_gpu(torch)
-    failures += _section("shared-memory child", run_no_shuffle_child)
     failures += _section("types and copies", run_types, torch, normsvc, K)
     free_gpu(torch)
     out(f"checks: {failures} failure(s), {time.time() - t0:.0f} s")
@@ -719,6 +796,9 @@ def main() -> int:
         misses = _section("timing", run_timing, torch, normsvc, args.quick)
         free_gpu(torch)
         _section("small case", run_small, torch, normsvc, K, args.quick)
+    if not args.skip_tests:
+        failures += _section("test suite's GPU cases", run_gpu_tests)
+    failures += _section("shared-memory child", run_no_shuffle_child)
     out(f"summary: {failures} check failure(s), {misses} benchmark target(s) missed")
     write_report()
     print(f"wrote docs/{name}" + (f" and $OUT/docs/{name}" if len(_report) > 1 else ""))

@@ -21,7 +21,7 @@ from numba import cuda
 
 import normsvc
 from normsvc.kernels import cuda as K
-from reference import REFERENCES, assert_stats_close, assert_y_close, ref_moments, ref_normalize
+from reference import BFLOAT16, REFERENCES, assert_stats_close, assert_y_close, ref_moments, ref_normalize
 
 pytestmark = pytest.mark.skipif(not normsvc.cuda_available(), reason="no CUDA GPU and no simulator")
 
@@ -185,6 +185,73 @@ def test_host_array_on_device_cuda_returns_numpy(dtype, rng):
     ref = REFERENCES["group"](x, groups=4, axis=1)
     assert_y_close(y, ref, dtype)
     np.testing.assert_allclose(m.mean, m_cpu.mean, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,layout", sorted(CASES))
+def test_bfloat16_host_array_on_device_cuda(kind, layout, rng):
+    """bfloat16 data reach the kernels as their uint16 bits: widened on load, rounded back on store."""
+    shape, kw = CASES[kind, layout]
+    x = (rng.standard_normal(shape) * 2 + 3).astype(BFLOAT16)
+    kw = dict(kw, **_affine(kind, shape, kw, rng))
+    y, m = _call(kind, x, device="cuda", **kw)
+    assert type(y) is np.ndarray and y.dtype == BFLOAT16 and y.shape == shape
+    ref = REFERENCES[kind](x.astype(np.float64), **kw)
+    assert_y_close(y, ref, BFLOAT16)
+    assert_stats_close(m.mean, m.variance, x, ref, BFLOAT16)
+    y_cpu, _ = _call(kind, x, device="cpu", **kw)  # the CPU path: within one bfloat16 rounding of it
+    np.testing.assert_allclose(y.astype(np.float64), y_cpu.astype(np.float64), rtol=8e-3, atol=8e-3)
+
+
+def test_bfloat16_rounding_matches_ml_dtypes():
+    """The kernels' float32 -> bfloat16 store rounds as ml_dtypes (and torch) do: to nearest, ties to
+    even, overflow to inf, NaN kept; and the load widens exactly."""
+    from normsvc.kernels.cuda import group
+
+    _, store = group.codec(np.float32, True)
+
+    @cuda.jit
+    def roundtrip(x, bits, back):
+        i = cuda.grid(1)
+        if i < x.size:
+            store(bits, i, x[i])
+            back[i] = group._bf16_to_float(bits[i])
+
+    rng = np.random.default_rng(7)
+    ties = (np.arange(-64, 64, dtype=np.int64).astype(np.uint32) << 16) | 0x8000  # exactly halfway
+    specials = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, 3.4e38, -3.4e38, 1e-40, -1e-40,
+                         np.finfo(np.float32).max, np.finfo(np.float32).tiny], np.float32)
+    x = np.concatenate([specials, ties.view(np.float32), (rng.standard_normal(500) * 10.0 ** rng.integers(
+        -30, 30, 500)).astype(np.float32), rng.integers(0, 2**32, 300, dtype=np.uint64).astype(np.uint32).view(
+        np.float32)])
+    bits = cuda.device_array(x.size, np.uint16)
+    back = cuda.device_array(x.size, np.float32)
+    roundtrip[-(-x.size // 64), 64](cuda.to_device(x), bits, back)
+    want = x.astype(BFLOAT16)
+    got = bits.copy_to_host().view(BFLOAT16)
+    nan = np.isnan(want.astype(np.float32))
+    np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
+    np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+    np.testing.assert_array_equal(back.copy_to_host()[~nan], want.astype(np.float32)[~nan])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bfloat16_torch_tensor_in_and_out(layout, rng):
+    """A torch bfloat16 CUDA tensor (array interface "<V2") comes back as one, written in place of a
+    fresh tensor; a real GPU run (NORMSVC_TEST_GPU=1) only."""
+    torch = pytest.importorskip("torch")
+    if K.SIM or not torch.cuda.is_available():
+        pytest.skip("needs torch with a CUDA device")
+    xh = (rng.standard_normal((4, 6, 5, 3)) * 2 + 3).astype(np.float32)
+    x = torch.as_tensor(xh, device="cuda").to(torch.bfloat16)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    gamma, beta = rng.uniform(0.5, 1.5, 6), rng.standard_normal(6)
+    y, m = normsvc.batch_norm(x, axis=1, gamma=gamma, beta=beta)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16 and y.device == x.device
+    x64 = x.float().cpu().numpy().astype(np.float64)
+    ref = REFERENCES["batch"](x64, axis=1, gamma=gamma, beta=beta)
+    assert_y_close(y.float().cpu().numpy(), ref, BFLOAT16)
+    assert_stats_close(m.mean, m.variance, x64, ref, BFLOAT16)
 
 
 @pytest.mark.parametrize("layout", ["fortran", "strided", "transposed"])

@@ -77,9 +77,10 @@ def _last_to_arrive(cnt, unit, R):
     return flag[0] == 1
 
 
-def build(CT):
-    """{"col_moments", "col_apply"} launchers for compute type ``CT``."""
-    finish, add_run, scale_run = group.build(CT)
+def build(CT, BF16: bool):
+    """{"col_moments", "col_apply"} launchers for compute type ``CT`` (bfloat16 bits with ``BF16``)."""
+    finish, add_run, scale_run = group.build(CT, BF16)
+    load, store = group.codec(CT, BF16)
 
     @cuda.jit
     def col_moments(x, acc, cnt, out, A, B, C, F, TW, R, eps, rms):
@@ -92,7 +93,7 @@ def build(CT):
         s2 = 0.0
         if ty < RL and w < W:
             c = w // F
-            k0 = CT(x[slab + c * F])
+            k0 = load(x, slab + c * F)
             s1, s2 = add_run(x, slab + (b0 + ty) * W + w, slab + b1 * W + w, RL * W, k0, s1, s2)
         GT = TW // F
         g0 = tile * GT
@@ -102,7 +103,7 @@ def build(CT):
         nf = np.float64(B * F)
         if tid < ng:
             if R == 1:
-                k0 = np.float64(CT(x[slab + (g0 + tid) * F]))
+                k0 = np.float64(load(x, slab + (g0 + tid) * F))
                 finish(out, grp, A * C, k0, t1, t2, nf, eps, rms)
             else:
                 deposit(acc, grp, t1, t2)
@@ -111,7 +112,7 @@ def build(CT):
         # every thread must arrive (the call synchronizes the block): tid < ng second
         if _last_to_arrive(cnt, unit, R) and tid < ng:
             t1, t2 = withdraw(acc, grp)
-            k0 = np.float64(CT(x[slab + (g0 + tid) * F]))
+            k0 = np.float64(load(x, slab + (g0 + tid) * F))
             finish(out, grp, A * C, k0, t1, t2, nf, eps, rms)
 
     @cuda.jit

@@ -7,6 +7,8 @@ import math
 import numpy as np
 from numba import cuda
 
+from ... import dtypes
+
 _AVAILABLE = None
 
 
@@ -42,36 +44,72 @@ def is_device_ndarray(obj) -> bool:
     return bool(getattr(obj, "__cuda_ndarray__", False))
 
 
+#: The array-interface type string of bfloat16 (torch's, and ml_dtypes' ``dtype.str``).
+_BF16_TYPESTR = "<V2"
+
+
+class _Bits:
+    """A bfloat16 CUDA array presented as its uint16 bits (numba has no bfloat16 arrays): zero-copy."""
+
+    __slots__ = ("__cuda_array_interface__", "owner")
+
+    def __init__(self, owner, iface: dict):
+        self.owner = owner  # keeps the memory alive as long as the view
+        self.__cuda_array_interface__ = dict(iface, typestr="<u2")
+
+
+def device_array_of(obj):
+    """A numba device array over ``obj``'s memory (zero-copy); bfloat16 arrays as their uint16 bits."""
+    iface = getattr(obj, "__cuda_array_interface__", None)
+    if iface is not None and iface.get("typestr") == _BF16_TYPESTR:
+        obj = _Bits(obj, iface)
+    # The producer's stream is not waited on: launches go to the legacy
+    # default stream, which orders with torch's and CuPy's default streams.
+    return cuda.as_cuda_array(obj, sync=False)
+
+
+def storage(dtype: np.dtype) -> np.dtype:
+    """The dtype the kernels see for data of ``dtype``: bfloat16 as uint16 bits, the rest as is."""
+    return np.dtype(np.uint16) if dtype.name == "bfloat16" else dtype
+
+
 class DeviceInput:
     """A validated CUDA (or host-to-CUDA) input: what ops needs to plan, and how to answer.
 
     ``kind`` is "numba", "torch", "cupy" (y comes back as that type) or "host"
     (a numpy array normalized on the GPU because device="cuda"; y comes back
-    as numpy).  ``arr`` is the numba device array (None for host inputs).
+    as numpy).  ``arr`` is the numba device array (None for host inputs), of
+    dtype ``storage`` (uint16 bits for bfloat16 data, else ``dtype``).
     """
 
-    __slots__ = ("obj", "arr", "kind", "shape", "ndim", "dtype", "size")
+    __slots__ = ("obj", "arr", "kind", "shape", "ndim", "dtype", "storage", "size")
 
     def __init__(self, obj, arr, kind, shape, dtype):
         self.obj, self.arr, self.kind = obj, arr, kind
         self.shape = tuple(int(s) for s in shape)
         self.ndim = len(self.shape)
         self.dtype = np.dtype(dtype)
+        self.storage = storage(self.dtype)
         self.size = math.prod(self.shape)
+
+    @property
+    def bf16(self) -> bool:
+        return self.storage != self.dtype
 
 
 def wrap(obj) -> DeviceInput:
     """Wrap a CUDA array (numba device array or anything with __cuda_array_interface__), zero-copy."""
     require("a CUDA array input")
     if is_device_ndarray(obj):
-        arr, kind = obj, "numba"
-    else:
-        mod = type(obj).__module__.split(".")[0]
-        kind = mod if mod in ("torch", "cupy") else "numba"
-        # The producer's stream is not waited on: launches go to the legacy
-        # default stream, which orders with torch's and CuPy's default streams.
-        arr = cuda.as_cuda_array(obj, sync=False)
-    return DeviceInput(obj, arr, kind, arr.shape, arr.dtype)
+        return DeviceInput(obj, obj, "numba", obj.shape, obj.dtype)
+    mod = type(obj).__module__.split(".")[0]
+    kind = mod if mod in ("torch", "cupy") else "numba"
+    arr = device_array_of(obj)
+    dtype = dtypes.bfloat16() if obj.__cuda_array_interface__["typestr"] == _BF16_TYPESTR else arr.dtype
+    if kind == "numba" and dtype != arr.dtype:
+        raise TypeError(f"a bfloat16 CUDA array of type {type(obj).__name__}: expected a torch or CuPy array "
+                        "(y comes back as the input's type, which numba cannot make for bfloat16)")
+    return DeviceInput(obj, arr, kind, arr.shape, dtype)
 
 
 def host(x: np.ndarray) -> DeviceInput:

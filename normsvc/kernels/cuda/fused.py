@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from .group import group_stats, team_sum
+from .group import codec, group_stats, team_sum
 from .launcher import Launcher, grid
 from .tuning import FUSED_BLOCK, PER
 
@@ -28,8 +28,9 @@ def _locate(j, base, B, F, CF):
     return base + b * CF + f, f
 
 
-def build(CT):
-    """{"fused": launcher} for compute type ``CT``."""
+def build(CT, BF16: bool):
+    """{"fused": launcher} for compute type ``CT`` (bfloat16 bits with ``BF16``)."""
+    load, store = codec(CT, BF16)
 
     @cuda.jit
     def fused(x, gh, out, y, A, B, C, D, E, tx, eps, rms):
@@ -50,14 +51,14 @@ def build(CT):
         vals = cuda.local.array(PER, CT)
         k0 = CT(0.0)
         if active:
-            k0 = CT(x[base])
+            k0 = load(x, base)
         s1 = 0.0
         s2 = 0.0
         for k in range(PER):
             j = lane + k * tx
             if active and j < n:
                 off, f = _locate(j, base, B, F, CF)
-                v = CT(x[off])
+                v = load(x, off)
                 vals[k] = v
                 t = np.float64(v - k0)
                 s1 += t
@@ -84,7 +85,7 @@ def build(CT):
                 else:
                     d = f // E
                 gi = c * D + d
-                y[off] = ((vals[k] - hi) - lo) * (p * CT(gh[gi])) + CT(gh[CD + gi])
+                store(y, off, ((vals[k] - hi) - lo) * (p * CT(gh[gi])) + CT(gh[CD + gi]))
 
     return {"fused": Launcher(fused)}
 

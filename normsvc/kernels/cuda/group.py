@@ -21,7 +21,68 @@ import math
 import numpy as np
 from numba import cuda
 
-from .tuning import FULL_MASK, MAX_BLOCK, MAX_WARPS, SHUFFLE
+from .tuning import FULL_MASK, MAX_BLOCK, MAX_WARPS, SHUFFLE, SIM
+
+if SIM:  # the simulator runs device functions as Python, and has no libdevice
+
+    @cuda.jit(device=True)
+    def _bf16_to_float(u):
+        return np.uint32(int(u) << 16).view(np.float32)
+
+    @cuda.jit(device=True)
+    def _float_bits(v):
+        return int(np.float32(v).view(np.uint32))
+
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True)
+    def _bf16_to_float(u):
+        return libdevice.int_as_float(np.int32(np.int64(u) << 16))
+
+    @cuda.jit(device=True)
+    def _float_bits(v):
+        return np.int64(libdevice.float_as_int(v)) & 0xFFFFFFFF
+
+
+@cuda.jit(device=True)
+def _float_to_bf16(v):
+    """float32 -> bfloat16 bits, rounded to nearest even (NaN stays NaN), as torch and ml_dtypes round."""
+    b = _float_bits(v)
+    if v != v:
+        return np.uint16((b >> 16) | 0x40)
+    return np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+
+
+@functools.cache
+def codec(CT, BF16: bool):
+    """(load, store): read x[i] in the compute type ``CT``, write v into y[i] in y's own type.
+
+    bfloat16 data travel as their uint16 bits (numba has no bfloat16 arrays):
+    with ``BF16`` the bits are widened to float32 on load and rounded back on
+    store; otherwise a plain conversion.
+    """
+    if BF16:
+
+        @cuda.jit(device=True)
+        def load(x, i):
+            return _bf16_to_float(x[i])
+
+        @cuda.jit(device=True)
+        def store(y, i, v):
+            y[i] = _float_to_bf16(v)
+
+    else:
+
+        @cuda.jit(device=True)
+        def load(x, i):
+            return CT(x[i])
+
+        @cuda.jit(device=True)
+        def store(y, i, v):
+            y[i] = v
+
+    return load, store
 
 
 @cuda.jit(device=True)
@@ -110,11 +171,13 @@ def withdraw(acc, grp):
 
 
 @functools.cache
-def build(CT):
-    """(finish, add_run, scale_run): the device functions that depend on the compute type ``CT``.
+def build(CT, BF16: bool):
+    """(finish, add_run, scale_run): the device functions that depend on the compute type ``CT``
+    (and on the data being bfloat16 bits, see :func:`codec`).
 
     Built once per type, so that every plan's kernels share them.
     """
+    load, store = codec(CT, BF16)
 
     @cuda.jit(device=True)
     def finish(out, grp, AC, k0, s1, s2, n, eps, rms):
@@ -135,15 +198,15 @@ def build(CT):
         Unrolled by four so that each thread has four loads in flight.
         """
         while o + 3 * step < end:
-            t0 = np.float64(CT(x[o]) - k0)
-            t1 = np.float64(CT(x[o + step]) - k0)
-            t2 = np.float64(CT(x[o + 2 * step]) - k0)
-            t3 = np.float64(CT(x[o + 3 * step]) - k0)
+            t0 = np.float64(load(x, o) - k0)
+            t1 = np.float64(load(x, o + step) - k0)
+            t2 = np.float64(load(x, o + 2 * step) - k0)
+            t3 = np.float64(load(x, o + 3 * step) - k0)
             s1 += (t0 + t1) + (t2 + t3)
             s2 += (t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3)
             o += 4 * step
         while o < end:
-            t0 = np.float64(CT(x[o]) - k0)
+            t0 = np.float64(load(x, o) - k0)
             s1 += t0
             s2 += t0 * t0
             o += step
@@ -153,17 +216,17 @@ def build(CT):
     def scale_run(x, y, o, end, step, hi, lo, sc, sh):
         """y[i] = ((x[i] - hi) - lo) * sc + sh for i = o, o + step, ... below ``end`` (four in flight)."""
         while o + 3 * step < end:
-            v0 = CT(x[o])
-            v1 = CT(x[o + step])
-            v2 = CT(x[o + 2 * step])
-            v3 = CT(x[o + 3 * step])
-            y[o] = ((v0 - hi) - lo) * sc + sh
-            y[o + step] = ((v1 - hi) - lo) * sc + sh
-            y[o + 2 * step] = ((v2 - hi) - lo) * sc + sh
-            y[o + 3 * step] = ((v3 - hi) - lo) * sc + sh
+            v0 = load(x, o)
+            v1 = load(x, o + step)
+            v2 = load(x, o + 2 * step)
+            v3 = load(x, o + 3 * step)
+            store(y, o, ((v0 - hi) - lo) * sc + sh)
+            store(y, o + step, ((v1 - hi) - lo) * sc + sh)
+            store(y, o + 2 * step, ((v2 - hi) - lo) * sc + sh)
+            store(y, o + 3 * step, ((v3 - hi) - lo) * sc + sh)
             o += 4 * step
         while o < end:
-            y[o] = ((CT(x[o]) - hi) - lo) * sc + sh
+            store(y, o, ((load(x, o) - hi) - lo) * sc + sh)
             o += step
 
     return finish, add_run, scale_run

@@ -38,19 +38,23 @@ def path(view: tuple) -> str:
 
 
 def _compute_dtype(dtype) -> np.dtype:
-    """float32 for float16/float32 data, float64 for float64."""
+    """float32 for float16/bfloat16/float32 data, float64 for float64."""
     return _F64 if np.dtype(dtype) == _F64 else np.dtype(np.float32)
 
 
-def _kernels(ct) -> dict:
-    """Every plan's launchers for compute type ``ct``, built on first use (each compiles on its first launch)."""
-    k = _KERNELS.get(ct)
+def _kernels(xin: DeviceInput):
+    """(compute type, every plan's launchers for it) for ``xin``'s data, built on first use (each
+    compiles on its first launch); bfloat16 data get kernels of their own (see group.codec)."""
+    ct = _compute_dtype(xin.dtype)
+    key = (ct, xin.bf16)
+    k = _KERNELS.get(key)
     if k is None:
         with _lock:
-            k = _KERNELS.get(ct)
+            k = _KERNELS.get(key)
             if k is None:
-                k = _KERNELS[ct] = {**fused.build(ct.type), **rows.build(ct.type), **columns.build(ct.type)}
-    return k
+                k = _KERNELS[key] = {**fused.build(ct.type, xin.bf16), **rows.build(ct.type, xin.bf16),
+                                     **columns.build(ct.type, xin.bf16)}
+    return ct, k
 
 
 def _moments_pass(K, key, x1, out, view, eps: float, rms: int) -> str:
@@ -102,9 +106,8 @@ def normalize(xin: DeviceInput, plan, g: np.ndarray, h: np.ndarray, *, eps: floa
     view = plan.view
     A, B, C, D, E = view
     AC = A * C
-    ct = _compute_dtype(xin.dtype)
-    K = _kernels(ct)
-    key = xin.dtype.char
+    ct, K = _kernels(xin)
+    key = xin.storage.char
     x1 = to_view(xin, plan)
     gh = tables(g, h, ct)
     # y is written straight into the caller's array where the view is its own layout
@@ -112,7 +115,7 @@ def normalize(xin: DeviceInput, plan, g: np.ndarray, h: np.ndarray, *, eps: floa
     if direct:
         y, y1 = new_output(xin)
     else:
-        y, y1 = None, cuda.device_array(xin.size, xin.dtype)
+        y, y1 = None, cuda.device_array(xin.size, xin.storage)
     rms_i = 1 if rms else 0
     if stats is None:
         pair = results.take(5 * AC)
@@ -135,9 +138,8 @@ def moments(xin: DeviceInput, plan):
     """Per-(a, c) mean and m2 (host float64, shape (A, C)) over the plan's view."""
     view = plan.view
     A, B, C, D, E = view
-    ct = _compute_dtype(xin.dtype)
-    K = _kernels(ct)
+    _, K = _kernels(xin)
     x1 = to_view(xin, plan)
     pair = results.take(5 * A * C)
-    _moments_pass(K, xin.dtype.char, x1, pair[0], view, 0.0, 0)
+    _moments_pass(K, xin.storage.char, x1, pair[0], view, 0.0, 0)
     return results.moments(5 * A * C, pair, A, C)

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 from numba import cuda
 
-from .device import DeviceInput
+from .device import DeviceInput, device_array_of
 from .launcher import Launcher, grid
 from .tuning import SIM, TPB
 
@@ -109,7 +109,7 @@ def _copy(src_flat, dst_flat, shape, sstr, dstr) -> None:
 def to_view(xin: DeviceInput, plan):
     """The input as a flat, C-contiguous device array in view order (a copy only if needed)."""
     if xin.kind == "host":
-        return cuda.to_device(plan.to_view(xin.obj).reshape(-1))
+        return cuda.to_device(plan.to_view(xin.obj).reshape(-1).view(xin.storage))
     arr = xin.arr
     if plan.perm is None and arr.is_c_contiguous():
         return arr.reshape(xin.size)
@@ -118,7 +118,7 @@ def to_view(xin: DeviceInput, plan):
     est = _expanded_strides(xin.shape, strides, exp)
     perm = plan.perm if plan.perm is not None else tuple(range(len(exp)))
     shape = [exp[p] for p in perm]
-    dst = cuda.device_array(xin.size, xin.dtype)
+    dst = cuda.device_array(xin.size, xin.storage)
     _copy(_flat_base(arr, strides), dst, shape, [est[p] for p in perm], _c_strides(shape))
     return dst
 
@@ -127,20 +127,20 @@ def new_output(xin: DeviceInput):
     """(y as the caller gets it, flat C-contiguous device array of y in the input's shape)."""
     if xin.kind == "torch":
         y = xin.obj.new_empty(xin.shape)
-        return y, cuda.as_cuda_array(y.view(-1), sync=False)
+        return y, device_array_of(y.view(-1))
     if xin.kind == "cupy":
         cp = sys.modules["cupy"]
         with xin.obj.device:
             y = cp.empty(xin.size, dtype=xin.dtype)
-        return y.reshape(xin.shape), cuda.as_cuda_array(y, sync=False)
-    y = cuda.device_array(xin.size, xin.dtype)
+        return y.reshape(xin.shape), device_array_of(y)
+    y = cuda.device_array(xin.size, xin.storage)
     return y, y
 
 
 def from_view(xin: DeviceInput, plan, yv):
     """Turn the view-ordered flat result ``yv`` into the caller's y."""
     if xin.kind == "host":
-        return plan.from_view(yv.copy_to_host().reshape(plan.view))
+        return plan.from_view(yv.copy_to_host().view(xin.dtype).reshape(plan.view))
     y, flat = new_output(xin)
     perm = plan.perm
     shape = [plan.expanded[p] for p in perm]

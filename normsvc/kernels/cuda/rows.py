@@ -36,9 +36,10 @@ def _block_slice(B, C, F, Sb, Sf):
     return grp, c, base, b0, b1, f0, f1
 
 
-def build(CT):
-    """{"row_moments", "row_apply"} launchers for compute type ``CT``."""
-    finish, add_run, scale_run = group.build(CT)
+def build(CT, BF16: bool):
+    """{"row_moments", "row_apply"} launchers for compute type ``CT`` (bfloat16 bits with ``BF16``)."""
+    finish, add_run, scale_run = group.build(CT, BF16)
+    load, store = group.codec(CT, BF16)
 
     @cuda.jit
     def row_moments(x, acc, cnt, out, A, B, C, F, Sb, Sf, eps, rms):
@@ -47,7 +48,7 @@ def build(CT):
         grp, c, base, b0, b1, f0, f1 = _block_slice(B, C, F, Sb, Sf)
         S = Sb * Sf
         CF = C * F
-        k0 = CT(x[base])
+        k0 = load(x, base)
         s1 = 0.0
         s2 = 0.0
         for b in range(b0, b1):
@@ -85,7 +86,7 @@ def build(CT):
                 row = base + b * CF
                 for f in range(f0 + tid, f1, TPB):
                     gi = c * D + f
-                    y[row + f] = ((CT(x[row + f]) - hi) - lo) * (p * CT(gh[gi])) + CT(gh[CD + gi])
+                    store(y, row + f, ((load(x, row + f) - hi) - lo) * (p * CT(gh[gi])) + CT(gh[CD + gi]))
             return
         for d in range(f0 // E, (f1 + E - 1) // E):
             lo_f = max(f0, d * E)
