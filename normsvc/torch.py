@@ -9,8 +9,9 @@ in-process :class:`normsvc.Store`), in the spirit of
     Training: ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the
     mean and biased variance of the batches of ALL ranks, from one
     AllReduceMoments per layer and forward (messages on one open stream per
-    training thread, :meth:`normsvc.Client.allreduce_stream`, which
-    :func:`close` ends); the running statistics take
+    reducing thread, :meth:`normsvc.Client.allreduce_stream`, which
+    :func:`close` ends: the training thread, and on CUDA also autograd's
+    thread for the device, where the backward runs); the running statistics take
     one update per step (torch convention: unbiased with the global count)
     and the module's buffers are set from the answer.  The backward is exact:
     a second reduction of ``sum(dy)`` and ``sum(dy * x_hat)`` across
@@ -823,12 +824,15 @@ class _SyncBatchNorm(torch.autograd.Function):
         shape = _per_channel(x)
         xc, dyc = x.to(dtype), dy.to(dtype)
         mean, invstd = torch.from_numpy(np.stack([ctx.mean, ctx.invstd])).to(device=x.device, dtype=dtype)
-        # sum(dy) and sum(dy * x_hat), x_hat = (x - mean) * invstd with the GLOBAL mean and invstd
+        # sum(dy) and sum(dy * x_hat), x_hat = (x - mean) * invstd with the GLOBAL mean and invstd.  The
+        # sums do not depend on the weight, but the CUDA kernels need one to size them (None gives empty
+        # sums or an error there; the CPU kernel takes None)
+        w = weight.detach().to(dtype) if weight is not None else torch.ones(x.shape[1], dtype=dtype, device=x.device)
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dyc, xc, None, None, None, mean, invstd, True, module.eps, [False, True, True])
+            dyc, xc, w, None, None, mean, invstd, True, module.eps, [False, True, True])
         local = torch.stack([sum_dy, sum_dy_xhat])
         if weight is not None:
-            local = torch.cat([local, weight.detach().to(dtype)[None]])
+            local = torch.cat([local, w[None]])
         local = local.to(device="cpu", dtype=torch.float64).numpy()  # one transfer: sums and weight
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -847,7 +851,8 @@ class _SyncBatchNorm(torch.autograd.Function):
         if weight is not None and ctx.needs_input_grad[1]:
             grad_w = torch.from_numpy(local[1]).to(device=weight.device, dtype=weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = torch.from_numpy(local[0]).to(device=x.device, dtype=ctx.bias_dtype)
+            grad_b = torch.from_numpy(local[0]).to(device=weight.device if weight is not None else x.device,
+                                                   dtype=ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None
 
 

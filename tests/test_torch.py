@@ -8,12 +8,16 @@ batch of every rank, computed here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import normsvc  # noqa: E402
 import normsvc.torch as nt  # noqa: E402
@@ -183,6 +188,266 @@ def test_sync_mode_in_process_store_world_size_one(dtype, tol):
         stats = store.layer("one/1").stats()
     check(torch.from_numpy(stats.mean), plain[1].running_mean, "stored mean")
     assert stats.num_batches == 3 and converted[1].num_batches_tracked.item() == 3
+
+
+# --- sync mode: 2 ranks as threads of this process, on CPU and on CUDA ----------------------------
+
+_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason=f"CUDA is not available (torch {torch.__version__}, CUDA build: {torch.version.cuda}): the cuda case "
+           "runs on a machine with an NVIDIA GPU"))]
+#: Seconds a rank's step may take (a reduction waits at most _RANK_TIMEOUT for the other rank).
+_RANK_TIMEOUT, _STEP_JOIN = 15.0, 90.0
+
+
+@contextlib.contextmanager
+def _ieee_float32():
+    """float32 convolutions and matmuls in IEEE float32 on CUDA, then the flags as they were.
+
+    cuDNN convolves float32 in TF32 by default on Ampere and later (H100):
+    its 10-bit mantissa makes two float32 computations of one model on two
+    batchings differ by far more than TOL (a perturbation of 1e-7 flips a
+    TF32 rounding now and then).  Only flags that are on are changed (and
+    restored); nothing changes on a CPU-only torch but the flags' values.
+    """
+    changed = []
+    for owner in (torch.backends.cudnn, torch.backends.cuda.matmul):
+        if owner.allow_tf32:
+            owner.allow_tf32 = False
+            changed.append(owner)
+    try:
+        yield
+    finally:
+        for owner in changed:
+            owner.allow_tf32 = True
+
+
+def _memcpy_summary(trace_path: Path, bound: int) -> tuple[list, int, str]:
+    """The sizes of the device-to-host copies in a chrome trace, how many have no readable size, and a
+    summary of every copy seen (for assertion messages).
+
+    GPU copies are the events of category ``gpu_memcpy`` (kineto), named
+    ``Memcpy DtoH (Device -> Pageable)``, ``Memcpy HtoD (Pageable -> Device)``,
+    ...; their size is ``args["bytes"]``.  The CPU side's runtime calls
+    (``cudaMemcpyAsync``, category ``cuda_runtime``) are not copies.  The
+    summary shows the first device-to-host copy without a readable size.
+    """
+    with open(trace_path) as f:
+        trace = json.load(f)
+    events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
+    categories: dict = {}
+    copies = []
+    for ev in events:
+        if not isinstance(ev, dict):
+            continue
+        cat, name = str(ev.get("cat", "")), str(ev.get("name", ""))
+        categories[cat] = categories.get(cat, 0) + 1
+        if cat.lower() in ("cuda_runtime", "cuda_driver", "cpu_op", "python_function", "user_annotation"):
+            continue
+        if cat.lower() == "gpu_memcpy" or name.startswith("Memcpy"):
+            copies.append(ev)
+
+    def size(ev):
+        args = ev.get("args") if isinstance(ev.get("args"), dict) else {}
+        for key in ("bytes", "Bytes", "size", "Size"):
+            if isinstance(args.get(key), (int, float)):
+                return int(args[key])
+        found = [v for k, v in args.items() if "byte" in k.lower() and isinstance(v, (int, float))]
+        return int(found[0]) if found else None
+
+    def direction(ev):
+        name = str(ev.get("name", ""))
+        if "DtoH" in name or "Device -> Pageable" in name or "Device -> Pinned" in name:
+            return "DtoH"
+        if "HtoD" in name or "Pageable -> Device" in name or "Pinned -> Device" in name:
+            return "HtoD"
+        return "other"
+
+    kinds: dict = {"DtoH": [], "HtoD": [], "other": []}
+    for ev in copies:
+        kinds[direction(ev)].append(ev)
+    dtoh = [size(ev) for ev in kinds["DtoH"]]
+    unsized = [ev for ev in kinds["DtoH"] if size(ev) is None]
+    summary = (f"{len(copies)} GPU copies in the trace: {len(kinds['DtoH'])} device-to-host of sizes "
+               f"{sorted(b for b in dtoh if b is not None)} bytes ({len(unsized)} without a size), "
+               f"{len(kinds['HtoD'])} host-to-device, {len(kinds['other'])} other "
+               f"({sorted({str(ev.get('name')) for ev in kinds['other']})}); bound {bound} bytes; event "
+               f"categories {categories}")
+    if unsized:
+        summary += f"; a device-to-host copy without a size: {unsized[0]}"
+    return [b for b in dtoh if b is not None], len(unsized), summary
+
+
+def test_memcpy_summary_reads_the_copies_of_a_kineto_trace(tmp_path):
+    """The parser of the CUDA case of the next test, on events as kineto writes them."""
+    def copy_event(name, size):
+        return {"ph": "X", "cat": "gpu_memcpy", "name": name, "pid": 0, "tid": 7, "ts": 1.0, "dur": 1.0,
+                "args": {"device": 0, "stream": 7, "correlation": 3, "bytes": size,
+                         "memory bandwidth (GB/s)": 0.1}}
+
+    events = [copy_event("Memcpy DtoH (Device -> Pageable)", 192), copy_event("Memcpy DtoH (Device -> Pinned)", 96),
+              copy_event("Memcpy HtoD (Pageable -> Device)", 4096), copy_event("Memcpy DtoD (Device -> Device)", 8),
+              {"ph": "X", "cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 0.5, "dur": 2.0,
+               "args": {"correlation": 3}},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::copy_", "ts": 0.4, "dur": 3.0, "args": {}},
+              {"ph": "M", "name": "process_name", "args": {"name": "python"}}]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"schemaVersion": 1, "traceEvents": events}))
+    sizes, unsized, summary = _memcpy_summary(path, 384)
+    assert sorted(sizes) == [96, 192] and unsized == 0, summary
+    assert "1 host-to-device" in summary and "1 other" in summary, summary
+    del events[0]["args"]["bytes"]
+    path.write_text(json.dumps(events))  # a bare list of events is a chrome trace too
+    sizes, unsized, summary = _memcpy_summary(path, 384)
+    assert sizes == [96] and unsized == 1 and "without a size: {" in summary, summary
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, dict(rtol=1e-9, atol=1e-10)), (torch.float32, TOL)],
+                         ids=["float64", "float32"])
+@pytest.mark.parametrize("device", _DEVICES)
+def test_sync_mode_two_ranks_in_threads_on_device(device, dtype, tol, tmp_path):
+    """Sync mode with 2 ranks as threads of this process (each its Client), on ``device``.
+
+    Per step: every rank's output and input gradient equal the matching
+    rows of ONE plain model on the concatenated batch (5 and 3 rows, each
+    rank its own distribution), and the sum over the ranks of each parameter
+    gradient equals its gradient; after 3 steps every rank's running
+    statistics equal the plain model's.  Outputs, gradients and buffers stay
+    on ``device``.  On CUDA the last step runs under the profiler: every
+    device-to-host copy must be per-channel statistics, never an activation.
+
+    Each rank runs its backward on its own thread
+    (``set_multithreading_enabled(False)``): autograd otherwise runs the
+    backward of CUDA tensors on ONE engine thread per GPU, where rank 0's
+    backward reduction would wait for rank 1's, queued behind it on that
+    very thread, until DeadlineExceeded (one process per rank, the real
+    setup, does not have that problem).
+    """
+    def check(actual, expected, what):
+        torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{what}: {m}")
+
+    steps, world, total = 3, tw.WORLD, sum(tw.BATCH)
+    assert world == 2 and tw.BATCH == (5, 3)
+    # a conv or linear bias feeding straight into a BatchNorm has the gradient 0 in exact arithmetic: in float32
+    # two computations of it differ by their rounding noise alone (see test_sync_mode_in_process_store_...)
+    noise_only = {"conv1.bias", "conv2.bias", "fc1.bias"} if dtype == torch.float32 else set()
+    profile_step = steps - 1  # on CPU too: the profiler and the trace parser run everywhere, the checks on CUDA
+    name = str(dtype).rsplit(".", 1)[-1]
+    prefix, run = f"dev-{device}-{name}/", f"threads-{device}-{name}-{uuid.uuid4().hex}"
+
+    with _ieee_float32(), running_server() as server, contextlib.ExitStack() as stack:
+        base = tw.make_net().to(device=device, dtype=dtype)
+        assert base.bn2.momentum is None and base.bn3.affine is False
+        clients = [stack.enter_context(normsvc.Client(server.address)) for _ in range(world)]
+        models = []
+        for r in range(world):
+            models.append(nt.convert(copy.deepcopy(base), clients[r], mode="sync", prefix=prefix, rank=r,
+                                     world_size=world, run=run, timeout=_RANK_TIMEOUT))
+            stack.callback(nt.close, models[r])
+        records: list = [[] for _ in range(world)]
+
+        def rank_step(r: int, step: int, errors: list) -> None:
+            model = models[r]
+            try:
+                x, t = (a.to(device=device, dtype=dtype) for a in tw.batch(r, step))
+                x.requires_grad_(True)
+                model.zero_grad(set_to_none=True)
+                y = model(x)
+                loss = (y * t).sum() / total
+                with torch.autograd.set_multithreading_enabled(False):  # this thread, not the GPU's engine thread
+                    loss.backward()
+                records[r].append({"y": y.detach().clone(), "x_grad": x.grad.detach().clone(),
+                                   "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()}})
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the test
+                errors.append((r, exc))
+            finally:
+                try:
+                    nt.close(model)  # this thread's reduction stream; the next step's thread opens another
+                except BaseException as exc:  # noqa: BLE001 - re-raised by the test
+                    errors.append((r, exc))
+
+        def both_ranks(step: int) -> None:
+            errors: list = []
+            threads = [threading.Thread(target=rank_step, args=(r, step, errors), name=f"rank{r}-step{step}",
+                                        daemon=True) for r in range(world)]
+            for th in threads:
+                th.start()
+            deadline = time.monotonic() + _STEP_JOIN
+            for th in threads:
+                th.join(max(deadline - time.monotonic(), 0.1))
+            hung = [th.name for th in threads if th.is_alive()]
+            if errors:
+                r, exc = errors[0]
+                exc.add_note(f"in rank {r} at step {step} on {device} ({dtype}); all errors: "
+                             + "; ".join(f"rank {q}: {type(e).__name__}: {e}" for q, e in errors)
+                             + (f"; still running: {hung}" if hung else ""))
+                raise exc
+            assert not hung, f"{hung} did not finish step {step} within {_STEP_JOIN:g} s (on {device}, {dtype})"
+
+        trace_path = tmp_path / "sync_step.json"
+        for step in range(steps):
+            if step != profile_step:
+                both_ranks(step)
+                continue
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+            with profile(activities=activities) as prof:
+                both_ranks(step)
+                if device == "cuda":
+                    torch.cuda.synchronize()  # every copy done before the profiler stops
+            prof.export_chrome_trace(str(trace_path))
+        assert all(len(rec) == steps for rec in records)
+
+        # the reference: ONE plain model on the concatenated batch, same device and dtype
+        ref = copy.deepcopy(base)
+        for step in range(steps):
+            xs, ts = zip(*(tw.batch(r, step) for r in range(world)))
+            x = torch.cat(xs).to(device=device, dtype=dtype).requires_grad_(True)
+            ref.zero_grad(set_to_none=True)
+            y = ref(x)
+            ((y * torch.cat(ts).to(device=device, dtype=dtype)).sum() / total).backward()
+            for r, (y_r, g_r) in enumerate(zip(y.detach().split(tw.BATCH), x.grad.split(tw.BATCH))):
+                got = records[r][step]
+                assert got["y"].device.type == device and got["x_grad"].device.type == device, \
+                    f"rank {r} step {step}: output on {got['y'].device}, input gradient on {got['x_grad'].device}"
+                assert got["y"].dtype == dtype and got["x_grad"].dtype == dtype
+                check(got["y"], y_r, f"rank {r} step {step} output")
+                check(got["x_grad"], g_r, f"rank {r} step {step} input gradient")
+            for pname, p in ref.named_parameters():
+                grads = [records[r][step]["grads"][pname] for r in range(world)]
+                assert all(g.device.type == device and g.dtype == p.dtype for g in grads), \
+                    f"step {step} gradient of {pname}: {[(g.device, g.dtype) for g in grads]}"
+                if pname not in noise_only:
+                    check(grads[0] + grads[1], p.grad, f"step {step} gradient of {pname} summed over the ranks")
+        for path in ("bn1", "bn2", "bn3"):
+            expected = getattr(ref, path)
+            for r in range(world):
+                bn = getattr(models[r], path)
+                for key in ("running_mean", "running_var"):
+                    got = getattr(bn, key)
+                    assert got.device.type == device and got.dtype == dtype, f"rank {r} {path}.{key}: {got}"
+                    check(got, getattr(expected, key), f"rank {r} {path}.{key} after {steps} steps")
+                assert int(bn.num_batches_tracked) == int(expected.num_batches_tracked) == steps
+            stats = clients[0].layer(prefix + path).stats()
+            assert stats.num_batches == steps and stats.last_step == steps - 1, (path, stats)
+            assert stats.run == run
+
+    # only per-channel statistics cross to the host: a copy is at most a few (2 or 3) float64 rows of the widest
+    # BatchNorm, far below any 4-D activation (the smallest, rank 1's input of bn1, is 3 x 6 x 6 x 6 values)
+    widest = max(m.num_features for m in base.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    bound = 4 * widest * 8
+    smallest_activation = min(tw.BATCH) * base.bn1.num_features * 6 * 6 * base.bn1.weight.element_size()
+    assert 4 * bound <= smallest_activation, (bound, smallest_activation)
+    sizes, unsized, summary = _memcpy_summary(trace_path, bound)
+    if device != "cuda":
+        assert sizes == [] and unsized == 0 and summary.startswith("0 GPU copies"), summary
+        return
+    assert unsized == 0, f"cannot check the sizes of the host copies: {summary}"
+    assert sizes, ("the profiler saw no device-to-host copies, so the check that only per-channel statistics "
+                   f"reach the host could not run (CUPTI tracing unavailable?): {summary}")
+    assert max(sizes) <= bound, f"a device-to-host copy larger than per-channel statistics: {summary}"
+    # forward and backward of 3 BatchNorms, 2 ranks: one copy each
+    assert len(sizes) >= 2 * 2 * 3, f"expected one device-to-host copy per BatchNorm, pass and rank: {summary}"
 
 
 # --- shared mode: 2 processes, gloo, DDP; a server and a sqlite file ------------------------------
