@@ -28,10 +28,13 @@ and p = rsqrt(var + eps)) into one small float64 buffer, so the apply pass
 needs no host round trip; the moments reach the host in one copy at the end.
 
 Numerics: each group's sums are shifted by its first element, as on the CPU,
-and accumulated in float64 from the first add (shifted values are formed in
-the compute type: float32 for float16/float32 data, float64 for float64).  On
-an H100 float64 adds run at half the float32 rate, far above what a
-memory-bound pass needs (3 adds per 4 bytes read).  The apply pass computes
+and accumulated in float64: each value is widened to float64 before the
+shift, so the shifted values are exact (formed in float32, ``x - k0`` rounds
+whenever x and k0 differ by more than a factor of two, and the mean of a
+row of float32 noise around 0 was off by ~1e-7 of its spread, which the
+elements near the mean then carry into y).  On an H100 float64 adds run at
+half the float32 rate, far above what a memory-bound pass needs (4 float64
+operations per 4 bytes read).  The apply pass computes
 ``((x - mean_hi) - mean_lo) * (p * gamma) + beta`` in the compute type: with
 mean_hi the mean rounded to it, ``x - mean_hi`` is exact where it matters
 (|mean| >> std), so float32 output keeps ~1e-7 relative accuracy there too.

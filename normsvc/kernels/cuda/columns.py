@@ -93,7 +93,7 @@ def build(CT, BF16: bool):
         s2 = 0.0
         if ty < RL and w < W:
             c = w // F
-            k0 = load(x, slab + c * F)
+            k0 = np.float64(load(x, slab + c * F))
             s1, s2 = add_run(x, slab + (b0 + ty) * W + w, slab + b1 * W + w, RL * W, k0, s1, s2)
         GT = TW // F
         g0 = tile * GT

@@ -49,9 +49,9 @@ def build(CT, BF16: bool):
         CD = C * D
         base = (a * B * C + c) * F
         vals = cuda.local.array(PER, CT)
-        k0 = CT(0.0)
+        k0 = 0.0
         if active:
-            k0 = load(x, base)
+            k0 = np.float64(load(x, base))
         s1 = 0.0
         s2 = 0.0
         for k in range(PER):
@@ -60,14 +60,14 @@ def build(CT, BF16: bool):
                 off, f = _locate(j, base, B, F, CF)
                 v = load(x, off)
                 vals[k] = v
-                t = np.float64(v - k0)
+                t = np.float64(v) - k0
                 s1 += t
                 s2 += t * t
         # every thread takes part (the sum may synchronize the block), inactive teams too
         s1, s2 = team_sum(s1, s2, lane, team, tx)
         if not active:
             return
-        mean, m2, mc, p64 = group_stats(np.float64(k0), s1, s2, np.float64(n), eps, rms)
+        mean, m2, mc, p64 = group_stats(k0, s1, s2, np.float64(n), eps, rms)
         if lane == 0:
             out[2 * grp] = mean
             out[2 * grp + 1] = m2

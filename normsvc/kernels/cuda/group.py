@@ -1,7 +1,7 @@
 """Device functions every launch plan uses on one group: sums, statistics, and scaling.
 
-Sums are shifted by the group's first element k0, formed in the compute type
-CT and accumulated in float64 (see the package docstring).  Partial sums of
+Sums are shifted by the group's first element k0 (float64), formed and
+accumulated in float64 (see the package docstring).  Partial sums of
 groups split over several blocks meet in a float64 accumulator ``acc``
 (``acc[2*grp:2*grp+2]``); the block that finishes a group takes them out and
 leaves the accumulator zeroed for the next launch.
@@ -198,15 +198,15 @@ def build(CT, BF16: bool):
         Unrolled by four so that each thread has four loads in flight.
         """
         while o + 3 * step < end:
-            t0 = np.float64(load(x, o) - k0)
-            t1 = np.float64(load(x, o + step) - k0)
-            t2 = np.float64(load(x, o + 2 * step) - k0)
-            t3 = np.float64(load(x, o + 3 * step) - k0)
+            t0 = np.float64(load(x, o)) - k0
+            t1 = np.float64(load(x, o + step)) - k0
+            t2 = np.float64(load(x, o + 2 * step)) - k0
+            t3 = np.float64(load(x, o + 3 * step)) - k0
             s1 += (t0 + t1) + (t2 + t3)
             s2 += (t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3)
             o += 4 * step
         while o < end:
-            t0 = np.float64(load(x, o) - k0)
+            t0 = np.float64(load(x, o)) - k0
             s1 += t0
             s2 += t0 * t0
             o += step

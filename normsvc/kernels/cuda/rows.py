@@ -48,7 +48,7 @@ def build(CT, BF16: bool):
         grp, c, base, b0, b1, f0, f1 = _block_slice(B, C, F, Sb, Sf)
         S = Sb * Sf
         CF = C * F
-        k0 = load(x, base)
+        k0 = np.float64(load(x, base))
         s1 = 0.0
         s2 = 0.0
         for b in range(b0, b1):
@@ -58,7 +58,7 @@ def build(CT, BF16: bool):
         nf = np.float64(B * F)
         if S == 1:
             if tid == 0:
-                finish(out, grp, A * C, np.float64(k0), s1, s2, nf, eps, rms)
+                finish(out, grp, A * C, k0, s1, s2, nf, eps, rms)
             return
         if tid == 0:
             deposit(acc, grp, s1, s2)
@@ -66,7 +66,7 @@ def build(CT, BF16: bool):
             if old == S - 1:  # the group's last block: all others' sums are in
                 t1, t2 = withdraw(acc, grp)
                 cnt[grp] = 0
-                finish(out, grp, A * C, np.float64(k0), t1, t2, nf, eps, rms)
+                finish(out, grp, A * C, k0, t1, t2, nf, eps, rms)
 
     @cuda.jit
     def row_apply(x, gh, out, y, A, B, C, D, E, Sb, Sf):
