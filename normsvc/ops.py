@@ -14,8 +14,8 @@ and returns them as :class:`~normsvc.moments.Moments` next to ``y``.  Passing
 instead, skips the moments pass and returns ``(y, None)``.
 
 ``y`` keeps the input dtype; float16 and bfloat16 (``ml_dtypes.bfloat16``
-arrays, CPU ``torch.bfloat16`` tensors) are computed in float32, statistics are
-always float64.
+arrays, ``torch.bfloat16`` tensors on either device) are computed in float32,
+statistics are always float64.
 
 CUDA arrays (numba device arrays, CuPy arrays, torch CUDA tensors: anything
 with ``__cuda_array_interface__``) run on the GPU through
