@@ -434,45 +434,31 @@ def run_types(torch, normsvc, K) -> int:
     failures = 0
     out("## Types and copies")
     out("")
-    y = None
-    try:
-        x = torch.randn((64, 4096), device="cuda")
-        normsvc.layer_norm(x)  # warm up: compile, scratch, tables
-        torch.cuda.synchronize()
-        wrapped = K.wrap(x)
-        same_ptr = wrapped.arr.device_ctypes_pointer.value == x.data_ptr()
-        before = torch.cuda.memory_allocated()
-        y, _ = normsvc.layer_norm(x)
-        torch.cuda.synchronize()
-        grew = torch.cuda.memory_allocated() - before
-        ok = (isinstance(y, torch.Tensor) and y.device == x.device and y.dtype == x.dtype and same_ptr
-              and grew == y.numel() * y.element_size() and y.is_contiguous())
-        failures += not ok
-        out(f"- torch: in {type(x).__name__} -> out {type(y).__name__}; input wrapped in place: {same_ptr}; "
-            f"torch memory grew by {grew} B for a {y.numel() * y.element_size()} B result: {'ok' if ok else 'FAIL'}")
-    except Exception as exc:
-        failures += 1
-        out(f"- torch: error: {err_text(exc)} FAIL")
-        traceback.print_exc()
-    try:  # bfloat16: its uint16 bits are wrapped in place, y is one fresh bfloat16 tensor
-        xb = torch.randn((64, 4096), device="cuda").to(torch.bfloat16)
-        normsvc.layer_norm(xb)
-        torch.cuda.synchronize()
-        wrapped = K.wrap(xb)
-        same_ptr = wrapped.arr.device_ctypes_pointer.value == xb.data_ptr()
-        before = torch.cuda.memory_allocated()
-        yb, _ = normsvc.layer_norm(xb)
-        torch.cuda.synchronize()
-        grew = torch.cuda.memory_allocated() - before
-        ok = (isinstance(yb, torch.Tensor) and yb.dtype == torch.bfloat16 and same_ptr
-              and grew == yb.numel() * yb.element_size())
-        failures += not ok
-        out(f"- torch bfloat16: in {xb.dtype} -> out {yb.dtype}; input wrapped in place: {same_ptr}; "
-            f"torch memory grew by {grew} B for a {yb.numel() * yb.element_size()} B result: {'ok' if ok else 'FAIL'}")
-    except Exception as exc:
-        failures += 1
-        out(f"- torch bfloat16: error: {err_text(exc)} FAIL")
-        traceback.print_exc()
+    x = y = None
+    # float32, and bfloat16 (its uint16 bits are wrapped in place, y is one fresh bfloat16 tensor)
+    for dtype in (torch.float32, torch.bfloat16):
+        label = "torch" if dtype == torch.float32 else "torch bfloat16"
+        try:
+            xt = torch.randn((64, 4096), device="cuda").to(dtype)
+            normsvc.layer_norm(xt)  # warm up: compile, scratch, tables
+            torch.cuda.synchronize()
+            same_ptr = K.wrap(xt).arr.device_ctypes_pointer.value == xt.data_ptr()
+            before = torch.cuda.memory_allocated()
+            yt, _ = normsvc.layer_norm(xt)
+            torch.cuda.synchronize()
+            grew = torch.cuda.memory_allocated() - before
+            nbytes = yt.numel() * yt.element_size()
+            ok = (isinstance(yt, torch.Tensor) and yt.device == xt.device and yt.dtype == dtype and same_ptr
+                  and grew == nbytes and yt.is_contiguous())
+            failures += not ok
+            out(f"- {label}: in {type(xt).__name__} {xt.dtype} -> out {type(yt).__name__} {yt.dtype}; input wrapped "
+                f"in place: {same_ptr}; torch memory grew by {grew} B for a {nbytes} B result: {'ok' if ok else 'FAIL'}")
+            if dtype == torch.float32:
+                x, y = xt, yt
+        except Exception as exc:
+            failures += 1
+            out(f"- {label}: error: {err_text(exc)} FAIL")
+            traceback.print_exc()
     try:
         import cupy as cp
     except Exception as exc:

@@ -450,6 +450,42 @@ def test_sync_mode_two_ranks_in_threads_on_device(device, dtype, tol, tmp_path):
     assert len(sizes) >= 2 * 2 * 3, f"expected one device-to-host copy per BatchNorm, pass and rank: {summary}"
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("device", _DEVICES)
+def test_sync_mode_one_process_per_rank_on_device(device, tmp_path):
+    """Sync mode with one process per rank on ``device`` (float64), the backward where autograd runs it
+    (on CUDA: autograd's thread for the device): every step's outputs, input gradients and summed parameter
+    gradients, and the final buffers, equal ONE plain model's on the concatenated batch."""
+    import torch.multiprocessing as mp
+
+    steps = 3
+    with running_server() as server:
+        mp.spawn(tw.device_sync_worker, args=(server.address, str(tmp_path), steps, device), nprocs=tw.WORLD,
+                 join=True)
+    ranks = [torch.load(tmp_path / f"{device}-sync{r}.pt") for r in range(tw.WORLD)]
+    ref = tw.make_net().to(device=device, dtype=torch.float64)
+
+    def check(actual, expected, what):
+        torch.testing.assert_close(actual.double(), expected.detach().double().cpu(), rtol=1e-9, atol=1e-10,
+                                   msg=lambda m: f"{what}: {m}")
+
+    for step in range(steps):
+        xs, ts = zip(*(tw.batch(r, step) for r in range(tw.WORLD)))
+        x = torch.cat(xs).to(device=device, dtype=torch.float64).requires_grad_(True)
+        ref.zero_grad(set_to_none=True)
+        y = ref(x)
+        ((y * torch.cat(ts).to(device=device, dtype=torch.float64)).sum() / sum(tw.BATCH)).backward()
+        for r, (y_r, g_r) in enumerate(zip(y.split(tw.BATCH), x.grad.split(tw.BATCH))):
+            check(ranks[r]["steps"][step]["y"], y_r, f"rank {r} step {step} output")
+            check(ranks[r]["steps"][step]["x_grad"], g_r, f"rank {r} step {step} input gradient")
+        for name, p in ref.named_parameters():
+            check(sum(ranks[r]["steps"][step]["grads"][name] for r in range(tw.WORLD)), p.grad,
+                  f"step {step} gradient of {name} summed over the ranks")
+    for key, value in ref.state_dict().items():
+        for r in range(tw.WORLD):
+            check(ranks[r]["state"][key], value, f"rank {r} {key} after {steps} steps")
+
+
 # --- shared mode: 2 processes, gloo, DDP; a server and a sqlite file ------------------------------
 
 

@@ -169,3 +169,29 @@ def shared_worker(rank: int, address: str, tmp: str, steps: int) -> None:
         torch.save(out, os.path.join(tmp, f"shared{rank}.pt"))
     store.close()
     dist.destroy_process_group()
+
+
+def device_sync_worker(rank: int, address: str, tmp: str, steps: int, device: str) -> None:
+    """Sync mode on ``device`` in float64, one process per rank and no process group (rank and world size
+    given): the backward runs where autograd runs it (on CUDA, autograd's thread for the device, which
+    reduces on a stream of its own).  Saves each step's output and gradients and the final buffers."""
+    import normsvc
+    import normsvc.torch as nt
+
+    torch.set_num_threads(1)
+    total = sum(BATCH)
+    with normsvc.Client(address) as client:
+        model = nt.convert(make_net().to(device=device, dtype=torch.float64), client, prefix=f"procs-{device}/",
+                           rank=rank, world_size=WORLD, run=f"procs-{device}", timeout=30.0)
+        out = {"steps": []}
+        for step in range(steps):
+            x, t = (a.to(device=device, dtype=torch.float64) for a in batch(rank, step))
+            x.requires_grad_(True)
+            model.zero_grad(set_to_none=True)
+            y = model(x)
+            ((y * t).sum() / total).backward()
+            out["steps"].append({"y": y.detach().cpu(), "x_grad": x.grad.cpu(),
+                                 "grads": {n: p.grad.cpu() for n, p in model.named_parameters()}})
+        out["state"] = {k: v.cpu() for k, v in model.state_dict().items()}
+        nt.close(model)
+    torch.save(out, os.path.join(tmp, f"{device}-sync{rank}.pt"))
