@@ -571,6 +571,60 @@ def test_shared_mode_in_process_and_eval_fetches_once_per_version():
             model(x)
 
 
+@pytest.mark.parametrize("device", _DEVICES)
+def test_shared_mode_on_device(device, tmp_path):
+    """Shared mode on ``device`` (float64, one rank, an in-process Store): training outputs, the stored
+    running statistics and inference equal plain torch's; on CUDA a training step moves only per-channel
+    statistics to the host (profiler trace)."""
+    torch.manual_seed(3)
+    plain = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1),
+                          nn.BatchNorm2d(3, momentum=None)).to(device=device, dtype=torch.float64)
+    tol = dict(rtol=1e-9, atol=1e-10)
+
+    def check(actual, expected, what):
+        torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), **tol, msg=lambda m: f"{what}: {m}")
+
+    def batch():
+        return (torch.randn(6, 2, 5, 5, dtype=torch.float64) * 2 + 1).to(device)
+
+    trace_path = tmp_path / "shared_step.json"
+    with normsvc.Store.open("memory://") as store:
+        model = nt.convert(copy.deepcopy(plain), store, mode="shared", prefix=f"shared-{device}/")
+        for step in range(4):
+            x = batch()
+            if step < 3:
+                y = model(x)
+            else:
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+                with profile(activities=activities) as prof:
+                    y = model(x)
+                    nt.flush(model)  # the background thread's copies are in the trace too
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                prof.export_chrome_trace(str(trace_path))
+            assert y.device.type == device
+            check(y, plain(x), f"step {step} training output")
+        nt.flush(model)
+        for i in (1, 4):
+            stats = store.layer(f"shared-{device}/{i}").stats()
+            check(torch.from_numpy(stats.mean), plain[i].running_mean, f"stored mean of layer {i}")
+            check(torch.from_numpy(stats.variance), plain[i].running_var, f"stored variance of layer {i}")
+            assert stats.num_batches == 4
+        model.eval()
+        plain.eval()
+        x = batch()
+        check(model(x), plain(x), "inference with the shared statistics")
+        nt.close(model)
+    bound = 4 * 4 * 8  # a few float64 rows of the widest BatchNorm (4 channels)
+    assert 4 * bound <= 6 * 4 * 3 * 3 * 8  # far below the smallest activation (6 x 4 x 3 x 3 values)
+    sizes, unsized, summary = _memcpy_summary(trace_path, bound)
+    if device != "cuda":
+        assert sizes == [] and unsized == 0, summary
+        return
+    assert unsized == 0 and sizes, f"the profiler's device-to-host copies could not be read: {summary}"
+    assert max(sizes) <= bound, f"a device-to-host copy larger than per-channel statistics: {summary}"
+
+
 def test_shared_mode_background_errors_reach_the_next_forward_and_flush():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     with normsvc.Store.open("memory://") as store:
