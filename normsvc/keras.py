@@ -17,7 +17,9 @@ by every process that trains with the same service layer:
     (AllReduceMoments), as ``BatchNormalization(synchronized=True)`` or
     PyTorch's SyncBatchNorm; the backward pass reduces ``sum(dy)`` and
     ``sum(dy * (x - mean))`` across ranks the same way, so outputs and
-    gradients are those of one process on the concatenated batch.
+    gradients are those of one process on the concatenated batch.  The
+    reductions go as messages of one open stream per training thread, which
+    :func:`close` ends.
 
 Batch renormalization (``renorm=True``, Keras 3's own variables and update,
 tf.keras' semantics) works in both modes; virtual ("ghost") batches
@@ -66,7 +68,7 @@ from .config import make_config, step_arguments
 from .errors import FailedPrecondition, InvalidArgument, InvalidType, LayerNotFound
 from .moments import Moments
 
-__all__ = ["SharedBatchNormalization", "share", "load_moving_stats", "connect"]
+__all__ = ["SharedBatchNormalization", "share", "load_moving_stats", "connect", "close"]
 
 MODES = ("shared", "sync")
 #: AllReduceMoments groups are at most this long (the server's limit).
@@ -105,6 +107,31 @@ def _client_for(address: str):
 
             client = _CLIENTS[key] = Client(address)
         return client
+
+
+# sync mode reduces on one AllReduceMomentsStream per service and thread: id(service) -> (service, the
+# threads' streams, every stream opened), under the lock
+_STREAMS: dict = {}
+_STREAMS_LOCK = threading.Lock()
+
+
+def _allreduce(service, moments: dict, **kwargs):
+    """One reduction on this thread's stream of ``service`` (opened at the thread's first reduction;
+    one unary call each for a Client-like service without streams)."""
+    opener = getattr(service, "allreduce_stream", None)
+    if opener is None:
+        return service.allreduce(moments, **kwargs)
+    with _STREAMS_LOCK:
+        entry = _STREAMS.get(id(service))
+        if entry is None or entry[0] is not service:
+            entry = _STREAMS[id(service)] = (service, threading.local(), [])
+    threads = entry[1]
+    stream = getattr(threads, "stream", None)
+    if stream is None:
+        stream = threads.stream = opener()
+        with _STREAMS_LOCK:
+            entry[2].append(stream)
+    return stream.allreduce(moments, **kwargs)
 
 
 def _check_target(target, mode: str | None = None, layer: str | None = None):
@@ -561,8 +588,8 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
             else:
                 variance, mean = torch.var_mean(x, dim=axes, correction=0)
         local = Moments.from_variance(float(count), mean.double().cpu().numpy(), variance.double().cpu().numpy())
-        result = service.allreduce({name: local}, step=step, rank=rank, world_size=world_size,
-                                   group=_group("forward", name), run=run)
+        result = _allreduce(service, {name: local}, step=step, rank=rank, world_size=world_size,
+                            group=_group("forward", name), run=run)
         merged = result.moments[name]
         global_mean = torch.as_tensor(merged.mean, device=x.device).to(x.dtype)
         if self.renorm:  # r and d from the global moments: the same on every rank
@@ -578,8 +605,8 @@ class SharedBatchNormalization(keras.layers.BatchNormalization):
             """Means over all ranks' samples of the two backward sums (torch's SyncBatchNorm reduction)."""
             sums = torch.cat([sum_dy, sum_dy_xmu]).double().cpu().numpy()
             local = Moments(np.float64(count), sums / count if count else np.zeros_like(sums), np.zeros_like(sums))
-            out = service.allreduce({name: local}, step=step, rank=rank, world_size=world_size,
-                                    group=_group("backward", name), update_stats=False, run=run).moments[name]
+            out = _allreduce(service, {name: local}, step=step, rank=rank, world_size=world_size,
+                             group=_group("backward", name), update_stats=False, run=run).moments[name]
             means = torch.as_tensor(out.mean, device=sum_dy.device).to(sum_dy.dtype)
             return means[:sum_dy.numel()], means[sum_dy.numel():]
 
@@ -793,6 +820,30 @@ def connect(model, target) -> list:
 
 
 # --- loading ------------------------------------------------------------------------------
+
+
+def close(model) -> None:
+    """End the reduction streams of the services ``model``'s sync-mode layers reduce through.
+
+    Sync mode sends its AllReduceMoments as messages of one open stream per
+    service and training thread (the thread where the backward runs too),
+    and each open stream holds one of the server's stream slots; this ends
+    them (for every model on those services).  A later training call opens
+    another.  Shared mode holds none.
+    """
+    services = {}
+    for layer in _batch_norms(model):
+        if isinstance(layer, SharedBatchNormalization) and layer.mode == "sync" and layer.target is not None:
+            service = layer._service()
+            services[id(service)] = service
+    for key, service in services.items():
+        with _STREAMS_LOCK:
+            entry = _STREAMS.get(key)
+            if entry is None or entry[0] is not service:
+                continue
+            del _STREAMS[key]
+        for stream in entry[2]:
+            stream.close()
 
 
 def load_moving_stats(model, source, *, prefix: str | None = None) -> list:

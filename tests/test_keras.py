@@ -21,6 +21,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -292,6 +293,39 @@ def _golden(name: str) -> tuple[dict, dict, dict, int]:
 def server():
     with running_server() as s:
         yield s
+
+
+def test_sync_mode_reduces_over_one_stream_per_thread_that_close_ends(server, rng):
+    """Every reduction of a training step (forward and backward, both layers) is a message of the
+    thread's one open stream, none a unary call; close ends it, and training again opens another."""
+    from normsvc.keras import close
+
+    run = uuid.uuid4().hex
+    with normsvc.Client(server.address) as client:
+        inputs = keras.Input((4,))
+        h = SharedBatchNormalization(client, mode="sync", rank=0, world_size=1, run=run, prefix="stream/",
+                                     name="bn1")(keras.layers.Dense(6)(inputs))
+        outputs = SharedBatchNormalization(client, mode="sync", rank=0, world_size=1, run=run, prefix="stream/",
+                                           name="bn2")(keras.layers.Dense(3)(h))
+        model = keras.Model(inputs, outputs)
+        model.compile("sgd", "mse")
+        x, y = rng.normal(size=(24, 4)).astype("float32"), rng.normal(size=(24, 3)).astype("float32")
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # 3 steps
+        registry = server.metrics.registry
+        # per step and layer: one forward reduction that updates the statistics, one backward that does not
+        assert registry.get_sample_value("normsvc_allreduce_steps_total", {"outcome": "completed"}) == 3 * 2 * 2
+        assert registry.get_sample_value("normsvc_rpc_requests_total",
+                                         {"method": "AllReduceMoments", "code": "OK"}) is None  # no unary call
+        assert server.streams.open == 1  # one training thread: one stream for both layers and every step
+        close(model)
+        deadline = time.monotonic() + 10
+        while server.streams.open and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.streams.open == 0
+        model.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)
+        assert server.streams.open == 1
+        assert client.layer("stream/bn1").stats().num_batches == 4
+        close(model)
 
 
 @pytest.mark.parametrize("target", ["store", "server"])
