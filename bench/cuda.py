@@ -22,7 +22,7 @@
    hardware (NORMSVC_TEST_GPU=1), and normsvc.torch's sync mode on CUDA.
 
 Prints a table and writes it to docs/cuda-bench-<date>-<gpu>.md (and to
-$OUT/docs/ when $OUT is set, so the device tool brings it back), rewritten
+$OUT/docs/ when $OUT is set, for a remote runner that copies $OUT back), rewritten
 after every line so that a run cut short still leaves its results.  A case
 that fails is reported and the rest still run; after --budget seconds
 (default 480) the remaining cases are skipped and reported as such.
