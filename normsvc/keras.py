@@ -109,29 +109,22 @@ def _client_for(address: str):
         return client
 
 
-# sync mode reduces on one AllReduceMomentsStream per service and thread: id(service) -> (service, the
-# threads' streams, every stream opened), under the lock
+# sync mode reduces on one AllReduceMomentsStream per service and thread: id(service) -> ThreadStreams
 _STREAMS: dict = {}
 _STREAMS_LOCK = threading.Lock()
 
 
 def _allreduce(service, moments: dict, **kwargs):
-    """One reduction on this thread's stream of ``service`` (opened at the thread's first reduction;
-    one unary call each for a Client-like service without streams)."""
-    opener = getattr(service, "allreduce_stream", None)
-    if opener is None:
-        return service.allreduce(moments, **kwargs)
-    with _STREAMS_LOCK:
-        entry = _STREAMS.get(id(service))
-        if entry is None or entry[0] is not service:
-            entry = _STREAMS[id(service)] = (service, threading.local(), [])
-    threads = entry[1]
-    stream = getattr(threads, "stream", None)
-    if stream is None:
-        stream = threads.stream = opener()
+    """One reduction on this thread's stream of ``service`` (opened at the thread's first reduction)."""
+    streams = _STREAMS.get(id(service))
+    if streams is None or streams.target is not service:
+        from .client.allreduce_stream import ThreadStreams
+
         with _STREAMS_LOCK:
-            entry[2].append(stream)
-    return stream.allreduce(moments, **kwargs)
+            streams = _STREAMS.get(id(service))
+            if streams is None or streams.target is not service:
+                streams = _STREAMS[id(service)] = ThreadStreams(service)
+    return streams.allreduce(moments, **kwargs)
 
 
 def _check_target(target, mode: str | None = None, layer: str | None = None):
@@ -838,12 +831,11 @@ def close(model) -> None:
             services[id(service)] = service
     for key, service in services.items():
         with _STREAMS_LOCK:
-            entry = _STREAMS.get(key)
-            if entry is None or entry[0] is not service:
+            streams = _STREAMS.get(key)
+            if streams is None or streams.target is not service:
                 continue
             del _STREAMS[key]
-        for stream in entry[2]:
-            stream.close()
+        streams.close()
 
 
 def load_moving_stats(model, source, *, prefix: str | None = None) -> list:

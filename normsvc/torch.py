@@ -419,8 +419,7 @@ class Binding:
         self._stale: set = set()  # shared mode: layers trained since their statistics were last fetched
         self._latest: dict = {}  # layer -> newest RunningStats heard of (shared mode)
         self._applied: dict = {}  # layer -> version copied into the module's buffers
-        self._streams = threading.local()  # sync mode over a Client: each thread's AllReduceStream
-        self._opened: list = []  # every stream opened, for close()
+        self._streams = None  # sync mode: a ThreadStreams over the target, made at the first reduction
 
     def __repr__(self) -> str:
         return (f"Binding(mode={self.mode!r}, run={self.run!r}, rank={self.rank}, world_size={self.world_size}, "
@@ -462,17 +461,16 @@ class Binding:
 
     def _allreduce(self, moments: dict, **kwargs):
         """One reduction, on this thread's stream of the Client (opened at its first reduction)."""
-        stream = getattr(self._streams, "stream", None)
-        if stream is None:
-            opener = getattr(self.target, "allreduce_stream", None)
-            if opener is None:  # a Client-like target without streams: one unary call each
-                return self.target.allreduce(moments, rank=self.rank, world_size=self.world_size,
-                                             timeout=self.timeout, run=self.run, **kwargs)
-            stream = self._streams.stream = opener()
+        streams = self._streams
+        if streams is None:
+            from .client.allreduce_stream import ThreadStreams  # grpc: imported by sync mode only
+
             with self._lock:
-                self._opened.append(stream)
-        return stream.allreduce(moments, rank=self.rank, world_size=self.world_size, timeout=self.timeout,
-                                run=self.run, **kwargs)
+                if self._streams is None:
+                    self._streams = ThreadStreams(self.target)
+                streams = self._streams
+        return streams.allreduce(moments, rank=self.rank, world_size=self.world_size, timeout=self.timeout,
+                                 run=self.run, **kwargs)
 
     # --- shared mode -------------------------------------------------------------------
 
@@ -538,10 +536,8 @@ class Binding:
         FailedPrecondition, inference goes on with the last statistics.  Sync mode: end the
         reduction streams (each holds one of the server's stream slots); a later training
         forward opens another."""
-        with self._lock:
-            opened, self._opened, self._streams = self._opened, [], threading.local()
-        for stream in opened:
-            stream.close()
+        if self._streams is not None:
+            self._streams.close()
         if self._pusher is None or self._pusher.closed:
             return
         try:

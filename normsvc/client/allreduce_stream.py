@@ -42,7 +42,7 @@ from . import operations
 from .results import AllReduceResult
 from .transport import Attempts
 
-__all__ = ["AllReduceStream", "AsyncAllReduceStream"]
+__all__ = ["AllReduceStream", "AsyncAllReduceStream", "ThreadStreams"]
 
 _METHOD = "AllReduceMomentsStream"
 _END = object()
@@ -221,6 +221,38 @@ class AllReduceStream:
             self._requests.put(_END)
             self._responses.cancel()
             self._requests = self._responses = None
+
+
+class ThreadStreams:
+    """``allreduce`` on one :class:`AllReduceStream` of ``target`` per calling thread, each opened at its
+    thread's first reduction: what a trainer that reduces from several threads needs (a training
+    thread, and on CUDA autograd's thread for the device).  A ``target`` without ``allreduce_stream``
+    (an in-process Store, a Client-like object) gets one ``allreduce`` call per reduction."""
+
+    def __init__(self, target):
+        self.target = target
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._opened: list = []  # every stream opened, for close()
+
+    def allreduce(self, moments, **kwargs):
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            opener = getattr(self.target, "allreduce_stream", None)
+            if opener is None:
+                return self.target.allreduce(moments, **kwargs)
+            stream = self._local.stream = opener()
+            with self._lock:
+                self._opened.append(stream)
+        return stream.allreduce(moments, **kwargs)
+
+    def close(self) -> None:
+        """End every thread's stream (each holds one of the server's stream slots); a later
+        reduction opens another."""
+        with self._lock:
+            opened, self._opened, self._local = self._opened, [], threading.local()
+        for stream in opened:
+            stream.close()
 
 
 class AsyncAllReduceStream:

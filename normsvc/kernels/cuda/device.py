@@ -48,24 +48,25 @@ def is_device_ndarray(obj) -> bool:
 _BF16_TYPESTR = "<V2"
 
 
-class _Bits:
-    """A bfloat16 CUDA array presented as its uint16 bits (numba has no bfloat16 arrays): zero-copy."""
+class _Interface:
+    """``obj``'s array interface, read once (torch builds it anew at every read); a bfloat16 array's
+    presented as its uint16 bits (numba has no bfloat16 arrays): zero-copy either way."""
 
-    __slots__ = ("__cuda_array_interface__", "owner")
+    __slots__ = ("__cuda_array_interface__", "owner", "bf16")
 
-    def __init__(self, owner, iface: dict):
+    def __init__(self, owner):
         self.owner = owner  # keeps the memory alive as long as the view
-        self.__cuda_array_interface__ = dict(iface, typestr="<u2")
+        iface = owner.__cuda_array_interface__
+        self.bf16 = iface.get("typestr") == _BF16_TYPESTR
+        self.__cuda_array_interface__ = dict(iface, typestr="<u2") if self.bf16 else iface
 
 
 def device_array_of(obj):
-    """A numba device array over ``obj``'s memory (zero-copy); bfloat16 arrays as their uint16 bits."""
-    iface = getattr(obj, "__cuda_array_interface__", None)
-    if iface is not None and iface.get("typestr") == _BF16_TYPESTR:
-        obj = _Bits(obj, iface)
+    """(a numba device array over ``obj``'s memory, zero-copy; whether it holds bfloat16 bits)."""
+    iface = _Interface(obj)
     # The producer's stream is not waited on: launches go to the legacy
     # default stream, which orders with torch's and CuPy's default streams.
-    return cuda.as_cuda_array(obj, sync=False)
+    return cuda.as_cuda_array(iface, sync=False), iface.bf16
 
 
 def storage(dtype: np.dtype) -> np.dtype:
@@ -104,9 +105,9 @@ def wrap(obj) -> DeviceInput:
         return DeviceInput(obj, obj, "numba", obj.shape, obj.dtype)
     mod = type(obj).__module__.split(".")[0]
     kind = mod if mod in ("torch", "cupy") else "numba"
-    arr = device_array_of(obj)
-    dtype = dtypes.bfloat16() if obj.__cuda_array_interface__["typestr"] == _BF16_TYPESTR else arr.dtype
-    if kind == "numba" and dtype != arr.dtype:
+    arr, bf16 = device_array_of(obj)
+    dtype = dtypes.bfloat16() if bf16 else arr.dtype
+    if kind == "numba" and bf16:
         raise TypeError(f"a bfloat16 CUDA array of type {type(obj).__name__}: expected a torch or CuPy array "
                         "(y comes back as the input's type, which numba cannot make for bfloat16)")
     return DeviceInput(obj, arr, kind, arr.shape, dtype)

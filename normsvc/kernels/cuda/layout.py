@@ -127,12 +127,12 @@ def new_output(xin: DeviceInput):
     """(y as the caller gets it, flat C-contiguous device array of y in the input's shape)."""
     if xin.kind == "torch":
         y = xin.obj.new_empty(xin.shape)
-        return y, device_array_of(y.view(-1))
+        return y, device_array_of(y.view(-1))[0]
     if xin.kind == "cupy":
         cp = sys.modules["cupy"]
         with xin.obj.device:
             y = cp.empty(xin.size, dtype=xin.dtype)
-        return y.reshape(xin.shape), device_array_of(y)
+        return y.reshape(xin.shape), device_array_of(y)[0]
     y = cuda.device_array(xin.size, xin.storage)
     return y, y
 
