@@ -347,16 +347,10 @@ class NormServicer(pb_grpc.NormServiceServicer):
             yield self.AllReduceMoments(request, context)
 
     def AllReduceMoments(self, request, context):
-        # a rank waits at most until its call's deadline (a stream's, if it has one), its wait_seconds
-        # and the rendezvous's maximum
-        remaining = context.time_remaining()
-        timeout = None if remaining is None else remaining - DEADLINE_MARGIN
-        if request.HasField("wait_seconds"):
-            wait = request.wait_seconds
-            if not 0.0 < wait < math.inf:
-                raise InvalidArgument(f"wait_seconds={wait!r}: expected a finite number of seconds > 0",
-                                      field="wait_seconds")
-            timeout = wait if timeout is None else min(timeout, wait)
+        wait = request.wait_seconds if request.HasField("wait_seconds") else None
+        if wait is not None and not 0.0 < wait < math.inf:
+            raise InvalidArgument(f"wait_seconds={wait!r}: expected a finite number of seconds > 0",
+                                  field="wait_seconds")
         moments = self._moments(request.moments, "moments")
         update = not request.HasField("update_stats") or request.update_stats
         group, step = request.group, request.step
@@ -364,6 +358,13 @@ class NormServicer(pb_grpc.NormServiceServicer):
             raise InvalidArgument(f"step={step}: expected >= 0", field="step")
         if len(group) > 128:
             raise InvalidArgument(f"group has {len(group)} characters: expected at most 128", field="group")
+        # a rank waits at most until its call's deadline (a stream's, if it has one), its wait_seconds and the
+        # rendezvous's maximum; the deadline is read after the decoding, so that the wait ends before the caller
+        # gives up however long the decoding took (the caller then hears why, and the slot is free at once)
+        remaining = context.time_remaining()
+        timeout = None if remaining is None else remaining - DEADLINE_MARGIN
+        if wait is not None:
+            timeout = wait if timeout is None else min(timeout, wait)
 
         def reduce(merged):
             stats = _StepStats()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -82,6 +83,30 @@ def test_a_missing_rank_times_out_cleanly(memory_server, connect, rng):
     # the step can still complete later with all ranks
     done = run_ranks(stubs + [connect(memory_server)], [request(7, r, 4, {"bn": m}) for r in range(4)])
     assert all(isinstance(res, pb.AllReduceMomentsResponse) for res in done), done
+
+
+def test_a_slow_decode_still_ends_the_wait_before_the_callers_deadline(memory_server, connect, rng, monkeypatch):
+    # the wait is what is left of the call's deadline after the request is decoded (a first call loading
+    # compiled code, a large request on a busy server): the caller hears the server's reason, not its own
+    # timeout, and the stream slot the rank held is free by then
+    from normsvc.server.servicer import NormServicer
+
+    decode = NormServicer._moments
+
+    def slow_decode(self, entries, field):
+        time.sleep(0.4)
+        return decode(self, entries, field)
+
+    stub = connect(memory_server)
+    create(stub, "bn")
+    monkeypatch.setattr(NormServicer, "_moments", slow_decode)
+    started = time.monotonic()
+    (res,) = run_ranks([stub], [request(0, 0, 2, {"bn": moments_of(rng.normal(size=(8, 2)))})], timeout=1.5)
+    assert isinstance(res, grpc.RpcError) and res.code() == C.DEADLINE_EXCEEDED, res
+    assert "1 of 2 ranks arrived before rank 0's deadline; missing ranks [1]" in res.details(), res.details()
+    assert rich_details(res)["ErrorInfo"].reason == "RANKS_MISSING"
+    assert time.monotonic() - started < 1.5
+    assert memory_server.streams.open == 0 and memory_server.rendezvous.pending() == {}
 
 
 def test_duplicate_ranks_are_rejected(memory_server, connect, rng):
