@@ -29,10 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from .errors import InvalidArgument, InvalidType
 
-__all__ = ["Moments"]
+__all__ = ["Moments", "merge_all"]
 
 
 def _f64(value, name: str) -> np.ndarray:
@@ -145,3 +146,52 @@ class Moments:
 
     def __repr__(self) -> str:
         return f"Moments(count={self.count!r}, mean={self.mean!r}, variance={self.variance!r})"
+
+
+def merge_all(moments) -> Moments:
+    """The moments of every batch in ``moments`` (a non-empty sequence), merged in order.
+
+    The same bits as ``functools.reduce(Moments.merge, moments)``: batches
+    with a scalar count each (batch norm's per-channel moments, a rank's
+    contribution) merge in one compiled pass with the same operations in the
+    same order; anything else merges pair by pair.
+    """
+    first = moments[0]
+    shape = first.mean.shape
+    if len(moments) > 1 and all(m.count.ndim == 0 and m.mean.shape == shape for m in moments):
+        mean, m2 = np.empty(shape), np.empty(shape)
+        total = _chan(np.array([m.count for m in moments]), np.concatenate([m.mean for m in moments], axis=None),
+                      np.concatenate([m.m2 for m in moments], axis=None), mean.reshape(-1), m2.reshape(-1))
+        return Moments._checked(np.float64(total), mean, m2)
+    merged = first
+    for m in moments[1:]:
+        merged = merged.merge(m)
+    return merged
+
+
+@njit(cache=True, nogil=False, error_model="numpy")
+def _chan(counts, means, m2s, out_mean, out_m2):  # pragma: no cover - compiled
+    """Rows of scalar-count moments (``means``/``m2s``: the rows one after the other) merged in
+    order, as repeated :meth:`Moments.merge` does (``wb = nb / n``, 0 where ``n`` is 0), element by
+    element; returns the total count."""
+    rows = counts.size
+    # the running count before each row and each row's weight: the same for every element
+    before, weight = np.empty(rows), np.empty(rows)
+    total = counts[0]
+    for r in range(1, rows):
+        nb = counts[r]
+        n = total + nb
+        before[r] = total
+        weight[r] = nb / n if n > 0 else 0.0
+        total = n
+    size = out_mean.size
+    for i in range(size):
+        mean, m2 = means[i], m2s[i]
+        for r in range(1, rows):
+            delta = means[r * size + i] - mean
+            wb = weight[r]
+            mean = mean + delta * wb
+            m2 = m2 + m2s[r * size + i] + delta * delta * before[r] * wb
+        out_mean[i] = mean
+        out_m2[i] = m2
+    return total

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
+import functools
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 import importlib
 from normsvc import Moments, ops
+from normsvc.moments import merge_all
 
 FAST = settings(max_examples=50, deadline=None)
 
@@ -107,6 +109,27 @@ def test_merge_with_per_group_counts_matches_pooled_samples(seed, shape):
 
     merged = moments_of(xa).merge(moments_of(xb))
     assert_same_moments(merged, moments_of([np.concatenate([p, q]) for p, q in zip(xa, xb)]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(ranks=st.integers(1, 6), seed=st.integers(0, 2**32 - 1), per_group=st.booleans())
+def test_merge_all_gives_the_bits_of_merging_in_order(ranks, seed, per_group):
+    # the compiled pass (scalar counts) and the pairwise fallback (per-group counts) both give what
+    # repeated Moments.merge gives, bit for bit, empty batches included; and the whole batch's moments
+    r = np.random.default_rng(seed)
+    batches = [r.normal(r.uniform(-1e3, 1e3), r.uniform(0.1, 10), size=(int(r.integers(0, 5)), 3)) for _ in range(ranks)]
+    parts = [Moments.from_samples(b) if len(b) else Moments(np.float64(0), np.zeros(3), np.zeros(3)) for b in batches]
+    if per_group:
+        parts = [Moments(np.full(3, m.count), m.mean, m.m2) for m in parts]
+    merged = merge_all(parts)
+    sequential = functools.reduce(Moments.merge, parts)
+    for got, want in ((merged.count, sequential.count), (merged.mean, sequential.mean), (merged.m2, sequential.m2)):
+        assert got.shape == want.shape and got.tobytes() == want.tobytes()
+    whole = np.concatenate(batches)
+    assert float(np.max(merged.count)) == len(whole)
+    if len(whole):
+        np.testing.assert_allclose(merged.mean, whole.mean(0), rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(merged.variance, whole.var(0), rtol=1e-9, atol=1e-9)
 
 
 def test_merging_zero_count_moments_is_the_identity(rng):

@@ -26,13 +26,12 @@ latecomers; a new run uses a new ``run``.
 from __future__ import annotations
 
 import collections
-import functools
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..moments import Moments
+from ..moments import merge_all
 from ..errors import AlreadyExists, Cancelled, DeadlineExceeded, InvalidArgument
 
 __all__ = ["Rendezvous", "ReductionStreams", "gave_up", "describe_step", "options_text", "shapes_text"]
@@ -183,7 +182,7 @@ class Rendezvous:
     def _finish(self, st: _Step, order: list, reduce):
         ranks = [st.arrived[r] for r in sorted(st.arrived)]
         try:
-            merged = {name: functools.reduce(Moments.merge, (r[name] for r in ranks)) for name in order}
+            merged = {name: merge_all([r[name] for r in ranks]) for name in order}
             st.result = (merged, reduce(merged))
         except BaseException as exc:  # every rank reports the same failure
             st.error = exc

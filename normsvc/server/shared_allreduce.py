@@ -25,14 +25,13 @@ step's state after twice the longest wait, the completion mark after
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from typing import Any, Callable
 
 from .._proto import normsvc_pb2 as pb
 from ..errors import AlreadyExists, InvalidArgument, NormsvcError, Unavailable
-from ..moments import Moments
+from ..moments import merge_all
 from ..wire import messages
 from ..wire.status import error_class
 from ..wire.tensors import decode_moments
@@ -184,7 +183,7 @@ class SharedRendezvous:
     def _merged(self, keys, order) -> dict:
         arrived = self.redis.hgetall(keys["arrived"])
         ranks = [_moments(arrived[r]) for r in sorted(arrived, key=int)]
-        return {name: functools.reduce(Moments.merge, (r[name] for r in ranks)) for name in order}
+        return {name: merge_all([r[name] for r in ranks]) for name in order}
 
     def _lead(self, keys, world_size, order, reduce):
         merged = self._merged(keys, order)

@@ -45,10 +45,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
 
 from ..errors import AlreadyExists, FailedPrecondition, FrozenLayer, InvalidArgument
-from ..moments import Moments
+from ..moments import Moments, merge_all
 
 __all__ = ["StepKey", "Contribution", "Steps", "DEFAULT_LAG", "MAX_ENDED_RUNS", "merge", "admit", "due"]
 
@@ -207,17 +206,7 @@ def merge(parts: list, sample_ndim: int | None) -> Moments:
     """
     moments = [c.moments for c in parts]
     if sample_ndim == 0:
-        if len(moments) > 1 and all(m.count.ndim == 0 for m in moments):
-            # the hot path: one compiled pass, the same operations in the same order as Moments.merge
-            shape = moments[0].mean.shape
-            mean, m2 = np.empty(shape), np.empty(shape)
-            total = _chan(np.array([m.count for m in moments]), np.concatenate([m.mean for m in moments], axis=None),
-                          np.concatenate([m.m2 for m in moments], axis=None), mean.reshape(-1), m2.reshape(-1))
-            return Moments._checked(np.float64(total), mean, m2)
-        merged = moments[0]
-        for m in moments[1:]:
-            merged = merged.merge(m)
-        return merged
+        return merge_all(moments)
     # per-sample moments: every position of layer/rms moments is a sample (flatten them); instance and
     # group moments keep their (N, C) layout and stack along N
     flat = sample_ndim is None
@@ -225,34 +214,6 @@ def merge(parts: list, sample_ndim: int | None) -> Moments:
     counts = [np.broadcast_to(m.count, m.mean.shape).reshape(mean.shape) for m, mean in zip(moments, means)]
     m2s = [m.m2.reshape(mean.shape) for m, mean in zip(moments, means)]
     return Moments(np.concatenate(counts), np.concatenate(means), np.concatenate(m2s))
-
-
-@njit(cache=True, nogil=False, error_model="numpy")
-def _chan(counts, means, m2s, out_mean, out_m2):  # pragma: no cover - compiled
-    """Rows of scalar-count moments (``means``/``m2s``: the rows one after the other) merged in
-    order, as repeated :meth:`Moments.merge` does (``wb = nb / n``, 0 where ``n`` is 0), element by
-    element; returns the total count."""
-    rows = counts.size
-    # the running count before each row and each row's weight: the same for every element
-    before, weight = np.empty(rows), np.empty(rows)
-    total = counts[0]
-    for r in range(1, rows):
-        nb = counts[r]
-        n = total + nb
-        before[r] = total
-        weight[r] = nb / n if n > 0 else 0.0
-        total = n
-    size = out_mean.size
-    for i in range(size):
-        mean, m2 = means[i], m2s[i]
-        for r in range(1, rows):
-            delta = means[r * size + i] - mean
-            wb = weight[r]
-            mean = mean + delta * wb
-            m2 = m2 + m2s[r * size + i] + delta * delta * before[r] * wb
-        out_mean[i] = mean
-        out_m2[i] = m2
-    return total
 
 
 def pending_shape(steps: Steps, sample_ndim: int | None) -> tuple | None:
