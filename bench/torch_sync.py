@@ -38,7 +38,12 @@ unary ``Client.allreduce`` calls (sync mode's way before the stream), the
 same on the stream with ``world_size=1`` (no waiting for other ranks:
 client, transport and service), and a bare gRPC echo of the same
 AllReduceMoments request bytes, on one stream and as unary calls (the
-transport alone: ``bench/rpc.py --serve-echo``).  ``--profile`` adds
+transport alone: ``bench/rpc.py --serve-echo``).  Two columns say where the
+CPU goes, summed over each case's timed steps (from /proc, so Linux only)
+and divided by the step's 106 reductions: the server process that answers
+the case (normsvc, or the echo; every rank's messages, so in the
+world_size=1 row every rank's own reductions), and rank 0's process
+(every thread).  ``--profile`` adds
 cProfile's top functions of the training thread (shared mode) and of rank
 0's sync reductions.
 
@@ -111,7 +116,7 @@ def _start(cmd) -> tuple[subprocess.Popen, str]:
 
 @contextlib.contextmanager
 def _servers(store: str):
-    """``normsvc serve`` and bench/rpc.py's echo server, as subprocesses; their addresses."""
+    """``normsvc serve`` and bench/rpc.py's echo server, as subprocesses: their addresses and pids."""
     procs = []
     try:
         svc, svc_address = _start([sys.executable, "-m", "normsvc", "serve", "--port", "0", "--store", store,
@@ -119,7 +124,7 @@ def _servers(store: str):
         procs.append(svc)
         echo, echo_address = _start([sys.executable, str(HERE / "rpc.py"), "--serve-echo"])
         procs.append(echo)
-        yield svc_address, echo_address
+        yield svc_address, echo_address, {"normsvc": svc.pid, "echo": echo.pid}
     finally:
         for proc in procs:
             proc.terminate()
@@ -229,8 +234,15 @@ def shared_mode(address: str, rounds: int, steps: int, pace: float, profile: boo
 CASES = ("gloo", "normsvc", "unary", "module", "solo", "echo", "stream_echo")
 
 
-def _sync_rank(rank: int, world: int, address: str, echo_address: str, tmp: str, run: str, rounds: int, steps: int,
-               profile: bool) -> None:
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process ``pid`` has used so far (Linux; clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _sync_rank(rank: int, world: int, address: str, echo_address: str, pids: dict, tmp: str, run: str, rounds: int,
+               steps: int, profile: bool) -> None:
     """One rank of the sync-mode benchmark; rank 0 writes its timings to ``tmp``/sync.json."""
     import grpc
 
@@ -330,14 +342,21 @@ def _sync_rank(rank: int, world: int, address: str, echo_address: str, tmp: str,
             dist.barrier()
             run_case[case]()
     times = {case: [] for case in order}
+    # CPU seconds over all timed steps of each case: the server that answers it (none for gloo), this rank
+    server_of = {"echo": pids["echo"], "stream_echo": pids["echo"], "gloo": None}
+    cpu = {case: [0.0, 0.0] for case in order}
     for r in range(rounds):
         rotated = order[r % len(order):] + order[:r % len(order)]
         for _ in range(steps):
             for case in rotated:
+                server = server_of.get(case, pids["normsvc"])
                 dist.barrier()
+                s0, c0 = _process_cpu(server) if server else 0.0, time.process_time()
                 t0 = time.perf_counter()
                 run_case[case]()
                 times[case].append(time.perf_counter() - t0)
+                cpu[case][0] += (_process_cpu(server) - s0) if server else 0.0
+                cpu[case][1] += time.process_time() - c0
     prof_text = ""
     if profile:
         prof = cProfile.Profile()
@@ -353,7 +372,7 @@ def _sync_rank(rank: int, world: int, address: str, echo_address: str, tmp: str,
     if rank == 0:
         nbt = int(module.bns[0].num_batches_tracked)
         with open(os.path.join(tmp, "sync.json"), "w") as f:
-            json.dump({"times": times, "module_updates": nbt, "profile": prof_text}, f)
+            json.dump({"times": times, "cpu": cpu, "module_updates": nbt, "profile": prof_text}, f)
     for stream in streams.values():
         stream.close()
     echo_requests.put(None)
@@ -362,11 +381,12 @@ def _sync_rank(rank: int, world: int, address: str, echo_address: str, tmp: str,
     dist.destroy_process_group()
 
 
-def sync_mode(address: str, echo_address: str, world: int, rounds: int, steps: int, profile: bool) -> dict:
+def sync_mode(address: str, echo_address: str, pids: dict, world: int, rounds: int, steps: int,
+              profile: bool) -> dict:
     run = uuid.uuid4().hex[:12]
     with tempfile.TemporaryDirectory(prefix="normsvc-bench-torch-") as tmp:
-        mp.spawn(_sync_rank, args=(world, address, echo_address, tmp, run, rounds, steps, profile), nprocs=world,
-                 join=True)
+        mp.spawn(_sync_rank, args=(world, address, echo_address, pids, tmp, run, rounds, steps, profile),
+                 nprocs=world, join=True)
         with open(os.path.join(tmp, "sync.json")) as f:
             return json.load(f)
 
@@ -422,9 +442,9 @@ def main(argv=None) -> int:
         p.error("--world: expected at least 2 ranks")
     load_before = _load()
     started = time.perf_counter()
-    with _servers(args.store) as (address, echo_address):
+    with _servers(args.store) as (address, echo_address, pids):
         shared = shared_mode(address, args.rounds, args.steps, args.pace / 1e3, args.profile)
-        sync = sync_mode(address, echo_address, args.world, args.rounds, max(1, args.steps // 5), args.profile)
+        sync = sync_mode(address, echo_address, pids, args.world, args.rounds, max(1, args.steps // 5), args.profile)
     compute = sync_compute(args.rounds)
     elapsed = time.perf_counter() - started
     channels = resnet50_bn_channels()
@@ -464,8 +484,9 @@ def main(argv=None) -> int:
     print(f"Sync mode, {args.world} ranks (processes, gloo), one step's reductions: 53 forward + 53 backward, "
           f"{len(t['gloo'])} steps per case:")
     print()
-    print("| one training step's reductions (106 calls) | ms per step | us per layer (fwd + bwd) | / gloo | target |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| one training step's reductions (106 calls) | ms per step | us per layer (fwd + bwd) | / gloo | target "
+          "| server CPU per reduction (us) | rank 0 CPU per reduction (us) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows = [("torch.distributed.all_reduce, gloo (baseline)", "gloo", t["gloo"]),
             ("**normsvc allreduce on an AllReduceStream, as sync mode calls it**", "normsvc", t["normsvc"]),
             ("normsvc.torch sync module: fwd + bwd minus plain fwd + bwd", None, module_net),
@@ -474,11 +495,17 @@ def main(argv=None) -> int:
             ("  bare gRPC echo of the same request bytes on one stream (the stream's transport)", "stream_echo",
              t["stream_echo"]),
             ("  bare gRPC echo of the same request bytes, unary calls (the unary transport)", "echo", t["echo"])]
+    reductions = 2 * len(channels)
     for label, case, values in rows:
         m = statistics.median(values)
         target = "<= 1.0" if case == "normsvc" else ""
-        print(f"| {label} | {_ms(values)} | {m / len(channels) * 1e6:.0f} | {m / med['gloo']:.1f} | {target} |")
-    print(f"| (plain fwd + bwd of the 53 layers, local compute) | {_ms(t['plain'])} |  |  |  |")
+        server_cpu, rank_cpu = (f"{c * 1e6 / (len(t[case]) * reductions):.0f}" for c in sync["cpu"][case]) \
+            if case is not None else ("", "")
+        if case == "gloo":
+            server_cpu = "(none)"
+        print(f"| {label} | {_ms(values)} | {m / len(channels) * 1e6:.0f} | {m / med['gloo']:.1f} | {target} "
+              f"| {server_cpu} | {rank_cpu} |")
+    print(f"| (plain fwd + bwd of the 53 layers, local compute) | {_ms(t['plain'])} |  |  |  |  |  |")
     ratio = med["normsvc"] / med["gloo"]
     print()
     verdict = "met" if ratio <= 1.0 else f"missed: {ratio:.1f}x gloo's time"
