@@ -840,9 +840,10 @@ class _SyncBatchNorm(torch.autograd.Function):
             k1 = ctx.invstd * (local[2] if weight is not None else 1.0)
             k = torch.from_numpy(np.stack([k1, -k1 * sums[0] / ctx.total,
                                            -k1 * ctx.invstd * sums[1] / ctx.total])).to(device=x.device, dtype=dtype)
-            xmu = xc - mean.view(shape)
-            grad_x = torch.addcmul(torch.addcmul(k[1].view(shape), xmu, k[2].view(shape)), dyc,
-                                   k[0].view(shape)).to(x.dtype)
+            # in place on one new tensor: a fresh one per pass costs page faults on large activations
+            grad_x = xc - mean.view(shape)
+            torch.addcmul(k[1].view(shape), grad_x, k[2].view(shape), out=grad_x)
+            grad_x = grad_x.addcmul_(dyc, k[0].view(shape)).to(x.dtype)
         # parameter gradients stay local, as SyncBatchNorm's: DDP all-reduces them
         if weight is not None and ctx.needs_input_grad[1]:
             grad_w = torch.from_numpy(local[1]).to(device=weight.device, dtype=weight.dtype)
