@@ -702,7 +702,10 @@ def _sync_normalize():
                 axes = list(ctx.axes)
                 mean_dy, mean_dy_xmu = ctx.reduce_sums(g.sum(dim=axes), (g * xmu).sum(dim=axes))
                 mean_dy, mean_dy_xmu = mean_dy.reshape(mean.shape), mean_dy_xmu.reshape(mean.shape)
-                dx = (g - mean_dy - xmu * (invstd * invstd) * mean_dy_xmu) * invstd
+                # dx = (g - mean_dy - xmu * invstd**2 * mean_dy_xmu) * invstd, written into xmu: a new
+                # activation-sized tensor per operation costs page faults on large inputs
+                dx = xmu.mul_(invstd * invstd * mean_dy_xmu)
+                dx = torch.sub(g, dx, out=dx).sub_(mean_dy).mul_(invstd)
                 return dx, None, None, None, None
 
         _SYNC_NORMALIZE = SyncNormalize.apply
