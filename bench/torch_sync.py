@@ -508,7 +508,7 @@ def main(argv=None) -> int:
     print(f"| (plain fwd + bwd of the 53 layers, local compute) | {_ms(t['plain'])} |  |  |  |  |  |")
     ratio = med["normsvc"] / med["gloo"]
     print()
-    verdict = "met" if ratio <= 1.0 else f"missed: {ratio:.1f}x gloo's time"
+    verdict = "met" if ratio <= 1.0 else f"missed: {ratio:.2f}x gloo's time"
     print(f"Sync mode: normsvc / gloo = {ratio:.2f} (target <= 1.0): {verdict}.")
     print()
     print(f"Sync mode's local work on activations of real size: one BatchNorm2d, forward + backward, one rank on an "
