@@ -8,6 +8,7 @@ import numpy as np
 from numba import cuda
 
 from ... import dtypes
+from ...errors import InvalidType
 
 _AVAILABLE = None
 
@@ -108,8 +109,9 @@ def wrap(obj) -> DeviceInput:
     arr, bf16 = device_array_of(obj)
     dtype = dtypes.bfloat16() if bf16 else arr.dtype
     if kind == "numba" and bf16:
-        raise TypeError(f"a bfloat16 CUDA array of type {type(obj).__name__}: expected a torch or CuPy array "
-                        "(y comes back as the input's type, which numba cannot make for bfloat16)")
+        raise InvalidType(f"x is a bfloat16 CUDA array of type {type(obj).__name__}: expected a torch or CuPy "
+                          "array (y comes back as the input's type, which numba cannot make for bfloat16)",
+                          field="x")
     return DeviceInput(obj, arr, kind, arr.shape, dtype)
 
 
