@@ -20,6 +20,7 @@ import pytest
 from numba import cuda
 
 import normsvc
+from normsvc.errors import InvalidType
 from normsvc.kernels import cuda as K
 from reference import BFLOAT16, REFERENCES, assert_stats_close, assert_y_close, ref_moments, ref_normalize
 
@@ -252,6 +253,27 @@ def test_bfloat16_torch_tensor_in_and_out(layout, rng):
     ref = REFERENCES["batch"](x64, axis=1, gamma=gamma, beta=beta)
     assert_y_close(y.float().cpu().numpy(), ref, BFLOAT16)
     assert_stats_close(m.mean, m.variance, x64, ref, BFLOAT16)
+
+
+def test_bfloat16_array_of_a_foreign_type_is_refused(rng):
+    """A bfloat16 CUDA array ("<V2") of a type that is neither torch's nor CuPy's cannot come back as its own
+    type: refused with InvalidType naming x, and nothing written; a real GPU run (NORMSVC_TEST_GPU=1) only
+    (the simulator has no foreign CUDA arrays)."""
+    if K.SIM:
+        pytest.skip("the simulator has no __cuda_array_interface__ inputs")
+    bits = (rng.standard_normal((4, 6)) + 3).astype(BFLOAT16).view(np.uint16)
+    d = cuda.to_device(bits)
+
+    class Foreign:  # a third-party CUDA array: bfloat16 data behind the array interface
+        def __init__(self, arr):
+            self.arr = arr
+            self.__cuda_array_interface__ = dict(arr.__cuda_array_interface__, typestr="<V2")
+
+    with pytest.raises(InvalidType, match=r"x is a bfloat16 CUDA array of type Foreign: expected a torch or "
+                                          r"CuPy array") as err:
+        normsvc.batch_norm(Foreign(d), axis=1)
+    assert err.value.field == "x"
+    np.testing.assert_array_equal(d.copy_to_host(), bits)
 
 
 @pytest.mark.parametrize("layout", ["fortran", "strided", "transposed"])
