@@ -67,8 +67,11 @@ _RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 class Retry:
     """How UNAVAILABLE (and CANCELLED) is retried: at most ``attempts`` tries in all, with the
     n-th retry after a random delay in ``[b/2, b]``,
-    ``b = min(max_backoff, initial_backoff * multiplier**(n-1))``, and never
-    past the call's deadline.  ``Retry(attempts=1)`` turns retries off.
+    ``b = min(max_backoff, initial_backoff * multiplier**(n-1))``, and only
+    when the try still has at least that delay's time before the call's
+    deadline: a try started in the deadline's last milliseconds would end in
+    DEADLINE_EXCEEDED and hide the error that made the call retry (the last
+    try's error is raised instead).  ``Retry(attempts=1)`` turns retries off.
     """
 
     attempts: int = 5
@@ -86,8 +89,8 @@ class Retry:
             return None
         cap = min(self.max_backoff, self.initial_backoff * self.multiplier ** (failed - 1))
         delay = random.uniform(cap / 2, cap)
-        if deadline is not None and time.monotonic() + delay >= deadline:
-            return None
+        if deadline is not None and time.monotonic() + 2 * delay >= deadline:
+            return None  # the try would have less time than its delay, or none
         return delay
 
 

@@ -53,6 +53,9 @@ def test_retry_delays_grow_and_are_capped():
         assert all(cap / 2 <= d <= cap for d in delays), (failed, min(delays), max(delays))
     assert retry.delay(10, None) is None  # attempts used up
     assert retry.delay(1, time.monotonic() + 0.01) is None  # never sleeps past the deadline
+    # nor starts a try with less time than its delay left (it would end in DEADLINE_EXCEEDED)
+    assert retry.delay(1, time.monotonic() + 0.15) is None
+    assert 0.05 <= retry.delay(1, time.monotonic() + 0.25) <= 0.1
     with pytest.raises(InvalidArgument, match="at least 1 attempt"):
         Retry(attempts=0)
 
